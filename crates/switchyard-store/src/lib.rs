@@ -1,0 +1,28 @@
+//! Durable state of a Switchyard hub.
+//!
+//! Everything a replica needs to survive another replica's death lives
+//! here: the replica registry, broker affinity, agents, dispatch intents and
+//! messages. [`Store`] is the one interface; [`PgStore`] (multi-replica) and
+//! [`SqliteStore`] (single node) implement it with the same semantics, and
+//! [`open`] picks one from a database URL and migrates it.
+
+mod batch;
+mod connect;
+mod error;
+mod ids;
+mod model;
+mod postgres;
+mod sqlite;
+mod store;
+
+pub use connect::{Database, OpenError, open};
+pub use error::{StoreError, StoreResult};
+pub use ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
+pub use model::{
+    Affinity, Agent, Broker, BrokerStatus, DispatchIntent, Inserted, IntentFilter, IntentOutcome,
+    IntentState, Message, MessageState, NewAgent, NewIntent, NewMessage, Op, Phase, Replica,
+    RequeuePolicy, RequeueReport, SessionHeartbeat, UnknownWord,
+};
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+pub use store::Store;

@@ -1,0 +1,320 @@
+//! Rows as the hub sees them, and the inputs that create them.
+//!
+//! One `FromRow` struct per table decodes on both backends: UUIDs are
+//! `UUID`/`BLOB`, JSON is `JSONB`/`TEXT`, timestamps are
+//! `TIMESTAMPTZ`/RFC 3339 `TEXT`, and state words are `TEXT` on both.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::types::Json;
+
+use crate::ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
+
+/// Defines a closed set of words stored as TEXT, with string conversions
+/// that the row decoders (`#[sqlx(try_from = "String")]`) use.
+macro_rules! text_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The word stored in the database and shown in the API.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = UnknownWord;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(UnknownWord { kind: stringify!($name), word: other.to_owned() }),
+                }
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = UnknownWord;
+            fn try_from(s: String) -> Result<Self, UnknownWord> {
+                s.parse()
+            }
+        }
+    };
+}
+
+/// A state word in the database that this version does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {kind} {word:?}")]
+pub struct UnknownWord {
+    kind: &'static str,
+    word: String,
+}
+
+text_enum!(
+    /// Whether a broker holds a live session somewhere.
+    BrokerStatus {
+        Online => "online",
+        Offline => "offline",
+    }
+);
+
+text_enum!(
+    /// Lifecycle phase of an agent.
+    Phase {
+        Created => "created",
+        Starting => "starting",
+        Running => "running",
+        Stopping => "stopping",
+        Stopped => "stopped",
+        Error => "error",
+        Deleted => "deleted",
+    }
+);
+
+text_enum!(
+    /// What a dispatch intent asks the broker to do.
+    Op {
+        Create => "create",
+        Start => "start",
+        Stop => "stop",
+        Restart => "restart",
+        Delete => "delete",
+    }
+);
+
+text_enum!(
+    /// State of a dispatch intent. `done` and `failed` are final.
+    IntentState {
+        Pending => "pending",
+        InProgress => "in_progress",
+        Done => "done",
+        Failed => "failed",
+    }
+);
+
+text_enum!(
+    /// State of a message. `delivered`, `expired` and `failed` are final.
+    MessageState {
+        Pending => "pending",
+        Dispatched => "dispatched",
+        Delivered => "delivered",
+        Expired => "expired",
+        Failed => "failed",
+    }
+);
+
+/// A hub replica's registry row.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Replica {
+    pub instance_id: ReplicaId,
+    pub address: String,
+    pub started_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+}
+
+/// A registered broker with its affinity fields.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Broker {
+    pub id: BrokerId,
+    pub name: String,
+    /// Never leaves the hub.
+    #[serde(skip)]
+    pub secret_hash: String,
+    #[sqlx(try_from = "String")]
+    pub status: BrokerStatus,
+    pub connected_replica: Option<ReplicaId>,
+    pub session_id: Option<SessionId>,
+    pub connected_at: Option<DateTime<Utc>>,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Broker {
+    /// The live session's holder, if any.
+    pub fn affinity(&self) -> Option<Affinity> {
+        match (self.connected_replica, self.session_id, self.connected_at) {
+            (Some(replica), Some(session), Some(connected_at)) => Some(Affinity {
+                replica,
+                session,
+                connected_at,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Which replica holds a broker's live session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Affinity {
+    pub replica: ReplicaId,
+    pub session: SessionId,
+    pub connected_at: DateTime<Utc>,
+}
+
+/// Answer to a session heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionHeartbeat {
+    /// The session is the broker's live one; its heartbeat was recorded.
+    Current,
+    /// Another session (or none) is current: the caller must close this socket.
+    Superseded,
+}
+
+/// An agent definition.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Agent {
+    pub id: AgentId,
+    pub name: String,
+    pub broker_id: BrokerId,
+    pub command: Json<Vec<String>>,
+    pub env: Json<BTreeMap<String, String>>,
+    #[sqlx(try_from = "String")]
+    pub phase: Phase,
+    /// Highest status sequence applied; older reports are ignored.
+    pub status_seq: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Input of [`crate::Store::create_agent`].
+#[derive(Clone, Debug)]
+pub struct NewAgent {
+    pub id: AgentId,
+    pub name: String,
+    pub broker_id: BrokerId,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+}
+
+/// A durable request to run `op` for an agent on its broker.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct DispatchIntent {
+    pub id: IntentId,
+    pub broker_id: BrokerId,
+    pub agent_id: AgentId,
+    /// Per-agent order of creation (and of commit).
+    pub seq: i64,
+    #[sqlx(try_from = "String")]
+    pub op: Op,
+    pub args: Json<Value>,
+    #[sqlx(try_from = "String")]
+    pub state: IntentState,
+    pub result: Option<Json<Value>>,
+    pub error: Option<String>,
+    pub claimed_by: Option<ReplicaId>,
+    pub claimed_at: Option<DateTime<Utc>>,
+    pub attempts: i32,
+    pub deadline: DateTime<Utc>,
+    pub idempotency_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Input of [`crate::Store::insert_intents`]. The broker is the agent's.
+#[derive(Clone, Debug)]
+pub struct NewIntent {
+    pub id: IntentId,
+    pub agent_id: AgentId,
+    pub op: Op,
+    pub args: Value,
+    pub deadline: DateTime<Utc>,
+    pub idempotency_key: Option<String>,
+}
+
+/// A message to one agent.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Message {
+    pub id: MessageId,
+    pub agent_id: AgentId,
+    pub broker_id: BrokerId,
+    /// Per-agent FIFO position.
+    pub seq: i64,
+    pub body: Json<Value>,
+    #[sqlx(try_from = "String")]
+    pub state: MessageState,
+    pub claimed_by: Option<ReplicaId>,
+    pub claimed_at: Option<DateTime<Utc>>,
+    pub attempts: i32,
+    pub idempotency_key: Option<String>,
+    pub expires_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Input of [`crate::Store::insert_messages`]. The broker is the agent's.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    pub id: MessageId,
+    pub agent_id: AgentId,
+    pub body: Value,
+    pub expires_at: DateTime<Utc>,
+    pub idempotency_key: Option<String>,
+}
+
+/// A row returned by an idempotent insert.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Inserted<T> {
+    pub row: T,
+    /// False when the idempotency key matched an existing row, which is
+    /// returned unchanged.
+    pub created: bool,
+}
+
+/// How a dispatch intent ended, as reported by the broker (or decided by the hub).
+#[derive(Clone, Debug, PartialEq)]
+pub enum IntentOutcome {
+    Done(Value),
+    Failed(String),
+}
+
+/// Filter for [`crate::Store::list_intents`].
+#[derive(Clone, Debug, Default)]
+pub struct IntentFilter {
+    pub broker_id: Option<BrokerId>,
+    pub state: Option<IntentState>,
+    /// At most this many rows, newest first.
+    pub limit: u32,
+}
+
+/// What a requeue pass changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequeueReport {
+    pub intents_requeued: u64,
+    pub intents_failed: u64,
+    pub messages_requeued: u64,
+    pub messages_failed: u64,
+}
+
+/// When claimed work counts as abandoned.
+#[derive(Clone, Copy, Debug)]
+pub struct RequeuePolicy {
+    /// A replica whose `last_seen` is older than this is dead, and so is
+    /// every claim it holds.
+    pub replica_stale_after: std::time::Duration,
+    /// A claim older than this is abandoned even if its claimer lives.
+    pub lease: std::time::Duration,
+    /// A row that has been claimed this many times fails instead of
+    /// going back to `pending`.
+    pub max_attempts: i32,
+}

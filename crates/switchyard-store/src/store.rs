@@ -1,0 +1,208 @@
+//! The storage interface. Both implementations ([`crate::PgStore`],
+//! [`crate::SqliteStore`]) must give every method the same meaning; the
+//! conformance suite in `tests/conformance.rs` runs each test against both.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::StoreResult;
+use crate::ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
+use crate::model::{
+    Affinity, Agent, Broker, DispatchIntent, Inserted, IntentFilter, IntentOutcome, Message,
+    NewAgent, NewIntent, NewMessage, Phase, Replica, RequeuePolicy, RequeueReport,
+    SessionHeartbeat,
+};
+
+/// Durable state shared by all replicas of one hub.
+///
+/// Invariants every implementation keeps (DESIGN.md):
+/// - affinity is claimed newest-wins and cleared only by compare-and-clear
+///   on the same (replica, session);
+/// - a pending intent or message is claimed by exactly one caller, and
+///   within one agent rows are claimed in sequence order, never past a row
+///   that another replica holds in flight;
+/// - `done`/`failed`/`delivered`/`expired` are final: no call moves a row
+///   out of them;
+/// - batch inserts are all-or-none, and a repeated idempotency key returns
+///   the original row instead of a second one.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Which backend this is (`"postgres"` or `"sqlite"`), for logs and metrics.
+    fn backend(&self) -> &'static str;
+
+    /// Round trip to the database (readiness).
+    async fn ping(&self) -> StoreResult<()>;
+
+    // --- replicas -------------------------------------------------------
+
+    /// Inserts or refreshes this replica's registry row.
+    async fn register_replica(&self, id: ReplicaId, address: &str) -> StoreResult<Replica>;
+
+    /// Records that the replica is alive. False when its row is gone (it was
+    /// reaped as dead): the caller must register again, and every session it
+    /// holds has lost its affinity.
+    async fn heartbeat_replica(&self, id: ReplicaId) -> StoreResult<bool>;
+
+    /// Replicas seen within `stale_after`, oldest first.
+    async fn live_replicas(&self, stale_after: Duration) -> StoreResult<Vec<Replica>>;
+
+    /// Removes replicas not seen within `stale_after` and, in the same
+    /// transaction, clears every affinity held by a replica that has no
+    /// registry row. Returns the removed replicas.
+    async fn reap_dead_replicas(&self, stale_after: Duration) -> StoreResult<Vec<ReplicaId>>;
+
+    /// Removes one replica's row and releases its affinities (clean shutdown).
+    /// Returns the brokers whose affinity was released.
+    async fn deregister_replica(&self, id: ReplicaId) -> StoreResult<Vec<BrokerId>>;
+
+    // --- brokers and affinity -------------------------------------------
+
+    /// Registers a broker. `Conflict` if the name is taken.
+    async fn create_broker(
+        &self,
+        id: BrokerId,
+        name: &str,
+        secret_hash: &str,
+    ) -> StoreResult<Broker>;
+
+    async fn broker(&self, id: BrokerId) -> StoreResult<Broker>;
+
+    async fn broker_by_name(&self, name: &str) -> StoreResult<Broker>;
+
+    /// All brokers, by name.
+    async fn list_brokers(&self) -> StoreResult<Vec<Broker>>;
+
+    /// Deregisters a broker with everything that belonged to its deleted
+    /// agents. `Conflict` while it has agents that are not deleted.
+    async fn delete_broker(&self, id: BrokerId) -> StoreResult<()>;
+
+    /// Makes `(replica, session)` the broker's live session, whatever held
+    /// it before (newest wins), and returns the previous holder.
+    async fn claim_affinity(
+        &self,
+        broker: BrokerId,
+        replica: ReplicaId,
+        session: SessionId,
+    ) -> StoreResult<Option<Affinity>>;
+
+    /// Compare-and-clear: clears the affinity only if `(replica, session)`
+    /// still holds it. Returns whether it cleared; a late release of a
+    /// superseded session returns false and changes nothing.
+    async fn release_affinity(
+        &self,
+        broker: BrokerId,
+        replica: ReplicaId,
+        session: SessionId,
+    ) -> StoreResult<bool>;
+
+    /// Records a heartbeat of `session`, if it is still the live one.
+    async fn heartbeat_session(
+        &self,
+        broker: BrokerId,
+        session: SessionId,
+    ) -> StoreResult<SessionHeartbeat>;
+
+    /// Clears every affinity held by `replica` (a dead replica's sockets are
+    /// gone). Returns the brokers released.
+    async fn release_replica_affinities(&self, replica: ReplicaId) -> StoreResult<Vec<BrokerId>>;
+
+    // --- agents ----------------------------------------------------------
+
+    /// Defines an agent in phase `created`. `NotFound` for an unknown
+    /// broker, `Conflict` if a live agent has the name.
+    async fn create_agent(&self, agent: NewAgent) -> StoreResult<Agent>;
+
+    async fn agent(&self, id: AgentId) -> StoreResult<Agent>;
+
+    /// Agents (deleted ones included), optionally of one broker, by name.
+    async fn list_agents(&self, broker: Option<BrokerId>) -> StoreResult<Vec<Agent>>;
+
+    /// Applies a status report of `broker` about one of its agents, if
+    /// `status_seq` is newer than the last applied. `NotFound` if the agent
+    /// is not this broker's (nothing changes). Returns the agent after the
+    /// report, and whether the report was applied.
+    async fn apply_agent_status(
+        &self,
+        broker: BrokerId,
+        agent: AgentId,
+        phase: Phase,
+        status_seq: i64,
+    ) -> StoreResult<(Agent, bool)>;
+
+    // --- dispatch intents -----------------------------------------------
+
+    /// Inserts intents all-or-none. A row whose idempotency key exists
+    /// already is answered with the existing row (`created: false`).
+    /// `NotFound` if an agent is unknown or deleted; nothing is written then.
+    async fn insert_intents(
+        &self,
+        intents: Vec<NewIntent>,
+    ) -> StoreResult<Vec<Inserted<DispatchIntent>>>;
+
+    /// One-row form of [`Store::insert_intents`].
+    async fn insert_intent(&self, intent: NewIntent) -> StoreResult<Inserted<DispatchIntent>> {
+        let mut rows = self.insert_intents(vec![intent]).await?;
+        rows.pop()
+            .ok_or_else(|| crate::StoreError::Invalid("empty insert".into()))
+    }
+
+    /// Claims up to `limit` pending intents of `brokers` for `claimer`
+    /// (`pending -> in_progress`, attempts + 1). Exactly one concurrent
+    /// caller gets each row; per agent, rows come in `seq` order and an
+    /// agent with an intent in flight at another replica is skipped.
+    /// The result is ordered by (agent, seq).
+    async fn claim_intents(
+        &self,
+        brokers: &[BrokerId],
+        claimer: ReplicaId,
+        limit: u32,
+    ) -> StoreResult<Vec<DispatchIntent>>;
+
+    /// Ends an intent that is `pending` or `in_progress`. Returns false (and
+    /// changes nothing) if it had already ended.
+    async fn finish_intent(&self, id: IntentId, outcome: IntentOutcome) -> StoreResult<bool>;
+
+    async fn intent(&self, id: IntentId) -> StoreResult<DispatchIntent>;
+
+    async fn list_intents(&self, filter: IntentFilter) -> StoreResult<Vec<DispatchIntent>>;
+
+    /// Fails every unfinished intent whose deadline has passed.
+    async fn expire_intents(&self) -> StoreResult<Vec<IntentId>>;
+
+    // --- messages --------------------------------------------------------
+
+    /// Inserts messages all-or-none, each at the end of its agent's FIFO
+    /// (batch order kept within an agent). Idempotency keys as for intents.
+    async fn insert_messages(
+        &self,
+        messages: Vec<NewMessage>,
+    ) -> StoreResult<Vec<Inserted<Message>>>;
+
+    /// Claims up to `limit` pending messages of `brokers` for `claimer`
+    /// (`pending -> dispatched`), with the same exactly-one and per-agent
+    /// order rules as [`Store::claim_intents`].
+    async fn claim_messages(
+        &self,
+        brokers: &[BrokerId],
+        claimer: ReplicaId,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>>;
+
+    /// The broker confirms it handed the message to the agent. Idempotent:
+    /// true when this call made it `delivered`, false if it was already
+    /// final. `NotFound` if the message is not this broker's.
+    async fn ack_message(&self, broker: BrokerId, id: MessageId) -> StoreResult<bool>;
+
+    async fn message(&self, id: MessageId) -> StoreResult<Message>;
+
+    /// Expires every undelivered message whose TTL has passed.
+    async fn expire_messages(&self) -> StoreResult<Vec<MessageId>>;
+
+    // --- recovery --------------------------------------------------------
+
+    /// Puts claimed-but-unfinished intents and messages whose claimer is
+    /// dead or whose lease ran out back to `pending`, or fails them once
+    /// they have been tried `max_attempts` times.
+    async fn requeue_abandoned(&self, policy: RequeuePolicy) -> StoreResult<RequeueReport>;
+}

@@ -1,0 +1,1055 @@
+//! The storage conformance suite: every test runs against PostgreSQL
+//! (`postgres::*`) and SQLite (`sqlite::*`) through the same [`Store`]
+//! interface, on a database of its own.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::json;
+use switchyard_store::{
+    AgentId, Broker, BrokerId, BrokerStatus, IntentFilter, IntentId, IntentOutcome, IntentState,
+    MessageId, MessageState, NewAgent, NewIntent, NewMessage, Op, Phase, ReplicaId, RequeuePolicy,
+    SessionHeartbeat, SessionId, Store, StoreError, open,
+};
+use switchyard_testkit::TestDb;
+
+/// A migrated database and a way to open more independent stores (separate
+/// pools, so separate connections) on it, as separate replicas would.
+struct Fixture {
+    db: TestDb,
+    store: Arc<dyn Store>,
+}
+
+impl Fixture {
+    async fn replica(&self) -> Arc<dyn Store> {
+        open(self.db.url()).await.expect("open another store")
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),+ $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let db = switchyard_testkit::TestDb::postgres().await;
+                    let store = switchyard_store::open(db.url()).await.expect("open");
+                    super::$name(super::Fixture { db, store }).await;
+                }
+            )+
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let db = switchyard_testkit::TestDb::sqlite();
+                    let store = switchyard_store::open(db.url()).await.expect("open");
+                    super::$name(super::Fixture { db, store }).await;
+                }
+            )+
+        }
+    };
+}
+
+conformance!(
+    migrations_are_idempotent,
+    replica_registry_tracks_liveness,
+    reaping_a_dead_replica_releases_its_affinities,
+    affinity_claim_is_newest_wins_and_returns_previous_holder,
+    late_release_of_superseded_session_changes_nothing,
+    heartbeat_of_superseded_session_reports_superseded,
+    release_replica_affinities_touches_only_that_replica,
+    concurrent_flapping_ends_on_the_last_claim,
+    broker_names_are_unique_and_delete_is_refused_while_agents_live,
+    agent_definitions_validate_broker_and_name,
+    agent_status_applies_only_newer_reports_from_its_own_broker,
+    intent_idempotency_key_returns_the_original_row,
+    concurrent_inserts_with_one_key_create_one_row,
+    intent_batch_with_one_invalid_item_inserts_nothing,
+    intents_are_claimed_in_per_agent_order_in_batches,
+    claim_skips_an_agent_with_work_in_flight_elsewhere,
+    sixteen_claimers_claim_each_of_1000_intents_exactly_once,
+    done_never_becomes_failed,
+    racing_outcomes_leave_exactly_one,
+    requeue_returns_dead_claimers_work_then_fails_after_max_attempts,
+    requeue_returns_work_whose_lease_ran_out,
+    intents_past_deadline_fail_and_finished_ones_stay,
+    messages_keep_per_agent_fifo_order,
+    message_batch_with_one_invalid_item_inserts_nothing,
+    message_idempotency_and_idempotent_ack,
+    ack_from_another_broker_changes_nothing,
+    concurrent_message_claimers_deliver_each_once_in_order,
+    messages_past_ttl_expire,
+);
+
+// --- helpers ------------------------------------------------------------
+
+async fn broker(store: &dyn Store, name: &str) -> Broker {
+    store
+        .create_broker(BrokerId::new(), name, "hash")
+        .await
+        .expect("create broker")
+}
+
+async fn agent(store: &dyn Store, broker: BrokerId, name: &str) -> AgentId {
+    store
+        .create_agent(NewAgent {
+            id: AgentId::new(),
+            name: name.into(),
+            broker_id: broker,
+            command: vec!["sleep".into(), "60".into()],
+            env: BTreeMap::new(),
+        })
+        .await
+        .expect("create agent")
+        .id
+}
+
+fn intent(agent: AgentId, op: Op) -> NewIntent {
+    NewIntent {
+        id: IntentId::new(),
+        agent_id: agent,
+        op,
+        args: json!({}),
+        deadline: Utc::now() + chrono::Duration::minutes(5),
+        idempotency_key: None,
+    }
+}
+
+fn message(agent: AgentId, body: serde_json::Value) -> NewMessage {
+    NewMessage {
+        id: MessageId::new(),
+        agent_id: agent,
+        body,
+        expires_at: Utc::now() + chrono::Duration::minutes(5),
+        idempotency_key: None,
+    }
+}
+
+fn policy(replica_stale_after: Duration, lease: Duration, max_attempts: i32) -> RequeuePolicy {
+    RequeuePolicy {
+        replica_stale_after,
+        lease,
+        max_attempts,
+    }
+}
+
+const LONG: Duration = Duration::from_secs(3600);
+
+// --- schema -------------------------------------------------------------
+
+async fn migrations_are_idempotent(f: Fixture) {
+    // `open` migrated once already; opening again re-runs the migrator.
+    let again = f.replica().await;
+    again.ping().await.expect("ping");
+    let db = switchyard_store::Database::connect(f.db.url())
+        .await
+        .unwrap();
+    db.migrate(f.db.url())
+        .await
+        .expect("second migrate is a no-op");
+}
+
+// --- replicas -----------------------------------------------------------
+
+async fn replica_registry_tracks_liveness(f: Fixture) {
+    let s = &*f.store;
+    let a = ReplicaId::new();
+    let b = ReplicaId::new();
+    s.register_replica(a, "127.0.0.1:1").await.unwrap();
+    s.register_replica(b, "127.0.0.1:2").await.unwrap();
+    // Registering again refreshes the row instead of failing.
+    let again = s.register_replica(a, "127.0.0.1:3").await.unwrap();
+    assert_eq!(again.address, "127.0.0.1:3");
+    assert_eq!(s.live_replicas(LONG).await.unwrap().len(), 2);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(s.heartbeat_replica(a).await.unwrap());
+    let live = s.live_replicas(Duration::from_millis(200)).await.unwrap();
+    assert_eq!(
+        live.iter().map(|r| r.instance_id).collect::<Vec<_>>(),
+        vec![a]
+    );
+
+    let reaped = s
+        .reap_dead_replicas(Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(reaped, vec![b]);
+    assert!(
+        !s.heartbeat_replica(b).await.unwrap(),
+        "a reaped replica must re-register"
+    );
+}
+
+async fn reaping_a_dead_replica_releases_its_affinities(f: Fixture) {
+    let s = &*f.store;
+    let (dead, live) = (ReplicaId::new(), ReplicaId::new());
+    s.register_replica(dead, "dead").await.unwrap();
+    let b1 = broker(s, "b1").await;
+    let b2 = broker(s, "b2").await;
+    s.claim_affinity(b1.id, dead, SessionId::new())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.register_replica(live, "live").await.unwrap();
+    let s2 = SessionId::new();
+    s.claim_affinity(b2.id, live, s2).await.unwrap();
+
+    assert_eq!(
+        s.reap_dead_replicas(Duration::from_millis(200))
+            .await
+            .unwrap(),
+        vec![dead]
+    );
+    let b1 = s.broker(b1.id).await.unwrap();
+    assert_eq!(b1.status, BrokerStatus::Offline);
+    assert_eq!(b1.affinity(), None);
+    let b2 = s.broker(b2.id).await.unwrap();
+    assert_eq!(
+        b2.affinity().map(|a| (a.replica, a.session)),
+        Some((live, s2))
+    );
+}
+
+// --- affinity -----------------------------------------------------------
+
+async fn affinity_claim_is_newest_wins_and_returns_previous_holder(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let (ra, rb) = (ReplicaId::new(), ReplicaId::new());
+    let (s1, s2) = (SessionId::new(), SessionId::new());
+    assert_eq!(s.claim_affinity(b.id, ra, s1).await.unwrap(), None);
+    let prev = s
+        .claim_affinity(b.id, rb, s2)
+        .await
+        .unwrap()
+        .expect("previous");
+    assert_eq!((prev.replica, prev.session), (ra, s1));
+    let now = s.broker(b.id).await.unwrap();
+    assert_eq!(now.status, BrokerStatus::Online);
+    assert_eq!(
+        (now.connected_replica, now.session_id),
+        (Some(rb), Some(s2))
+    );
+    assert!(now.last_heartbeat.is_some());
+
+    let err = s
+        .claim_affinity(BrokerId::new(), ra, SessionId::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound("broker")), "{err:?}");
+}
+
+async fn late_release_of_superseded_session_changes_nothing(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let (ra, rb) = (ReplicaId::new(), ReplicaId::new());
+    let (old, new) = (SessionId::new(), SessionId::new());
+    s.claim_affinity(b.id, ra, old).await.unwrap();
+    s.claim_affinity(b.id, rb, new).await.unwrap();
+
+    // A's socket teardown arrives after B's claim.
+    assert!(!s.release_affinity(b.id, ra, old).await.unwrap());
+    // Same session id from the wrong replica does not clear either.
+    assert!(!s.release_affinity(b.id, ra, new).await.unwrap());
+    let row = s.broker(b.id).await.unwrap();
+    assert_eq!(row.status, BrokerStatus::Online);
+    assert_eq!(
+        row.affinity().map(|a| (a.replica, a.session)),
+        Some((rb, new))
+    );
+
+    assert!(s.release_affinity(b.id, rb, new).await.unwrap());
+    let row = s.broker(b.id).await.unwrap();
+    assert_eq!(row.status, BrokerStatus::Offline);
+    assert_eq!(row.affinity(), None);
+    // Releasing twice is harmless.
+    assert!(!s.release_affinity(b.id, rb, new).await.unwrap());
+}
+
+async fn heartbeat_of_superseded_session_reports_superseded(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let (old, new) = (SessionId::new(), SessionId::new());
+    s.claim_affinity(b.id, ReplicaId::new(), old).await.unwrap();
+    assert_eq!(
+        s.heartbeat_session(b.id, old).await.unwrap(),
+        SessionHeartbeat::Current
+    );
+    s.claim_affinity(b.id, ReplicaId::new(), new).await.unwrap();
+    let before = s.broker(b.id).await.unwrap();
+    assert_eq!(
+        s.heartbeat_session(b.id, old).await.unwrap(),
+        SessionHeartbeat::Superseded
+    );
+    assert_eq!(
+        s.broker(b.id).await.unwrap(),
+        before,
+        "a stale heartbeat changes nothing"
+    );
+    assert_eq!(
+        s.heartbeat_session(b.id, new).await.unwrap(),
+        SessionHeartbeat::Current
+    );
+}
+
+async fn release_replica_affinities_touches_only_that_replica(f: Fixture) {
+    let s = &*f.store;
+    let (ra, rb) = (ReplicaId::new(), ReplicaId::new());
+    let b1 = broker(s, "b1").await;
+    let b2 = broker(s, "b2").await;
+    let b3 = broker(s, "b3").await;
+    s.claim_affinity(b1.id, ra, SessionId::new()).await.unwrap();
+    s.claim_affinity(b2.id, ra, SessionId::new()).await.unwrap();
+    s.claim_affinity(b3.id, rb, SessionId::new()).await.unwrap();
+    let mut released = s.release_replica_affinities(ra).await.unwrap();
+    released.sort();
+    let mut expected = vec![b1.id, b2.id];
+    expected.sort();
+    assert_eq!(released, expected);
+    assert_eq!(s.broker(b3.id).await.unwrap().connected_replica, Some(rb));
+}
+
+async fn concurrent_flapping_ends_on_the_last_claim(f: Fixture) {
+    // A broker flaps between replicas A and B 100 times. Each old socket's
+    // release races with the next claim; whatever the interleaving, the
+    // broker ends online on the last session.
+    let b = broker(&*f.store, "flappy").await;
+    let replicas = [ReplicaId::new(), ReplicaId::new()];
+    let stores = [f.replica().await, f.replica().await];
+    let mut last: Option<(usize, SessionId)> = None;
+    let mut releases = Vec::new();
+    for i in 0..100 {
+        let side = i % 2;
+        let session = SessionId::new();
+        stores[side]
+            .claim_affinity(b.id, replicas[side], session)
+            .await
+            .unwrap();
+        if let Some((prev_side, prev_session)) = last {
+            let store: Arc<dyn Store> = stores[prev_side].clone();
+            let replica = replicas[prev_side];
+            releases.push(tokio::spawn(async move {
+                store.release_affinity(b.id, replica, prev_session).await
+            }));
+        }
+        last = Some((side, session));
+    }
+    for r in releases {
+        assert!(
+            !r.await.unwrap().unwrap(),
+            "a superseded release must not clear"
+        );
+    }
+    let (side, session) = last.unwrap();
+    let row = f.store.broker(b.id).await.unwrap();
+    assert_eq!(row.status, BrokerStatus::Online);
+    assert_eq!(
+        row.affinity().map(|a| (a.replica, a.session)),
+        Some((replicas[side], session))
+    );
+}
+
+// --- brokers and agents -------------------------------------------------
+
+async fn broker_names_are_unique_and_delete_is_refused_while_agents_live(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "edge-1").await;
+    let err = s
+        .create_broker(BrokerId::new(), "edge-1", "h")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(s.broker_by_name("edge-1").await.unwrap().id, b.id);
+    let a = agent(s, b.id, "worker").await;
+    s.insert_messages(vec![message(a, json!("hi"))])
+        .await
+        .unwrap();
+
+    let err = s.delete_broker(b.id).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(s.list_brokers().await.unwrap().len(), 1);
+
+    s.apply_agent_status(b.id, a, Phase::Deleted, 1)
+        .await
+        .unwrap();
+    s.delete_broker(b.id).await.unwrap();
+    assert!(matches!(
+        s.broker(b.id).await,
+        Err(StoreError::NotFound("broker"))
+    ));
+    assert!(matches!(
+        s.delete_broker(b.id).await,
+        Err(StoreError::NotFound("broker"))
+    ));
+}
+
+async fn agent_definitions_validate_broker_and_name(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "worker").await;
+    let row = s.agent(a).await.unwrap();
+    assert_eq!(row.phase, Phase::Created);
+    assert_eq!(row.command.0, vec!["sleep".to_string(), "60".into()]);
+
+    let new = |broker_id, name: &str, command: Vec<String>| NewAgent {
+        id: AgentId::new(),
+        name: name.into(),
+        broker_id,
+        command,
+        env: BTreeMap::new(),
+    };
+    let err = s
+        .create_agent(new(BrokerId::new(), "x", vec!["true".into()]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound("broker")), "{err:?}");
+    let err = s
+        .create_agent(new(b.id, "worker", vec!["true".into()]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let err = s.create_agent(new(b.id, "y", vec![])).await.unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    assert_eq!(s.list_agents(None).await.unwrap().len(), 1);
+    assert_eq!(s.list_agents(Some(b.id)).await.unwrap().len(), 1);
+    assert_eq!(s.list_agents(Some(BrokerId::new())).await.unwrap().len(), 0);
+
+    // A deleted agent's name can be used again.
+    s.apply_agent_status(b.id, a, Phase::Deleted, 1)
+        .await
+        .unwrap();
+    agent(s, b.id, "worker").await;
+}
+
+async fn agent_status_applies_only_newer_reports_from_its_own_broker(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let other = broker(s, "other").await;
+    let a = agent(s, b.id, "w").await;
+
+    let (row, applied) = s
+        .apply_agent_status(b.id, a, Phase::Running, 2)
+        .await
+        .unwrap();
+    assert!(applied);
+    assert_eq!((row.phase, row.status_seq), (Phase::Running, 2));
+    // An older report (reordered on the wire) is ignored.
+    let (row, applied) = s
+        .apply_agent_status(b.id, a, Phase::Starting, 1)
+        .await
+        .unwrap();
+    assert!(!applied);
+    assert_eq!(row.phase, Phase::Running);
+    // Another broker cannot report on this agent.
+    let err = s
+        .apply_agent_status(other.id, a, Phase::Error, 9)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound("agent")), "{err:?}");
+    assert_eq!(s.agent(a).await.unwrap().phase, Phase::Running);
+}
+
+// --- intents ------------------------------------------------------------
+
+async fn intent_idempotency_key_returns_the_original_row(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let mut first = intent(a, Op::Start);
+    first.idempotency_key = Some("start-1".into());
+    let created = s.insert_intent(first.clone()).await.unwrap();
+    assert!(created.created);
+    assert_eq!(created.row.broker_id, b.id);
+    assert_eq!(created.row.state, IntentState::Pending);
+
+    let mut retry = intent(a, Op::Stop);
+    retry.idempotency_key = Some("start-1".into());
+    let again = s.insert_intent(retry).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.row, created.row);
+    let all = s
+        .list_intents(IntentFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+
+    let mut dup = vec![intent(a, Op::Start), intent(a, Op::Stop)];
+    dup[0].idempotency_key = Some("k".into());
+    dup[1].idempotency_key = Some("k".into());
+    let err = s.insert_intents(dup).await.unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+}
+
+async fn concurrent_inserts_with_one_key_create_one_row(f: Fixture) {
+    let b = broker(&*f.store, "b").await;
+    let a = agent(&*f.store, b.id, "w").await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = f.replica().await;
+        tasks.push(tokio::spawn(async move {
+            let mut m = message(a, json!("once"));
+            m.idempotency_key = Some("same-key".into());
+            store.insert_messages(vec![m]).await.unwrap().remove(0)
+        }));
+    }
+    let mut ids = HashSet::new();
+    let mut created = 0;
+    for t in tasks {
+        let row = t.await.unwrap();
+        created += usize::from(row.created);
+        ids.insert(row.row.id);
+    }
+    assert_eq!((created, ids.len()), (1, 1));
+}
+
+async fn intent_batch_with_one_invalid_item_inserts_nothing(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let batch = vec![
+        intent(a, Op::Start),
+        intent(AgentId::new(), Op::Start),
+        intent(a, Op::Stop),
+    ];
+    let err = s.insert_intents(batch).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound("agent")), "{err:?}");
+    let all = s
+        .list_intents(IntentFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(all.is_empty(), "nothing of a failed batch is written");
+    // The failed batch did not consume sequence numbers visible to later work.
+    let ok = s.insert_intents(vec![intent(a, Op::Start)]).await.unwrap();
+    assert_eq!(ok[0].row.seq, 1);
+    assert!(matches!(
+        s.insert_intents(vec![]).await,
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+async fn intents_are_claimed_in_per_agent_order_in_batches(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    let b = broker(s, "b").await;
+    let other = broker(s, "other").await;
+    let a1 = agent(s, b.id, "a1").await;
+    let a2 = agent(s, b.id, "a2").await;
+    let elsewhere = agent(s, other.id, "x").await;
+    let ops = [Op::Create, Op::Start, Op::Stop, Op::Restart, Op::Delete];
+    let mut batch = Vec::new();
+    for op in ops {
+        batch.push(intent(a1, op));
+        batch.push(intent(a2, op));
+    }
+    batch.push(intent(elsewhere, Op::Start));
+    s.insert_intents(batch).await.unwrap();
+
+    let mut seen: HashMap<AgentId, Vec<(i64, Op)>> = HashMap::new();
+    let mut batches = 0;
+    loop {
+        let claimed = s.claim_intents(&[b.id], me, 3).await.unwrap();
+        if claimed.is_empty() {
+            break;
+        }
+        batches += 1;
+        assert!(claimed.len() <= 3);
+        for c in claimed {
+            assert_eq!(c.state, IntentState::InProgress);
+            assert_eq!((c.claimed_by, c.attempts), (Some(me), 1));
+            assert_eq!(c.broker_id, b.id, "only the named brokers' work");
+            seen.entry(c.agent_id).or_default().push((c.seq, c.op));
+        }
+    }
+    assert!(batches >= 4);
+    for a in [a1, a2] {
+        let got = &seen[&a];
+        assert_eq!(got.iter().map(|(_, op)| *op).collect::<Vec<_>>(), ops);
+        assert!(
+            got.windows(2).all(|w| w[0].0 < w[1].0),
+            "seq order: {got:?}"
+        );
+    }
+    assert!(s.claim_intents(&[], me, 10).await.unwrap().is_empty());
+}
+
+async fn claim_skips_an_agent_with_work_in_flight_elsewhere(f: Fixture) {
+    let s = &*f.store;
+    let (ra, rb) = (ReplicaId::new(), ReplicaId::new());
+    let b = broker(s, "b").await;
+    let busy = agent(s, b.id, "busy").await;
+    let free = agent(s, b.id, "free").await;
+    s.insert_intents(vec![intent(busy, Op::Start)])
+        .await
+        .unwrap();
+    assert_eq!(s.claim_intents(&[b.id], ra, 10).await.unwrap().len(), 1);
+    s.insert_intents(vec![intent(busy, Op::Stop), intent(free, Op::Start)])
+        .await
+        .unwrap();
+    // B may not overtake A's in-flight start of `busy`...
+    let got = s.claim_intents(&[b.id], rb, 10).await.unwrap();
+    assert_eq!(
+        got.iter().map(|i| i.agent_id).collect::<Vec<_>>(),
+        vec![free]
+    );
+    // ...but A, which holds it, may send the next op right behind it.
+    let got = s.claim_intents(&[b.id], ra, 10).await.unwrap();
+    assert_eq!(
+        got.iter().map(|i| (i.agent_id, i.op)).collect::<Vec<_>>(),
+        vec![(busy, Op::Stop)]
+    );
+}
+
+async fn sixteen_claimers_claim_each_of_1000_intents_exactly_once(f: Fixture) {
+    let b = broker(&*f.store, "b").await;
+    let mut agents = Vec::new();
+    for i in 0..50 {
+        agents.push(agent(&*f.store, b.id, &format!("a{i}")).await);
+    }
+    let batch: Vec<NewIntent> = (0..1000)
+        .map(|i| intent(agents[i % 50], Op::Start))
+        .collect();
+    f.store.insert_intents(batch).await.unwrap();
+
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let store = f.replica().await;
+        let me = ReplicaId::new();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            let mut idle = 0;
+            // Claim, then finish what was claimed (as an owner would), until
+            // a few empty rounds in a row say the backlog is gone.
+            while idle < 5 {
+                let claimed = store.claim_intents(&[b.id], me, 25).await.unwrap();
+                if claimed.is_empty() {
+                    idle += 1;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                idle = 0;
+                for c in claimed {
+                    assert!(
+                        store
+                            .finish_intent(c.id, IntentOutcome::Done(json!({})))
+                            .await
+                            .unwrap(),
+                        "the claimer finishes its own row"
+                    );
+                    mine.push(c.id);
+                }
+            }
+            mine
+        }));
+    }
+    let mut count: HashMap<IntentId, usize> = HashMap::new();
+    let mut claimers_with_work = 0;
+    for t in tasks {
+        let mine = t.await.unwrap();
+        claimers_with_work += usize::from(!mine.is_empty());
+        for id in mine {
+            *count.entry(id).or_default() += 1;
+        }
+    }
+    assert_eq!(count.len(), 1000, "every intent claimed");
+    assert!(count.values().all(|&n| n == 1), "no intent claimed twice");
+    assert!(claimers_with_work > 1, "the claimers really raced");
+    let done = f
+        .store
+        .list_intents(IntentFilter {
+            state: Some(IntentState::Done),
+            limit: 2000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(done.len(), 1000);
+    assert!(done.iter().all(|i| i.attempts == 1));
+}
+
+async fn done_never_becomes_failed(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    s.register_replica(me, "here").await.unwrap();
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let row = s.insert_intent(intent(a, Op::Start)).await.unwrap().row;
+    s.claim_intents(&[b.id], me, 1).await.unwrap();
+    assert!(
+        s.finish_intent(row.id, IntentOutcome::Done(json!({"pid": 1})))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.finish_intent(row.id, IntentOutcome::Failed("late".into()))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.finish_intent(row.id, IntentOutcome::Done(json!({"pid": 2})))
+            .await
+            .unwrap()
+    );
+    // Neither the sweeper's requeue nor expiry touches a finished row.
+    s.requeue_abandoned(policy(Duration::ZERO, Duration::ZERO, 1))
+        .await
+        .unwrap();
+    s.expire_intents().await.unwrap();
+    let after = s.intent(row.id).await.unwrap();
+    assert_eq!(after.state, IntentState::Done);
+    assert_eq!(after.result.map(|r| r.0), Some(json!({"pid": 1})));
+    assert_eq!(after.error, None);
+
+    let failed = s.insert_intent(intent(a, Op::Stop)).await.unwrap().row;
+    assert!(
+        s.finish_intent(failed.id, IntentOutcome::Failed("boom".into()))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.finish_intent(failed.id, IntentOutcome::Done(json!({})))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.intent(failed.id).await.unwrap().state,
+        IntentState::Failed
+    );
+    assert!(matches!(
+        s.finish_intent(IntentId::new(), IntentOutcome::Done(json!({})))
+            .await,
+        Err(StoreError::NotFound("dispatch"))
+    ));
+}
+
+async fn racing_outcomes_leave_exactly_one(f: Fixture) {
+    let b = broker(&*f.store, "b").await;
+    let a = agent(&*f.store, b.id, "w").await;
+    let batch: Vec<NewIntent> = (0..50).map(|_| intent(a, Op::Start)).collect();
+    let rows = f.store.insert_intents(batch).await.unwrap();
+    let (s1, s2) = (f.replica().await, f.replica().await);
+    let mut tasks = Vec::new();
+    for r in &rows {
+        let id = r.row.id;
+        let (s1, s2) = (s1.clone(), s2.clone());
+        tasks.push(tokio::spawn(async move {
+            let done = tokio::spawn(async move {
+                s1.finish_intent(id, IntentOutcome::Done(json!({})))
+                    .await
+                    .unwrap()
+            });
+            let failed = tokio::spawn(async move {
+                s2.finish_intent(id, IntentOutcome::Failed("x".into()))
+                    .await
+                    .unwrap()
+            });
+            (id, done.await.unwrap(), failed.await.unwrap())
+        }));
+    }
+    for t in tasks {
+        let (id, done_won, failed_won) = t.await.unwrap();
+        assert!(done_won ^ failed_won, "exactly one outcome wins");
+        let state = f.store.intent(id).await.unwrap().state;
+        assert_eq!(
+            state,
+            if done_won {
+                IntentState::Done
+            } else {
+                IntentState::Failed
+            }
+        );
+    }
+}
+
+async fn requeue_returns_dead_claimers_work_then_fails_after_max_attempts(f: Fixture) {
+    let s = &*f.store;
+    let (dead, live) = (ReplicaId::new(), ReplicaId::new());
+    s.register_replica(live, "live").await.unwrap();
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let row = s.insert_intent(intent(a, Op::Start)).await.unwrap().row;
+    let m = s.insert_messages(vec![message(a, json!(1))]).await.unwrap()[0]
+        .row
+        .clone();
+
+    // Claimed by a replica with no registry row: dead.
+    assert_eq!(s.claim_intents(&[b.id], dead, 10).await.unwrap().len(), 1);
+    assert_eq!(s.claim_messages(&[b.id], dead, 10).await.unwrap().len(), 1);
+    let report = s.requeue_abandoned(policy(LONG, LONG, 2)).await.unwrap();
+    assert_eq!((report.intents_requeued, report.messages_requeued), (1, 1));
+    let back = s.intent(row.id).await.unwrap();
+    assert_eq!(
+        (back.state, back.claimed_by, back.attempts),
+        (IntentState::Pending, None, 1)
+    );
+    assert_eq!(s.message(m.id).await.unwrap().state, MessageState::Pending);
+
+    // Work of a live claimer within its lease is left alone.
+    assert_eq!(s.claim_intents(&[b.id], live, 10).await.unwrap().len(), 1);
+    let report = s.requeue_abandoned(policy(LONG, LONG, 2)).await.unwrap();
+    assert_eq!(report.intents_requeued + report.intents_failed, 0);
+
+    // Second attempt's claimer dies too: max attempts reached, so it fails.
+    s.deregister_replica(live).await.unwrap();
+    let report = s.requeue_abandoned(policy(LONG, LONG, 2)).await.unwrap();
+    assert_eq!((report.intents_requeued, report.intents_failed), (0, 1));
+    let failed = s.intent(row.id).await.unwrap();
+    assert_eq!(failed.state, IntentState::Failed);
+    assert!(failed.error.unwrap().contains("2 attempt"));
+}
+
+async fn requeue_returns_work_whose_lease_ran_out(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    s.register_replica(me, "here").await.unwrap();
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    s.insert_intent(intent(a, Op::Start)).await.unwrap();
+    s.claim_intents(&[b.id], me, 1).await.unwrap();
+    let report = s.requeue_abandoned(policy(LONG, LONG, 3)).await.unwrap();
+    assert_eq!(report.intents_requeued, 0);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let report = s
+        .requeue_abandoned(policy(LONG, Duration::from_millis(100), 3))
+        .await
+        .unwrap();
+    assert_eq!(report.intents_requeued, 1);
+    let again = s.claim_intents(&[b.id], me, 1).await.unwrap();
+    assert_eq!(again[0].attempts, 2);
+}
+
+async fn intents_past_deadline_fail_and_finished_ones_stay(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let mut late = intent(a, Op::Start);
+    late.deadline = Utc::now() - chrono::Duration::seconds(1);
+    let mut finished = intent(a, Op::Stop);
+    finished.deadline = late.deadline;
+    let current = intent(a, Op::Restart);
+    s.insert_intents(vec![late.clone(), finished.clone(), current.clone()])
+        .await
+        .unwrap();
+    s.finish_intent(finished.id, IntentOutcome::Done(json!({})))
+        .await
+        .unwrap();
+    assert_eq!(s.expire_intents().await.unwrap(), vec![late.id]);
+    let row = s.intent(late.id).await.unwrap();
+    assert_eq!(
+        (row.state, row.error.as_deref()),
+        (IntentState::Failed, Some("deadline exceeded"))
+    );
+    assert_eq!(
+        s.intent(finished.id).await.unwrap().state,
+        IntentState::Done
+    );
+    assert_eq!(
+        s.intent(current.id).await.unwrap().state,
+        IntentState::Pending
+    );
+}
+
+// --- messages -----------------------------------------------------------
+
+async fn messages_keep_per_agent_fifo_order(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    let b = broker(s, "b").await;
+    let a1 = agent(s, b.id, "a1").await;
+    let a2 = agent(s, b.id, "a2").await;
+    for chunk in 0..4 {
+        let batch: Vec<NewMessage> = (0..25)
+            .map(|i| message(if i % 3 == 0 { a2 } else { a1 }, json!(chunk * 25 + i)))
+            .collect();
+        s.insert_messages(batch).await.unwrap();
+    }
+    let mut got: HashMap<AgentId, Vec<i64>> = HashMap::new();
+    loop {
+        let claimed = s.claim_messages(&[b.id], me, 7).await.unwrap();
+        if claimed.is_empty() {
+            break;
+        }
+        for m in claimed {
+            assert_eq!(m.state, MessageState::Dispatched);
+            got.entry(m.agent_id)
+                .or_default()
+                .push(m.body.0.as_i64().unwrap());
+        }
+    }
+    let expect =
+        |a2_side: bool| -> Vec<i64> { (0..100).filter(|i| (i % 25 % 3 == 0) == a2_side).collect() };
+    assert_eq!(got[&a1], expect(false));
+    assert_eq!(got[&a2], expect(true));
+}
+
+async fn message_batch_with_one_invalid_item_inserts_nothing(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let err = s
+        .insert_messages(vec![
+            message(a, json!(1)),
+            message(AgentId::new(), json!(2)),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound("agent")), "{err:?}");
+    assert!(s.claim_messages(&[b.id], me, 10).await.unwrap().is_empty());
+
+    // A deleted agent takes no new messages either.
+    s.apply_agent_status(b.id, a, Phase::Deleted, 1)
+        .await
+        .unwrap();
+    let err = s
+        .insert_messages(vec![message(a, json!(3))])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound("agent")), "{err:?}");
+}
+
+async fn message_idempotency_and_idempotent_ack(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let mut m = message(a, json!("hello"));
+    m.idempotency_key = Some("msg-1".into());
+    let first = s.insert_messages(vec![m.clone()]).await.unwrap().remove(0);
+    let mut retry = message(a, json!("hello"));
+    retry.idempotency_key = Some("msg-1".into());
+    let fresh = message(a, json!("second"));
+    let second = s.insert_messages(vec![retry, fresh.clone()]).await.unwrap();
+    assert!(first.created);
+    assert!(!second[0].created);
+    assert_eq!(second[0].row.id, first.row.id);
+    assert!(second[1].created);
+
+    let claimed = s.claim_messages(&[b.id], me, 10).await.unwrap();
+    assert_eq!(claimed.len(), 2, "the retried key made no second row");
+    assert!(s.ack_message(b.id, first.row.id).await.unwrap());
+    assert!(
+        !s.ack_message(b.id, first.row.id).await.unwrap(),
+        "second ack is a no-op"
+    );
+    let row = s.message(first.row.id).await.unwrap();
+    assert_eq!(row.state, MessageState::Delivered);
+    assert!(row.delivered_at.is_some());
+    assert!(matches!(
+        s.ack_message(b.id, MessageId::new()).await,
+        Err(StoreError::NotFound("message"))
+    ));
+}
+
+async fn ack_from_another_broker_changes_nothing(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let intruder = broker(s, "intruder").await;
+    let a = agent(s, b.id, "w").await;
+    let m = s
+        .insert_messages(vec![message(a, json!(1))])
+        .await
+        .unwrap()
+        .remove(0)
+        .row;
+    let err = s.ack_message(intruder.id, m.id).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound("message")), "{err:?}");
+    assert_eq!(s.message(m.id).await.unwrap().state, MessageState::Pending);
+}
+
+async fn concurrent_message_claimers_deliver_each_once_in_order(f: Fixture) {
+    let b = broker(&*f.store, "b").await;
+    let mut agents = Vec::new();
+    for i in 0..8 {
+        agents.push(agent(&*f.store, b.id, &format!("a{i}")).await);
+    }
+    let batch: Vec<NewMessage> = (0..800).map(|i| message(agents[i % 8], json!(i))).collect();
+    f.store.insert_messages(batch).await.unwrap();
+
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = f.replica().await;
+        let me = ReplicaId::new();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut idle = 0;
+            while idle < 5 {
+                let claimed = store.claim_messages(&[b.id], me, 20).await.unwrap();
+                if claimed.is_empty() {
+                    idle += 1;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                idle = 0;
+                for m in claimed {
+                    // Ack right away, as a broker would once the agent has it.
+                    assert!(store.ack_message(b.id, m.id).await.unwrap());
+                    got.push((m.agent_id, m.seq));
+                }
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let got = t.await.unwrap();
+        // Each claimer saw every agent's messages in increasing seq order.
+        let mut last: HashMap<AgentId, i64> = HashMap::new();
+        for (agent, seq) in &got {
+            let prev = last.insert(*agent, *seq).unwrap_or(0);
+            assert!(*seq > prev, "out of order within one claimer");
+        }
+        all.extend(got);
+    }
+    let unique: HashSet<_> = all.iter().collect();
+    assert_eq!(
+        (all.len(), unique.len()),
+        (800, 800),
+        "each message exactly once"
+    );
+}
+
+async fn messages_past_ttl_expire(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let mut stale = message(a, json!("old"));
+    stale.expires_at = Utc::now() - chrono::Duration::seconds(1);
+    let mut delivered = message(a, json!("got it"));
+    delivered.expires_at = stale.expires_at;
+    let live = message(a, json!("new"));
+    s.insert_messages(vec![delivered.clone(), stale.clone(), live.clone()])
+        .await
+        .unwrap();
+    s.ack_message(b.id, delivered.id).await.unwrap();
+    assert_eq!(s.expire_messages().await.unwrap(), vec![stale.id]);
+    assert_eq!(
+        s.message(stale.id).await.unwrap().state,
+        MessageState::Expired
+    );
+    assert_eq!(
+        s.message(delivered.id).await.unwrap().state,
+        MessageState::Delivered
+    );
+    let claimed = s.claim_messages(&[b.id], me, 10).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![live.id]
+    );
+    assert!(
+        !s.ack_message(b.id, stale.id).await.unwrap(),
+        "expired stays expired"
+    );
+}
