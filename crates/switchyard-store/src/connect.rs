@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::{Connection, PgConnection, PgPool, SqlitePool};
 
 use crate::postgres::PgStore;
 use crate::sqlite::SqliteStore;
@@ -84,6 +84,17 @@ impl Database {
                 url: shown.clone(),
                 reason: reason(&e),
             })?;
+            // One direct connection first: the pool would retry a refused
+            // connection until its acquire timeout and then report only
+            // "pool timed out", hiding the cause.
+            let probe = tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&options))
+                .await
+                .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+                .map_err(|e| OpenError::Unreachable {
+                    url: shown.clone(),
+                    reason: reason(&e),
+                })?;
+            probe.close().await.ok();
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -106,7 +117,7 @@ impl Database {
                 .foreign_keys(true)
                 .busy_timeout(SQLITE_BUSY_TIMEOUT);
             let path = options.get_filename().display().to_string();
-            if path == ":memory:" {
+            if path.starts_with("file:sqlx-in-memory") || url.contains("mode=memory") {
                 return Err(OpenError::InvalidUrl {
                     url: shown,
                     reason: "an in-memory database would lose everything on restart; \

@@ -1,1 +1,157 @@
-fn main() {}
+//! The `switchyard` binary: runs a hub replica and administers its database.
+//! Every failure ends as one line on stderr and a non-zero exit code.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use switchyard_hub::{Hub, HubConfig};
+use switchyard_store::Database;
+use tracing_subscriber::EnvFilter;
+
+const DEFAULT_DATABASE_URL: &str = "sqlite://switchyard.db";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Dispatch hub for fleets of runtime brokers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a hub replica (migrates the database first).
+    Serve(ServeArgs),
+    /// Database administration.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct DatabaseArg {
+    /// `postgres://...` for multi-replica mode, `sqlite://PATH` for a single node.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = DEFAULT_DATABASE_URL,
+        hide_env_values = true
+    )]
+    database_url: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// Address recorded in the replica registry (default: http://LISTEN).
+    #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+    advertise: Option<String>,
+    #[command(flatten)]
+    database: DatabaseArg,
+}
+
+#[derive(Debug, Subcommand)]
+enum DbCommand {
+    /// Apply pending migrations and exit. Safe to run repeatedly.
+    Migrate {
+        #[command(flatten)]
+        database: DatabaseArg,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Db {
+            command: DbCommand::Migrate { database },
+        } => {
+            let url = &database.database_url;
+            let db = Database::connect(url).await?;
+            db.migrate(url).await?;
+            println!("database is at schema version {}", db.latest_version());
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let url = &args.database.database_url;
+    let store = switchyard_store::open(url).await?;
+    let config = HubConfig {
+        listen: args.listen,
+        advertise: args.advertise,
+        ..HubConfig::default()
+    };
+    let hub = Hub::start(config, store).await?;
+    // Scripts and tests wait for this line; with `--listen 127.0.0.1:0` it
+    // is the only way to learn the port.
+    println!("switchyard listening on http://{}", hub.addr());
+    let stop = hub.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    hub.stopped().await;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("install SIGTERM handler")
+            {
+                Ok(term) => term,
+                Err(err) => {
+                    tracing::warn!("{err:#}");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,68 @@
+//! This replica's entry in the replica registry.
+//!
+//! The registry row is how other replicas know this one is alive: the
+//! heartbeat loop refreshes `last_seen` every `heartbeat_interval`. If the
+//! row has vanished (another replica judged this one dead and reaped it,
+//! which also released its brokers' affinities), the loop registers again.
+//! On clean shutdown the row is removed and the affinities released at once,
+//! so nobody has to wait for the liveness window to expire.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_store::{ReplicaId, Store, StoreResult};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Registers the replica, then heartbeats until `shutdown` is cancelled,
+/// then deregisters.
+pub(crate) async fn run_heartbeat(
+    store: Arc<dyn Store>,
+    metrics: Metrics,
+    id: ReplicaId,
+    address: String,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await; // the first tick is immediate; we registered at startup
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        match heartbeat(&*store, &metrics, id, &address).await {
+            Ok(()) => metrics.database_up.set(1),
+            Err(err) => {
+                metrics.database_up.set(0);
+                tracing::warn!(%err, "replica heartbeat failed; retrying next interval");
+            }
+        }
+    }
+    match store.deregister_replica(id).await {
+        Ok(released) => tracing::info!(
+            replica = %id,
+            released = released.len(),
+            "replica deregistered"
+        ),
+        Err(err) => tracing::warn!(%err, "could not deregister replica; it will be reaped"),
+    }
+}
+
+async fn heartbeat(
+    store: &dyn Store,
+    metrics: &Metrics,
+    id: ReplicaId,
+    address: &str,
+) -> StoreResult<()> {
+    if store.heartbeat_replica(id).await? {
+        metrics.replica_heartbeats.inc();
+    } else {
+        tracing::warn!(replica = %id, "registry row was reaped; registering again");
+        store.register_replica(id, address).await?;
+        metrics.replica_reregistrations.inc();
+    }
+    Ok(())
+}

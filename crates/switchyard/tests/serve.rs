@@ -1,0 +1,334 @@
+//! The `switchyard` binary as an operator runs it: real processes, real
+//! sockets on 127.0.0.1, real PostgreSQL and SQLite databases.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use switchyard_testkit::TestDb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// A `switchyard` command with no database settings inherited from the
+/// developer's shell.
+fn switchyard(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("SWITCHYARD_LISTEN")
+        .env("SWITCHYARD_LOG", "warn");
+    cmd
+}
+
+/// A running `switchyard serve`, killed if the test ends early.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    /// Starts `serve` on a free port and waits for its "listening" line.
+    fn start(dir: &Path, database_url: Option<&str>) -> Server {
+        let mut cmd = switchyard(dir);
+        cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+        if let Some(url) = database_url {
+            cmd.args(["--database-url", url]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("switchyard listening on ") {
+                    let _ = tx.send(url.to_owned());
+                }
+            }
+        });
+        let base = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("serve printed its address within 5 s");
+        Server { child, base }
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        reqwest::get(format!("{}{path}", self.base)).await.unwrap()
+    }
+
+    /// Polls until `path` answers `status` or `within` passes.
+    async fn wait_for(&self, path: &str, status: u16, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            if let Ok(r) = reqwest::get(format!("{}{path}", self.base)).await
+                && r.status().as_u16() == status
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < until, "serve did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn stderr_line(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert_eq!(
+        text.lines().count(),
+        1,
+        "exactly one line on stderr: {text:?}"
+    );
+    assert!(text.starts_with("error: "), "{text:?}");
+    text
+}
+
+#[tokio::test]
+async fn serve_in_an_empty_directory_is_ready_within_5s_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let server = Server::start(dir.path(), None);
+    assert!(
+        server
+            .wait_for("/healthz", 200, Duration::from_secs(5))
+            .await
+    );
+    assert!(
+        server
+            .wait_for("/readyz", 200, Duration::from_secs(5))
+            .await
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        dir.path().join("switchyard.db").exists(),
+        "the default file is created"
+    );
+
+    let ready: serde_json::Value = server.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["backend"], "sqlite");
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("switchyard_build_info{backend=\"sqlite\""),
+        "{metrics}"
+    );
+
+    let url = format!("sqlite://{}", dir.path().join("switchyard.db").display());
+    let store = switchyard_store::open(&url).await.unwrap();
+    let live = store.live_replicas(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(live.len(), 1, "serve registered its replica");
+    assert_eq!(live[0].address, server.base);
+
+    assert!(server.terminate().success());
+    let live = store.live_replicas(Duration::from_secs(60)).await.unwrap();
+    assert!(live.is_empty(), "a clean shutdown deregisters the replica");
+}
+
+#[tokio::test]
+async fn serve_on_postgres_is_ready_and_registered() {
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Some(db.url()));
+    assert!(
+        server
+            .wait_for("/readyz", 200, Duration::from_secs(5))
+            .await
+    );
+    assert!(
+        server
+            .wait_for("/healthz", 200, Duration::from_secs(5))
+            .await
+    );
+    let ready: serde_json::Value = server.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["backend"], "postgres");
+
+    let store = switchyard_store::open(db.url()).await.unwrap();
+    let live = store.live_replicas(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(
+        live[0].instance_id.to_string(),
+        ready["instance_id"].as_str().unwrap()
+    );
+    assert!(
+        !dir.path().join("switchyard.db").exists(),
+        "no SQLite file on Postgres"
+    );
+    assert!(server.terminate().success());
+}
+
+#[tokio::test]
+async fn readyz_answers_503_when_the_database_is_gone() {
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Some(db.url()));
+    assert!(
+        server
+            .wait_for("/readyz", 200, Duration::from_secs(5))
+            .await
+    );
+    let name = db.url().rsplit('/').next().unwrap().to_owned();
+    db.admin_execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+        .await
+        .unwrap();
+    assert!(
+        server
+            .wait_for("/readyz", 503, Duration::from_secs(10))
+            .await
+    );
+    let body: serde_json::Value = server.get("/readyz").await.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_ready");
+    // Liveness is about the process, not the database.
+    assert_eq!(server.get("/healthz").await.status(), 200);
+}
+
+#[tokio::test]
+async fn db_migrate_is_idempotent_on_both_backends() {
+    let pg = TestDb::postgres().await;
+    let lite = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    for url in [pg.url(), lite.url()] {
+        for _ in 0..2 {
+            let out = switchyard(dir.path())
+                .args(["db", "migrate", "--database-url", url])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 1"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_database_urls_fail_with_one_line_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("plain-file");
+    std::fs::write(&not_a_dir, "x").unwrap();
+    let cases = [
+        ("mysql://root@127.0.0.1/db", "unsupported database URL"),
+        ("postgres://user:hunter2@:::/x", "invalid database URL"),
+        (
+            "postgres://postgres:hunter2@127.0.0.1:1/x",
+            "cannot reach database",
+        ),
+        ("sqlite::memory:", "in-memory"),
+        (
+            &format!("sqlite://{}/hub.db", not_a_dir.display()),
+            "cannot open SQLite file",
+        ),
+        (
+            &format!("sqlite://{}/missing/hub.db", dir.path().display()),
+            "cannot open SQLite file",
+        ),
+    ];
+    for (url, expected) in cases {
+        for args in [
+            &["db", "migrate"][..],
+            &["serve", "--listen", "127.0.0.1:0"][..],
+        ] {
+            let started = Instant::now();
+            let out = switchyard(dir.path())
+                .args(args)
+                .args(["--database-url", url])
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{url} must fail");
+            let line = stderr_line(&out);
+            assert!(line.contains(expected), "{url}: {line}");
+            assert!(!line.contains("hunter2"), "passwords never printed: {line}");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{url} failed fast"
+            );
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "nothing but the plain file: {left:?}");
+}
+
+/// Marks the database as migrated by a future version, the way a newer
+/// switchyard's migrator would.
+async fn pretend_newer_version(url: &str) {
+    let db = switchyard_store::Database::connect(url).await.unwrap();
+    db.migrate(url).await.unwrap();
+    match db {
+        switchyard_store::Database::Postgres(pool) => {
+            sqlx::query(
+                "INSERT INTO _sqlx_migrations \
+                 (version, description, success, checksum, execution_time) \
+                 VALUES (9999, 'from the future', true, '\\x00'::bytea, 0)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        switchyard_store::Database::Sqlite(pool) => {
+            sqlx::query(
+                "INSERT INTO _sqlx_migrations \
+                 (version, description, success, checksum, execution_time) \
+                 VALUES (9999, 'from the future', true, X'00', 0)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+}
+
+#[tokio::test]
+async fn a_database_migrated_by_a_newer_version_is_refused_untouched() {
+    let pg = TestDb::postgres().await;
+    let lite = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    for url in [pg.url(), lite.url()] {
+        pretend_newer_version(url).await;
+        for args in [
+            &["db", "migrate"][..],
+            &["serve", "--listen", "127.0.0.1:0"][..],
+        ] {
+            let out = switchyard(dir.path())
+                .args(args)
+                .args(["--database-url", url])
+                .output()
+                .unwrap();
+            assert!(!out.status.success());
+            let line = stderr_line(&out);
+            assert!(line.contains("schema version 9999"), "{line}");
+            assert!(line.contains("upgrade switchyard"), "{line}");
+        }
+        let store = switchyard_store::Database::connect(url)
+            .await
+            .unwrap()
+            .into_store();
+        let live = store.live_replicas(Duration::from_secs(60)).await.unwrap();
+        assert!(live.is_empty(), "serve refused before registering");
+    }
+}
