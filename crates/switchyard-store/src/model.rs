@@ -7,97 +7,20 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use sqlx::types::Json;
 
 use crate::ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 
-/// Defines a closed set of words stored as TEXT, with string conversions
-/// that the row decoders (`#[sqlx(try_from = "String")]`) use.
-macro_rules! text_enum {
-    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
-        $(#[$doc])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        #[serde(rename_all = "snake_case")]
-        pub enum $name {
-            $($(#[$vdoc])* $variant),+
-        }
-
-        impl $name {
-            /// Every value, in declaration order.
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
-            /// The word stored in the database and shown in the API.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => $text),+
-                }
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl std::str::FromStr for $name {
-            type Err = UnknownWord;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                match s {
-                    $($text => Ok($name::$variant),)+
-                    other => Err(UnknownWord { kind: stringify!($name), word: other.to_owned() }),
-                }
-            }
-        }
-
-        impl TryFrom<String> for $name {
-            type Error = UnknownWord;
-            fn try_from(s: String) -> Result<Self, UnknownWord> {
-                s.parse()
-            }
-        }
-    };
-}
-
-/// A state word in the database that this version does not know.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown {kind} {word:?}")]
-pub struct UnknownWord {
-    kind: &'static str,
-    word: String,
-}
+use switchyard_proto::text_enum;
+pub use switchyard_proto::{Op, Phase, UnknownWord};
 
 text_enum!(
     /// Whether a broker holds a live session somewhere.
     BrokerStatus {
         Online => "online",
         Offline => "offline",
-    }
-);
-
-text_enum!(
-    /// Lifecycle phase of an agent.
-    Phase {
-        Created => "created",
-        Starting => "starting",
-        Running => "running",
-        Stopping => "stopping",
-        Stopped => "stopped",
-        Error => "error",
-        Deleted => "deleted",
-    }
-);
-
-text_enum!(
-    /// What a dispatch intent asks the broker to do.
-    Op {
-        Create => "create",
-        Start => "start",
-        Stop => "stop",
-        Restart => "restart",
-        Delete => "delete",
     }
 );
 

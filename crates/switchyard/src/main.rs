@@ -10,6 +10,9 @@ use switchyard_hub::{Hub, HubConfig};
 use switchyard_store::Database;
 use tracing_subscriber::EnvFilter;
 
+mod broker_cmd;
+mod client;
+
 const DEFAULT_DATABASE_URL: &str = "sqlite://switchyard.db";
 
 #[derive(Debug, Parser)]
@@ -32,6 +35,10 @@ enum Command {
         #[command(subcommand)]
         command: DbCommand,
     },
+    /// Run the reference broker daemon (agents as local processes).
+    Broker(broker_cmd::BrokerArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -95,6 +102,8 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Broker(args) => broker_cmd::run(args).await,
+        Command::Client(command) => client::run(command).await,
         Command::Db {
             command: DbCommand::Migrate { database },
         } => {

@@ -1,0 +1,223 @@
+//! The broker control channel: what a broker and a hub say to each other
+//! over the WebSocket at [`CONNECT_PATH`]. `docs/protocol.md` is the
+//! language-neutral description of the same thing.
+//!
+//! Every frame is one JSON text message `{"v": 1, "type": "...", ...}`.
+//! Frames of an unknown `type`, or of another major version `v`, are
+//! answered with an [`ErrorCode::Protocol`] error frame and a close.
+
+pub mod auth;
+mod words;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+pub use words::{Op, Phase, UnknownWord};
+
+/// Version carried by every frame as `v`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Path of the WebSocket upgrade on the hub.
+pub const CONNECT_PATH: &str = "/v1/brokers/connect";
+
+/// Largest WebSocket message either side accepts; larger ones close the
+/// socket with a protocol error.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Largest WebSocket frame (fragments of a message) either side accepts.
+pub const MAX_FRAME_BYTES: usize = 256 * 1024;
+
+/// A frame with its version: `{"v": 1, "type": ..., ...fields}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub v: u32,
+    #[serde(flatten)]
+    pub frame: T,
+}
+
+impl<T> Envelope<T> {
+    pub fn new(frame: T) -> Self {
+        Self {
+            v: PROTOCOL_VERSION,
+            frame,
+        }
+    }
+}
+
+/// Frames the hub sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HubFrame {
+    /// First frame after the broker's `hello`: the session is live.
+    Welcome {
+        session_id: Uuid,
+        /// The hub pings this often; a broker may treat a silence of three
+        /// intervals as a dead connection.
+        heartbeat_ms: u64,
+        max_message_bytes: usize,
+    },
+    Dispatch(Dispatch),
+    Message(AgentMessage),
+    Error(ErrorFrame),
+}
+
+/// Frames the broker sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BrokerFrame {
+    /// First frame after the upgrade: the state of every agent the broker
+    /// runs, so the hub resyncs after a reconnect.
+    Hello {
+        agents: Vec<AgentStatus>,
+    },
+    /// Outcome of a dispatch. Sent once per dispatch id; a redelivered
+    /// dispatch is answered again with the remembered outcome.
+    Result(DispatchResult),
+    /// Messages durably handed to their agents.
+    Ack {
+        message_ids: Vec<Uuid>,
+    },
+    /// An agent changed phase.
+    Status(AgentStatus),
+    Error(ErrorFrame),
+}
+
+/// Run `op` on one agent. `id` is the idempotency key: a broker that has
+/// seen it already must not run it again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Dispatch {
+    pub id: Uuid,
+    pub agent_id: Uuid,
+    pub op: Op,
+    pub agent: AgentSpec,
+    #[serde(default)]
+    pub args: Value,
+}
+
+/// What a broker needs to run an agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentSpec {
+    pub name: String,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// A message for one agent. Per agent, `seq` increases in the order the
+/// messages must be handed over; `id` is the idempotency key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentMessage {
+    pub id: Uuid,
+    pub agent_id: Uuid,
+    pub seq: i64,
+    pub body: Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DispatchResult {
+    pub dispatch_id: Uuid,
+    pub ok: bool,
+    /// On success: details such as the new phase or a pid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// On failure: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// An agent's phase as the broker sees it. `seq` increases with every
+/// report about the agent, across broker restarts too (brokers use a clock
+/// based counter), so the hub ignores reports that arrive late.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub agent_id: Uuid,
+    pub phase: Phase,
+    pub seq: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Error codes of error frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Malformed frame, unknown type, wrong version, binary data, oversize.
+    Protocol,
+    /// The frame names an agent, dispatch or message that is not this broker's.
+    Forbidden,
+    /// A newer session of this broker took over; this socket closes.
+    Superseded,
+    /// The hub could not process the frame now (e.g. database down); resend later.
+    Unavailable,
+    /// The hub is shutting down.
+    ShuttingDown,
+}
+
+/// Why a text frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame is not valid JSON for this protocol: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("unsupported protocol version {0} (this side speaks {PROTOCOL_VERSION})")]
+    Version(u32),
+}
+
+/// Reads one frame, checking the version first so a newer peer gets a
+/// clear error rather than a parse failure.
+pub fn decode<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, DecodeError> {
+    #[derive(Deserialize)]
+    struct Version {
+        v: u32,
+    }
+    let Version { v } = serde_json::from_str(text)?;
+    if v != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(v));
+    }
+    Ok(serde_json::from_str::<Envelope<T>>(text)?.frame)
+}
+
+/// Writes one frame with its version.
+pub fn encode<T: Serialize>(frame: &T) -> String {
+    serde_json::to_string(&Envelope::new(frame)).expect("frames always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_with_version_and_type() {
+        let frame = BrokerFrame::Ack {
+            message_ids: vec![Uuid::nil()],
+        };
+        let text = encode(&frame);
+        assert_eq!(
+            text,
+            r#"{"v":1,"type":"ack","message_ids":["00000000-0000-0000-0000-000000000000"]}"#
+        );
+        assert_eq!(decode::<BrokerFrame>(&text).unwrap(), frame);
+    }
+
+    #[test]
+    fn wrong_version_and_unknown_type_are_refused() {
+        assert!(matches!(
+            decode::<BrokerFrame>(r#"{"v":2,"type":"ack","message_ids":[]}"#),
+            Err(DecodeError::Version(2))
+        ));
+        assert!(matches!(
+            decode::<BrokerFrame>(r#"{"v":1,"type":"launch_missiles"}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(decode::<BrokerFrame>("not json").is_err());
+    }
+}
