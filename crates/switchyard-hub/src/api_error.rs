@@ -13,6 +13,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The dispatch a lifecycle call created, so the caller can follow it.
+    dispatch_id: Option<uuid::Uuid>,
 }
 
 impl ApiError {
@@ -21,7 +23,17 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            dispatch_id: None,
         }
+    }
+
+    pub fn with_dispatch(mut self, id: uuid::Uuid) -> Self {
+        self.dispatch_id = Some(id);
+        self
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
     pub fn not_ready(message: impl Into<String>) -> Self {
@@ -47,7 +59,11 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(id) = self.dispatch_id {
+            error["dispatch_id"] = json!(id);
+        }
+        let body = json!({ "error": error });
         (self.status, Json(body)).into_response()
     }
 }

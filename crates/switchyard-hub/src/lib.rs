@@ -5,22 +5,34 @@
 //! [`RunningHub::shutdown`] (or the process's shutdown signal) stops it.
 //! Tests start several hubs in one process this way.
 
+mod api;
 mod api_error;
+mod auth;
+mod control;
+mod drain;
+mod events;
+mod lookup;
 mod metrics;
 mod replica;
 mod router;
+mod sessions;
+mod sweeper;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_store::{ReplicaId, Store, StoreError};
+use switchyard_store::{ReplicaId, RequeuePolicy, Store, StoreError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use api_error::ApiError;
+pub use auth::{random_secret, token_digest};
 pub use metrics::Metrics;
+
+use events::EventBus;
+use sessions::Sessions;
 
 /// Settings of one replica.
 #[derive(Clone, Debug)]
@@ -31,7 +43,26 @@ pub struct HubConfig {
     /// to `http://<bound address>`.
     pub advertise: Option<String>,
     /// How often the replica refreshes its registry row.
+    pub replica_heartbeat_interval: Duration,
+    /// A replica not seen for this long is dead.
+    pub replica_stale_after: Duration,
+    /// How often the hub pings each broker and heartbeats its session; a
+    /// broker silent for three intervals is disconnected.
     pub heartbeat_interval: Duration,
+    /// Longest a broker's pending work waits for a missed wake-up.
+    pub drain_backstop: Duration,
+    /// Rolling window of a lifecycle call without progress before 504.
+    pub lifecycle_timeout: Duration,
+    /// How long a dispatch intent may wait for its broker before it fails.
+    pub intent_deadline: Duration,
+    /// How long an undelivered message lives.
+    pub message_ttl: Duration,
+    /// How often the sweeper runs.
+    pub sweep_interval: Duration,
+    /// A claim older than this is abandoned and requeued.
+    pub claim_lease: Duration,
+    /// Claims after which abandoned work fails instead of being requeued.
+    pub max_attempts: i32,
 }
 
 impl Default for HubConfig {
@@ -39,7 +70,16 @@ impl Default for HubConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             advertise: None,
-            heartbeat_interval: Duration::from_secs(2),
+            replica_heartbeat_interval: Duration::from_secs(2),
+            replica_stale_after: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(10),
+            drain_backstop: Duration::from_secs(1),
+            lifecycle_timeout: Duration::from_secs(60),
+            intent_deadline: Duration::from_secs(600),
+            message_ttl: Duration::from_secs(24 * 3600),
+            sweep_interval: Duration::from_secs(5),
+            claim_lease: Duration::from_secs(300),
+            max_attempts: 10,
         }
     }
 }
@@ -63,6 +103,12 @@ pub(crate) struct HubState {
     pub(crate) replica_id: ReplicaId,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) metrics: Metrics,
+    pub(crate) config: Arc<HubConfig>,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) events: EventBus,
+    /// Tracks control-channel sessions, which `axum::serve` does not wait for.
+    pub(crate) sockets: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
 }
 
 /// Entry point: see [`Hub::start`].
@@ -95,20 +141,33 @@ impl Hub {
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let config = Arc::new(config);
         let state = HubState {
             replica_id,
             store: store.clone(),
             metrics: metrics.clone(),
+            config: config.clone(),
+            sessions: Arc::new(Sessions::default()),
+            events: EventBus::new(),
+            sockets: TaskTracker::new(),
+            shutdown: shutdown.clone(),
         };
-        tasks.spawn(replica::run_heartbeat(
-            store,
-            metrics,
-            replica_id,
-            advertise,
-            config.heartbeat_interval,
-            shutdown.clone(),
-        ));
-        let app = router::router(state);
+        tasks.spawn(
+            sweeper::Sweeper {
+                store: store.clone(),
+                events: state.events.clone(),
+                metrics: metrics.clone(),
+                interval: config.sweep_interval,
+                policy: RequeuePolicy {
+                    replica_stale_after: config.replica_stale_after,
+                    lease: config.claim_lease,
+                    max_attempts: config.max_attempts,
+                },
+                shutdown: shutdown.clone(),
+            }
+            .run(),
+        );
+        let app = router::router(state.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {
             let served = axum::serve(listener, app)
@@ -117,7 +176,27 @@ impl Hub {
             if let Err(err) = served {
                 tracing::error!(%err, "HTTP server failed");
             }
+            // Sockets close with 1001 (their tokens are children of the
+            // shutdown token); deregister once they have released affinity.
+            state.sockets.close();
+            state.sockets.wait().await;
+            match state.store.deregister_replica(replica_id).await {
+                Ok(released) => tracing::info!(
+                    replica = %replica_id,
+                    released = released.len(),
+                    "replica deregistered"
+                ),
+                Err(err) => tracing::warn!(%err, "could not deregister replica; it will be reaped"),
+            }
         });
+        tasks.spawn(replica::run_heartbeat(
+            store,
+            metrics,
+            replica_id,
+            advertise,
+            config.replica_heartbeat_interval,
+            shutdown.clone(),
+        ));
         tasks.close();
         tracing::info!(replica = %replica_id, %addr, "hub replica serving");
         Ok(RunningHub {

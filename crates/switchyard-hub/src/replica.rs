@@ -4,8 +4,9 @@
 //! heartbeat loop refreshes `last_seen` every `heartbeat_interval`. If the
 //! row has vanished (another replica judged this one dead and reaped it,
 //! which also released its brokers' affinities), the loop registers again.
-//! On clean shutdown the row is removed and the affinities released at once,
-//! so nobody has to wait for the liveness window to expire.
+//! On clean shutdown the server task removes the row (after the sockets
+//! have closed), releasing the affinities at once, so nobody has to wait for
+//! the liveness window to expire.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// Registers the replica, then heartbeats until `shutdown` is cancelled,
-/// then deregisters.
+/// Heartbeats the (already registered) replica until `shutdown` is cancelled.
 pub(crate) async fn run_heartbeat(
     store: Arc<dyn Store>,
     metrics: Metrics,
@@ -40,14 +40,6 @@ pub(crate) async fn run_heartbeat(
                 tracing::warn!(%err, "replica heartbeat failed; retrying next interval");
             }
         }
-    }
-    match store.deregister_replica(id).await {
-        Ok(released) => tracing::info!(
-            replica = %id,
-            released = released.len(),
-            "replica deregistered"
-        ),
-        Err(err) => tracing::warn!(%err, "could not deregister replica; it will be reaped"),
     }
 }
 

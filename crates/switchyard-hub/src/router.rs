@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -20,6 +20,8 @@ pub(crate) fn router(state: HubState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::api::router(state.clone()))
+        .layer(DefaultBodyLimit::max(crate::api::MAX_BODY_BYTES))
         .with_state(state)
 }
 

@@ -360,6 +360,14 @@ impl Store for PgStore {
             .ok_or(StoreError::NotFound("agent"))
     }
 
+    async fn agent_by_name(&self, name: &str) -> StoreResult<Agent> {
+        sqlx::query_as("SELECT * FROM agents WHERE name = $1 AND phase <> 'deleted'")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound("agent"))
+    }
+
     async fn list_agents(&self, broker: Option<BrokerId>) -> StoreResult<Vec<Agent>> {
         Ok(sqlx::query_as(
             "SELECT * FROM agents WHERE $1::uuid IS NULL OR broker_id = $1 ORDER BY name, created_at",
@@ -395,6 +403,18 @@ impl Store for PgStore {
             return Err(StoreError::NotFound("agent"));
         }
         Ok((current, false))
+    }
+
+    async fn mark_agent_deleted(&self, id: AgentId) -> StoreResult<Agent> {
+        sqlx::query_as(
+            "UPDATE agents SET phase = 'deleted',
+                    updated_at = CASE WHEN phase = 'deleted' THEN updated_at ELSE now() END
+             WHERE id = $1 RETURNING *",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NotFound("agent"))
     }
 
     async fn insert_intents(
@@ -715,6 +735,73 @@ impl Store for PgStore {
         )
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn requeue_broker_in_flight(&self, broker: BrokerId) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let intents = sqlx::query(
+            "UPDATE dispatch_intents SET state = 'pending', claimed_by = NULL, claimed_at = NULL,
+                    updated_at = now()
+             WHERE broker_id = $1 AND state = 'in_progress'",
+        )
+        .bind(broker)
+        .execute(&mut *tx)
+        .await?;
+        let messages = sqlx::query(
+            "UPDATE messages SET state = 'pending', claimed_by = NULL, claimed_at = NULL,
+                    updated_at = now()
+             WHERE broker_id = $1 AND state = 'dispatched'",
+        )
+        .bind(broker)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(intents.rows_affected() + messages.rows_affected())
+    }
+
+    async fn add_admin_token(&self, token_hash: &str) -> StoreResult<()> {
+        sqlx::query("INSERT INTO admin_tokens (token_hash) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(token_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn has_admin_tokens(&self) -> StoreResult<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM admin_tokens)")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn admin_token_exists(&self, token_hash: &str) -> StoreResult<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM admin_tokens WHERE token_hash = $1)")
+                .bind(token_hash)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn record_nonce(
+        &self,
+        broker: BrokerId,
+        nonce: &str,
+        keep: Duration,
+    ) -> StoreResult<bool> {
+        sqlx::query("DELETE FROM broker_nonces WHERE seen_at < now() - make_interval(secs => $1)")
+            .bind(secs(keep))
+            .execute(&self.pool)
+            .await?;
+        let done = sqlx::query(
+            "INSERT INTO broker_nonces (broker_id, nonce) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(broker)
+        .bind(nonce)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn requeue_abandoned(&self, policy: RequeuePolicy) -> StoreResult<RequeueReport> {

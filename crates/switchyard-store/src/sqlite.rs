@@ -382,6 +382,14 @@ impl Store for SqliteStore {
             .ok_or(StoreError::NotFound("agent"))
     }
 
+    async fn agent_by_name(&self, name: &str) -> StoreResult<Agent> {
+        sqlx::query_as("SELECT * FROM agents WHERE name = ?1 AND phase <> 'deleted'")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound("agent"))
+    }
+
     async fn list_agents(&self, broker: Option<BrokerId>) -> StoreResult<Vec<Agent>> {
         Ok(sqlx::query_as(
             "SELECT * FROM agents WHERE ?1 IS NULL OR broker_id = ?1 ORDER BY name, created_at",
@@ -418,6 +426,19 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound("agent"));
         }
         Ok((current, false))
+    }
+
+    async fn mark_agent_deleted(&self, id: AgentId) -> StoreResult<Agent> {
+        sqlx::query_as(
+            "UPDATE agents SET phase = 'deleted',
+                    updated_at = CASE WHEN phase = 'deleted' THEN updated_at ELSE ?2 END
+             WHERE id = ?1 RETURNING *",
+        )
+        .bind(id)
+        .bind(now())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NotFound("agent"))
     }
 
     async fn insert_intents(
@@ -629,6 +650,83 @@ impl Store for SqliteStore {
         .bind(now())
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn requeue_broker_in_flight(&self, broker: BrokerId) -> StoreResult<u64> {
+        let mut tx = self.write().await?;
+        let intents = sqlx::query(
+            "UPDATE dispatch_intents SET state = 'pending', claimed_by = NULL, claimed_at = NULL,
+                    updated_at = ?2
+             WHERE broker_id = ?1 AND state = 'in_progress'",
+        )
+        .bind(broker)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        let messages = sqlx::query(
+            "UPDATE messages SET state = 'pending', claimed_by = NULL, claimed_at = NULL,
+                    updated_at = ?2
+             WHERE broker_id = ?1 AND state = 'dispatched'",
+        )
+        .bind(broker)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(intents.rows_affected() + messages.rows_affected())
+    }
+
+    async fn add_admin_token(&self, token_hash: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO admin_tokens (token_hash, created_at) VALUES (?1, ?2)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(token_hash)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn has_admin_tokens(&self) -> StoreResult<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM admin_tokens)")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn admin_token_exists(&self, token_hash: &str) -> StoreResult<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM admin_tokens WHERE token_hash = ?1)")
+                .bind(token_hash)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn record_nonce(
+        &self,
+        broker: BrokerId,
+        nonce: &str,
+        keep: Duration,
+    ) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        sqlx::query("DELETE FROM broker_nonces WHERE seen_at < ?1")
+            .bind(ago(keep))
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query(
+            "INSERT INTO broker_nonces (broker_id, nonce, seen_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(broker)
+        .bind(nonce)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn requeue_abandoned(&self, policy: RequeuePolicy) -> StoreResult<RequeueReport> {

@@ -115,6 +115,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     async fn agent(&self, id: AgentId) -> StoreResult<Agent>;
 
+    /// The agent that currently has this name (deleted agents give up
+    /// their names).
+    async fn agent_by_name(&self, name: &str) -> StoreResult<Agent>;
+
     /// Agents (deleted ones included), optionally of one broker, by name.
     async fn list_agents(&self, broker: Option<BrokerId>) -> StoreResult<Vec<Agent>>;
 
@@ -129,6 +133,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         phase: Phase,
         status_seq: i64,
     ) -> StoreResult<(Agent, bool)>;
+
+    /// Marks an agent deleted (after its broker confirmed the delete). Its
+    /// name becomes free; status reports about it are ignored from now on.
+    async fn mark_agent_deleted(&self, id: AgentId) -> StoreResult<Agent>;
 
     // --- dispatch intents -----------------------------------------------
 
@@ -198,6 +206,33 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Expires every undelivered message whose TTL has passed.
     async fn expire_messages(&self) -> StoreResult<Vec<MessageId>>;
+
+    /// Puts every claimed-but-unfinished intent and message of `broker`
+    /// back to `pending`. Called when a new session of the broker starts:
+    /// whatever was sent on an older socket may or may not have arrived, and
+    /// the broker drops duplicates, so resending is safe and keeps order.
+    async fn requeue_broker_in_flight(&self, broker: BrokerId) -> StoreResult<u64>;
+
+    // --- auth ------------------------------------------------------------
+
+    /// Stores an admin token digest (idempotent).
+    async fn add_admin_token(&self, token_hash: &str) -> StoreResult<()>;
+
+    /// Whether any admin token is stored.
+    async fn has_admin_tokens(&self) -> StoreResult<bool>;
+
+    /// Whether this digest belongs to a stored admin token.
+    async fn admin_token_exists(&self, token_hash: &str) -> StoreResult<bool>;
+
+    /// Records a handshake nonce of `broker`. False if it was seen before
+    /// (a replay). Also forgets nonces older than `keep`, which the
+    /// handshake's timestamp window already refuses.
+    async fn record_nonce(
+        &self,
+        broker: BrokerId,
+        nonce: &str,
+        keep: Duration,
+    ) -> StoreResult<bool>;
 
     // --- recovery --------------------------------------------------------
 

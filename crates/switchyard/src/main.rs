@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use switchyard_hub::{Hub, HubConfig};
+use switchyard_hub::{Hub, HubConfig, random_secret, token_digest};
 use switchyard_store::Database;
 use tracing_subscriber::EnvFilter;
 
@@ -63,6 +63,10 @@ struct ServeArgs {
     advertise: Option<String>,
     #[command(flatten)]
     database: DatabaseArg,
+    /// Admin API token (at least 16 characters). Required with PostgreSQL;
+    /// on SQLite one is generated at first start when unset.
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +97,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            if let Some(exit) = err.downcast_ref::<client::ExitCodeError>() {
+                eprintln!("error: {exit}");
+                return ExitCode::from(exit.code());
+            }
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
@@ -118,7 +126,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let url = &args.database.database_url;
+    let postgres = url.starts_with("postgres");
+    match &args.admin_token {
+        Some(token) if token.len() < 16 => {
+            anyhow::bail!("--admin-token must be at least 16 characters")
+        }
+        None if postgres => anyhow::bail!(
+            "--admin-token (or SWITCHYARD_ADMIN_TOKEN) is required with PostgreSQL: \
+             every replica of the cluster must be given the same token"
+        ),
+        _ => {}
+    }
     let store = switchyard_store::open(url).await?;
+    match &args.admin_token {
+        Some(token) => store.add_admin_token(&token_digest(token)).await?,
+        None if !store.has_admin_tokens().await? => {
+            let token = random_secret();
+            store.add_admin_token(&token_digest(&token)).await?;
+            println!("switchyard admin token (shown once, stored only as a digest): {token}");
+            println!("  use it with: export SWITCHYARD_TOKEN={token}");
+        }
+        None => tracing::info!("using the admin token generated at first start"),
+    }
     let config = HubConfig {
         listen: args.listen,
         advertise: args.advertise,

@@ -2,101 +2,14 @@
 //! sockets on 127.0.0.1, real PostgreSQL and SQLite databases.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::process::Output;
 use std::time::{Duration, Instant};
 
+use common::{Server, TOKEN, switchyard};
+
 use switchyard_testkit::TestDb;
-
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
-
-/// A `switchyard` command with no database settings inherited from the
-/// developer's shell.
-fn switchyard(dir: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(dir)
-        .env_remove("DATABASE_URL")
-        .env_remove("SWITCHYARD_LISTEN")
-        .env("SWITCHYARD_LOG", "warn");
-    cmd
-}
-
-/// A running `switchyard serve`, killed if the test ends early.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    /// Starts `serve` on a free port and waits for its "listening" line.
-    fn start(dir: &Path, database_url: Option<&str>) -> Server {
-        let mut cmd = switchyard(dir);
-        cmd.args(["serve", "--listen", "127.0.0.1:0"]);
-        if let Some(url) = database_url {
-            cmd.args(["--database-url", url]);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("switchyard listening on ") {
-                    let _ = tx.send(url.to_owned());
-                }
-            }
-        });
-        let base = rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("serve printed its address within 5 s");
-        Server { child, base }
-    }
-
-    async fn get(&self, path: &str) -> reqwest::Response {
-        reqwest::get(format!("{}{path}", self.base)).await.unwrap()
-    }
-
-    /// Polls until `path` answers `status` or `within` passes.
-    async fn wait_for(&self, path: &str, status: u16, within: Duration) -> bool {
-        let until = Instant::now() + within;
-        while Instant::now() < until {
-            if let Ok(r) = reqwest::get(format!("{}{path}", self.base)).await
-                && r.status().as_u16() == status
-            {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        false
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < until, "serve did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn stderr_line(out: &Output) -> String {
     let text = String::from_utf8_lossy(&out.stderr).trim().to_owned();
@@ -132,6 +45,26 @@ async fn serve_in_an_empty_directory_is_ready_within_5s_on_sqlite() {
 
     let ready: serde_json::Value = server.get("/readyz").await.json().await.unwrap();
     assert_eq!(ready["backend"], "sqlite");
+
+    // No token given on SQLite: one was generated, printed, and works.
+    let token = server.generated_token.clone().expect("a generated token");
+    let client = reqwest::Client::new();
+    let brokers = format!("{}/v1/brokers", server.base);
+    assert_eq!(client.get(&brokers).send().await.unwrap().status(), 401);
+    let wrong = client
+        .get(&brokers)
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let ok = client
+        .get(&brokers)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
     let metrics = server.get("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains("switchyard_build_info{backend=\"sqlite\""),
@@ -222,7 +155,7 @@ async fn db_migrate_is_idempotent_on_both_backends() {
                 "{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 1"));
+            assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 2"));
         }
     }
 }
@@ -252,7 +185,7 @@ async fn bad_database_urls_fail_with_one_line_and_write_nothing() {
     for (url, expected) in cases {
         for args in [
             &["db", "migrate"][..],
-            &["serve", "--listen", "127.0.0.1:0"][..],
+            &["serve", "--listen", "127.0.0.1:0", "--admin-token", TOKEN][..],
         ] {
             let started = Instant::now();
             let out = switchyard(dir.path())
@@ -312,7 +245,7 @@ async fn a_database_migrated_by_a_newer_version_is_refused_untouched() {
         pretend_newer_version(url).await;
         for args in [
             &["db", "migrate"][..],
-            &["serve", "--listen", "127.0.0.1:0"][..],
+            &["serve", "--listen", "127.0.0.1:0", "--admin-token", TOKEN][..],
         ] {
             let out = switchyard(dir.path())
                 .args(args)
@@ -331,4 +264,34 @@ async fn a_database_migrated_by_a_newer_version_is_refused_untouched() {
         let live = store.live_replicas(Duration::from_secs(60)).await.unwrap();
         assert!(live.is_empty(), "serve refused before registering");
     }
+}
+
+#[tokio::test]
+async fn postgres_without_an_admin_token_is_refused_before_touching_the_database() {
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = switchyard(dir.path())
+        .env_remove("SWITCHYARD_ADMIN_TOKEN")
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            db.url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("--admin-token"));
+    let db = switchyard_store::Database::connect(db.url()).await.unwrap();
+    let switchyard_store::Database::Postgres(pool) = db else {
+        unreachable!()
+    };
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0, "nothing was migrated");
 }

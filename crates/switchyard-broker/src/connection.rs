@@ -1,0 +1,272 @@
+//! The connection loop: dial the hubs in turn, authenticate, run a session,
+//! and reconnect forever with jittered exponential backoff until shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use switchyard_proto::{CONNECT_PATH, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, auth};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::executor::Executor;
+use crate::runtime::Runtime;
+use crate::session::{self, Ended, SessionError, Socket};
+
+/// Smallest pause between connection attempts.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Largest pause between connection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A session that lived this long resets the backoff: the hub was healthy.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// How long one dial (TCP connect + upgrade) may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a broker needs to reach its hub.
+#[derive(Clone)]
+pub struct BrokerConfig {
+    /// Hub base URLs (`http://host:port`, `https://...`, or `ws://`/`wss://`),
+    /// tried in turn when one fails.
+    pub hubs: Vec<String>,
+    /// Broker id (uuid) or name, sent as-is in the `x-switchyard-broker` header.
+    pub broker: String,
+    /// The broker's secret; only signatures made with it leave the process.
+    pub secret: String,
+    /// Root of the broker's files (`<workdir>/agents/<agent-id>/...`); the
+    /// runtime must use the same one.
+    pub workdir: PathBuf,
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("hubs", &self.hubs)
+            .field("broker", &self.broker)
+            .field("secret", &"<redacted>")
+            .field("workdir", &self.workdir)
+            .finish()
+    }
+}
+
+/// Errors that stop the broker: configuration mistakes. Everything on the
+/// network is retried, including `superseded` (the hub also says it when it
+/// lost track of this session, e.g. after reaping a stalled replica; two
+/// processes with the same credentials then take turns, loudly logged).
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("no hub URL given")]
+    NoHubs,
+    #[error("hub URL {url:?} is not usable: {reason}")]
+    HubUrl { url: String, reason: String },
+    #[error("broker id {0:?} cannot be sent in a header")]
+    BrokerId(String),
+}
+
+/// Why one dial failed.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("the hub refused the broker credentials (401)")]
+    Unauthorized,
+    #[error("the hub answered the upgrade with {0}")]
+    Status(StatusCode),
+    #[error("{0}")]
+    Socket(tungstenite::Error),
+    #[error("no answer within {DIAL_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// Runs the broker until `shutdown` is cancelled: keeps one session to one
+/// of the hubs open, executing its dispatches and messages on `runtime`.
+///
+/// Returns `Ok` after a clean shutdown (socket closed with 1000, queued
+/// work finished); `Err` for a configuration that can never work, or when
+/// the hub reports that another process took over this broker's session.
+/// Running agents are left alone on return; stopping them is the caller's
+/// decision (see `ProcessRuntime::shutdown`).
+pub async fn run(
+    config: BrokerConfig,
+    runtime: Arc<dyn Runtime>,
+    shutdown: CancellationToken,
+) -> Result<(), BrokerError> {
+    let urls = config
+        .hubs
+        .iter()
+        .map(|hub| connect_url(hub))
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.is_empty() {
+        return Err(BrokerError::NoHubs);
+    }
+    let broker = HeaderValue::from_str(&config.broker)
+        .map_err(|_| BrokerError::BrokerId(config.broker.clone()))?;
+
+    let mut executor = Executor::new(runtime.clone(), config.workdir.clone());
+    let mut backoff = new_backoff();
+    let mut next_hub = 0;
+    'running: while !shutdown.is_cancelled() {
+        for k in 0..urls.len() {
+            let index = (next_hub + k) % urls.len();
+            let url = &urls[index];
+            let dialed = tokio::select! {
+                () = shutdown.cancelled() => break 'running,
+                dialed = dial(url, &broker, &config) => dialed,
+            };
+            let socket = match dialed {
+                Ok(socket) => socket,
+                Err(DialError::Unauthorized) => {
+                    tracing::error!(
+                        hub = %url,
+                        broker = %config.broker,
+                        "the hub refused this broker's credentials (401): check the broker id and secret; retrying"
+                    );
+                    continue;
+                }
+                Err(err) => {
+                    tracing::warn!(hub = %url, "cannot connect: {err}");
+                    continue;
+                }
+            };
+            // Next time start with the following hub: if this replica is
+            // going away, another one takes over sooner.
+            next_hub = index + 1;
+            tracing::info!(hub = %url, "connected");
+            let started = Instant::now();
+            let ended = session::run(socket, &runtime, &mut executor, &shutdown).await;
+            match ended {
+                Ok(Ended::Shutdown) => break 'running,
+                Err(SessionError::Superseded(message)) => tracing::warn!(
+                    hub = %url,
+                    "session superseded ({message}); reconnecting. If this repeats, another \
+                     process is using this broker's credentials"
+                ),
+                Err(err) => tracing::warn!(hub = %url, "session ended: {err}"),
+            }
+            if started.elapsed() > HEALTHY_SESSION {
+                backoff = new_backoff();
+            }
+            break;
+        }
+        let delay = backoff.next().unwrap_or(MAX_BACKOFF);
+        tracing::debug!(?delay, "reconnecting after a pause");
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+    tracing::info!("broker stopping; finishing queued work");
+    executor.shutdown().await;
+    Ok(())
+}
+
+fn new_backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_jitter()
+        .without_max_times()
+        .with_min_delay(MIN_BACKOFF)
+        .with_max_delay(MAX_BACKOFF)
+        .build()
+}
+
+/// `http(s)://host[:port][/prefix]` -> `ws(s)://host[:port][/prefix]/v1/brokers/connect`.
+pub(crate) fn connect_url(hub: &str) -> Result<String, BrokerError> {
+    let bad = |reason: &str| BrokerError::HubUrl {
+        url: hub.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (scheme, rest) = hub
+        .split_once("://")
+        .ok_or_else(|| bad("expected http://, https://, ws:// or wss://"))?;
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "http" | "ws" => "ws",
+        "https" | "wss" => "wss",
+        _ => return Err(bad("expected http://, https://, ws:// or wss://")),
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() {
+        return Err(bad("no host"));
+    }
+    let url = format!("{scheme}://{rest}{CONNECT_PATH}");
+    url.as_str()
+        .into_client_request()
+        .map_err(|err| bad(&err.to_string()))?;
+    Ok(url)
+}
+
+async fn dial(url: &str, broker: &HeaderValue, config: &BrokerConfig) -> Result<Socket, DialError> {
+    let request = signed_request(url, broker, config)?;
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES));
+    let connect = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true);
+    match tokio::time::timeout(DIAL_TIMEOUT, connect).await {
+        Err(_) => Err(DialError::Timeout),
+        Ok(Ok((socket, _response))) => Ok(socket),
+        Ok(Err(tungstenite::Error::Http(response))) => {
+            if response.status() == StatusCode::UNAUTHORIZED {
+                Err(DialError::Unauthorized)
+            } else {
+                Err(DialError::Status(response.status()))
+            }
+        }
+        Ok(Err(err)) => Err(DialError::Socket(err)),
+    }
+}
+
+/// The upgrade request with the signed handshake headers (fresh nonce).
+fn signed_request(
+    url: &str,
+    broker: &HeaderValue,
+    config: &BrokerConfig,
+) -> Result<Request, DialError> {
+    let mut request = url.into_client_request().map_err(DialError::Socket)?;
+    let timestamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let nonce = Uuid::new_v4().simple().to_string();
+    let signature = auth::sign(&config.secret, &config.broker, timestamp, &nonce);
+    let headers = request.headers_mut();
+    headers.insert(HeaderName::from_static(auth::HEADER_BROKER), broker.clone());
+    headers.insert(
+        HeaderName::from_static(auth::HEADER_TIMESTAMP),
+        HeaderValue::from(timestamp),
+    );
+    for (name, value) in [
+        (auth::HEADER_NONCE, nonce),
+        (auth::HEADER_SIGNATURE, signature),
+    ] {
+        let value = HeaderValue::from_str(&value)
+            .map_err(|e| DialError::Socket(tungstenite::Error::HttpFormat(e.into())))?;
+        headers.insert(HeaderName::from_static(name), value);
+    }
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn hub_urls_become_connect_urls() {
+        assert_eq!(
+            connect_url("http://127.0.0.1:7700").unwrap(),
+            "ws://127.0.0.1:7700/v1/brokers/connect"
+        );
+        assert_eq!(
+            connect_url("https://hub.example/base/").unwrap(),
+            "wss://hub.example/base/v1/brokers/connect"
+        );
+        assert_eq!(
+            connect_url("ws://h:1").unwrap(),
+            "ws://h:1/v1/brokers/connect"
+        );
+        assert!(connect_url("ftp://h").is_err());
+        assert!(connect_url("127.0.0.1:7700").is_err());
+        assert!(connect_url("http://").is_err());
+    }
+}

@@ -1,0 +1,81 @@
+//! `/v1/dispatches` (intents) and `/v1/cluster` (replicas and the brokers
+//! each holds).
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use switchyard_store::{DispatchIntent, IntentFilter, IntentId, IntentState};
+
+use crate::HubState;
+use crate::api_error::ApiError;
+use crate::lookup;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListQuery {
+    broker_id: Option<String>,
+    state: Option<String>,
+    limit: Option<u32>,
+}
+
+pub(crate) async fn list(
+    State(state): State<HubState>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<DispatchIntent>>, ApiError> {
+    let broker_id = match query.broker_id {
+        Some(reference) => Some(lookup::broker(&*state.store, &reference).await?.id),
+        None => None,
+    };
+    let state_filter = match query.state {
+        Some(word) => Some(word.parse::<IntentState>().map_err(|_| {
+            ApiError::bad_request("state must be one of pending, in_progress, done, failed")
+        })?),
+        None => None,
+    };
+    let filter = IntentFilter {
+        broker_id,
+        state: state_filter,
+        limit: query.limit.unwrap_or(100).clamp(1, 1000),
+    };
+    Ok(Json(state.store.list_intents(filter).await?))
+}
+
+pub(crate) async fn show(
+    State(state): State<HubState>,
+    Path(id): Path<String>,
+) -> Result<Json<DispatchIntent>, ApiError> {
+    let id: IntentId = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("dispatch id must be a UUID"))?;
+    Ok(Json(state.store.intent(id).await?))
+}
+
+pub(crate) async fn cluster(State(state): State<HubState>) -> Result<Json<Value>, ApiError> {
+    let replicas = state
+        .store
+        .live_replicas(state.config.replica_stale_after)
+        .await?;
+    let mut held: BTreeMap<_, Vec<_>> = BTreeMap::new();
+    for broker in state.store.list_brokers().await? {
+        if let Some(replica) = broker.connected_replica {
+            held.entry(replica).or_default().push(broker.id);
+        }
+    }
+    let replicas: Vec<Value> = replicas
+        .into_iter()
+        .map(|r| {
+            let brokers = held.remove(&r.instance_id).unwrap_or_default();
+            json!({
+                "instance_id": r.instance_id,
+                "address": r.address,
+                "started_at": r.started_at,
+                "last_seen": r.last_seen,
+                "brokers": brokers,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "replicas": replicas })))
+}

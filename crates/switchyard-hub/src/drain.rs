@@ -1,0 +1,118 @@
+//! Reconcile drain: the owner replica claims a broker's pending work and
+//! sends it down the broker's socket.
+//!
+//! One drain loop runs per local session, so a broker's work is sent by one
+//! task, in claim order, which is per-agent sequence order. It runs when the
+//! session starts, whenever it is woken (new work was written for the
+//! broker), and on a periodic backstop, so a missed wake-up delays work by at
+//! most one backstop interval and never loses it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_proto::{AgentMessage, AgentSpec, Dispatch, HubFrame};
+use switchyard_store::{AgentId, BrokerId, ReplicaId, Store, StoreError};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::sessions::Outbound;
+
+/// Rows claimed per round trip.
+const BATCH: u32 = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DrainError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The socket's writer is gone: the session is ending. What was claimed
+    /// and not sent is requeued when the broker's next session starts.
+    #[error("session closed")]
+    SessionClosed,
+}
+
+pub(crate) struct Drain {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) replica: ReplicaId,
+    pub(crate) broker: BrokerId,
+    pub(crate) outbound: mpsc::Sender<Outbound>,
+    pub(crate) wake: Arc<Notify>,
+    pub(crate) backstop: Duration,
+    pub(crate) cancel: CancellationToken,
+}
+
+impl Drain {
+    pub(crate) async fn run(self) {
+        loop {
+            match self.drain_once().await {
+                Ok(()) => {}
+                Err(DrainError::SessionClosed) => return,
+                Err(DrainError::Store(err)) => {
+                    tracing::warn!(broker = %self.broker, %err, "drain failed; retrying");
+                }
+            }
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(self.backstop) => {}
+            }
+        }
+    }
+
+    /// Claims and sends until the broker has no pending work left.
+    async fn drain_once(&self) -> Result<(), DrainError> {
+        let mut specs: HashMap<AgentId, AgentSpec> = HashMap::new();
+        loop {
+            let intents = self
+                .store
+                .claim_intents(&[self.broker], self.replica, BATCH)
+                .await?;
+            for intent in &intents {
+                let agent = match specs.get(&intent.agent_id) {
+                    Some(spec) => spec.clone(),
+                    None => {
+                        let row = self.store.agent(intent.agent_id).await?;
+                        let spec = AgentSpec {
+                            name: row.name,
+                            command: row.command.0,
+                            env: row.env.0,
+                        };
+                        specs.insert(intent.agent_id, spec.clone());
+                        spec
+                    }
+                };
+                self.send(HubFrame::Dispatch(Dispatch {
+                    id: intent.id.0,
+                    agent_id: intent.agent_id.0,
+                    op: intent.op,
+                    agent,
+                    args: intent.args.0.clone(),
+                }))
+                .await?;
+            }
+            let messages = self
+                .store
+                .claim_messages(&[self.broker], self.replica, BATCH)
+                .await?;
+            for message in &messages {
+                self.send(HubFrame::Message(AgentMessage {
+                    id: message.id.0,
+                    agent_id: message.agent_id.0,
+                    seq: message.seq,
+                    body: message.body.0.clone(),
+                }))
+                .await?;
+            }
+            if intents.len() < BATCH as usize && messages.len() < BATCH as usize {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn send(&self, frame: HubFrame) -> Result<(), DrainError> {
+        self.outbound
+            .send(Outbound::Frame(frame))
+            .await
+            .map_err(|_| DrainError::SessionClosed)
+    }
+}

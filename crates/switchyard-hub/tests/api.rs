@@ -1,0 +1,259 @@
+//! The `/v1` API's answers to bad input: a clear JSON error, nothing changed.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use common::{TOKEN, TestHub};
+use serde_json::{Value, json};
+use switchyard_testkit::TestDb;
+
+on_both_backends!(
+    requests_without_a_valid_token_get_401,
+    malformed_unknown_and_oversized_bodies_are_refused_and_change_nothing,
+    unknown_brokers_agents_and_ids_are_404,
+    names_and_commands_are_validated,
+    deleting_a_broker_with_agents_is_refused,
+    idempotency_key_returns_the_same_message,
+    lifecycle_without_broker_times_out_with_the_dispatch_id,
+);
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_default()
+}
+
+async fn requests_without_a_valid_token_get_401(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    for token in [None, Some("wrong-token-0123456789"), Some("")] {
+        let mut req = hub.http.get(hub.url("/v1/brokers"));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(error_code(&body), "unauthorized");
+    }
+    let resp = hub
+        .http
+        .post(hub.url("/v1/brokers"))
+        .header("authorization", format!("Basic {TOKEN}"))
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let (_, brokers) = hub.call("GET", "/v1/brokers", None).await;
+    assert_eq!(brokers, json!([]), "nothing was created");
+    // Health and metrics need no token.
+    assert_eq!(
+        hub.http
+            .get(hub.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        hub.http
+            .get(hub.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    hub.shutdown().await;
+}
+
+async fn malformed_unknown_and_oversized_bodies_are_refused_and_change_nothing(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (broker, _) = hub.broker("edge").await;
+    let agent = hub.agent(&broker, "worker").await;
+    let raw = |path: &str, body: String| {
+        hub.http
+            .post(hub.url(path))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let resp = raw("/v1/brokers", "{\"name\": ".into()).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(error_code(&body), "bad_request");
+
+    let resp = raw(
+        "/v1/brokers",
+        json!({"name": "b2", "admin": true}).to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 422);
+
+    let messages = format!("/v1/agents/{agent}/messages");
+    let resp = raw(&messages, json!({"body": "x", "priority": 1}).to_string())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422, "unknown field in a message");
+    let big = json!({ "body": "x".repeat(600 * 1024) }).to_string();
+    let resp = raw(&messages, big).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(error_code(&body), "payload_too_large");
+
+    let (_, brokers) = hub.call("GET", "/v1/brokers", None).await;
+    assert_eq!(brokers.as_array().unwrap().len(), 1);
+    let (_, dispatches) = hub.call("GET", "/v1/dispatches?state=pending", None).await;
+    assert_eq!(
+        dispatches.as_array().unwrap().len(),
+        1,
+        "only the create dispatch"
+    );
+    let (status, _) = hub.call("GET", "/v1/dispatches?state=bogus", None).await;
+    assert_eq!(status, 400);
+    hub.shutdown().await;
+}
+
+async fn unknown_brokers_agents_and_ids_are_404(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let ghost = uuid::Uuid::new_v4();
+    for (method, path) in [
+        ("GET", format!("/v1/brokers/{ghost}")),
+        ("GET", "/v1/brokers/nobody".to_owned()),
+        ("DELETE", format!("/v1/brokers/{ghost}")),
+        ("GET", format!("/v1/agents/{ghost}")),
+        ("POST", format!("/v1/agents/{ghost}/start")),
+        ("POST", "/v1/agents/nobody/stop".to_owned()),
+        ("DELETE", format!("/v1/agents/{ghost}")),
+        ("GET", format!("/v1/messages/{ghost}")),
+        ("GET", format!("/v1/dispatches/{ghost}")),
+        ("GET", "/v1/no-such-endpoint".to_owned()),
+    ] {
+        let (status, body) = hub.call(method, &path, None).await;
+        assert_eq!(status, 404, "{method} {path}: {body}");
+        assert_eq!(error_code(&body), "not_found");
+    }
+    let (status, _) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{ghost}/messages"),
+            Some(json!({"body": 1})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = hub
+        .call(
+            "POST",
+            "/v1/agents",
+            Some(json!({"name": "a", "broker_id": ghost, "command": ["true"]})),
+        )
+        .await;
+    assert_eq!(status, 404, "agent on an unknown broker");
+    let (_, agents) = hub.call("GET", "/v1/agents", None).await;
+    assert_eq!(agents, json!([]));
+    hub.shutdown().await;
+}
+
+async fn names_and_commands_are_validated(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (broker, _) = hub.broker("edge").await;
+    for name in [
+        "",
+        "has space",
+        &"x".repeat(65),
+        &uuid::Uuid::new_v4().to_string(),
+    ] {
+        let (status, _) = hub
+            .call("POST", "/v1/brokers", Some(json!({ "name": name })))
+            .await;
+        assert_eq!(status, 422, "broker name {name:?}");
+    }
+    let (status, body) = hub
+        .call("POST", "/v1/brokers", Some(json!({"name": "edge"})))
+        .await;
+    assert_eq!((status, error_code(&body)), (409, "conflict"));
+    for command in [json!([]), json!([""])] {
+        let (status, _) = hub
+            .call(
+                "POST",
+                "/v1/agents",
+                Some(json!({"name": "a", "broker_id": broker, "command": command})),
+            )
+            .await;
+        assert_eq!(status, 422);
+    }
+    let (status, _) = hub
+        .call(
+            "POST",
+            "/v1/agents",
+            Some(
+                json!({"name": "a", "broker_id": broker, "command": ["true"], "env": {"A=B": "c"}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 422);
+    let (_, agents) = hub.call("GET", "/v1/agents", None).await;
+    assert_eq!(agents, json!([]));
+    hub.shutdown().await;
+}
+
+async fn deleting_a_broker_with_agents_is_refused(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (broker, _) = hub.broker("edge").await;
+    hub.agent(&broker, "worker").await;
+    let (status, body) = hub
+        .call("DELETE", &format!("/v1/brokers/{broker}"), None)
+        .await;
+    assert_eq!((status, error_code(&body)), (409, "conflict"));
+    let (status, _) = hub.call("GET", "/v1/brokers/edge", None).await;
+    assert_eq!(status, 200);
+    let (empty, _) = hub.broker("empty").await;
+    let (status, _) = hub
+        .call("DELETE", &format!("/v1/brokers/{empty}"), None)
+        .await;
+    assert_eq!(status, 204);
+    hub.shutdown().await;
+}
+
+async fn idempotency_key_returns_the_same_message(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (broker, _) = hub.broker("edge").await;
+    let agent = hub.agent(&broker, "worker").await;
+    let send = || {
+        hub.http
+            .post(hub.url(&format!("/v1/agents/{agent}/messages")))
+            .bearer_auth(TOKEN)
+            .header("idempotency-key", "order-42")
+            .json(&json!({"body": "once"}))
+            .send()
+    };
+    let first: Value = send().await.unwrap().json().await.unwrap();
+    let second: Value = send().await.unwrap().json().await.unwrap();
+    assert_eq!(first["id"], second["id"]);
+    assert_eq!(first["seq"], 1);
+    hub.shutdown().await;
+}
+
+async fn lifecycle_without_broker_times_out_with_the_dispatch_id(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (broker, _) = hub.broker("edge").await;
+    let agent = hub.agent(&broker, "worker").await;
+    let started = std::time::Instant::now();
+    let (status, body) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/start?timeout_secs=1"),
+            None,
+        )
+        .await;
+    assert_eq!((status, error_code(&body)), (504, "timeout"), "{body}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let dispatch = body["error"]["dispatch_id"].as_str().unwrap();
+    let (_, row) = hub
+        .call("GET", &format!("/v1/dispatches/{dispatch}"), None)
+        .await;
+    assert_eq!(row["state"], "pending", "queued until the broker connects");
+    assert_eq!(row["op"], "start");
+    hub.shutdown().await;
+}

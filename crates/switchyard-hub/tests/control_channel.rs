@@ -1,0 +1,370 @@
+//! The broker control channel over real WebSockets, driven frame by frame.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Handshake, RawBroker, TestHub, close_code, recv, send, upgrade};
+use futures::SinkExt;
+use serde_json::json;
+use switchyard_proto::{
+    AgentStatus, BrokerFrame, DispatchResult, ErrorCode, ErrorFrame, HubFrame, Op, Phase,
+};
+use switchyard_testkit::TestDb;
+use tokio_tungstenite::tungstenite::Message;
+
+on_both_backends!(
+    handshake_rejects_wrong_secret_replay_stale_time_and_unknown_broker,
+    a_newer_session_supersedes_the_older_socket,
+    queued_work_is_drained_in_order_when_the_broker_connects,
+    lifecycle_call_answers_with_the_brokers_outcome,
+    reports_about_another_brokers_agents_are_refused,
+    protocol_violations_get_an_error_frame_and_a_close,
+);
+
+async fn handshake_rejects_wrong_secret_replay_stale_time_and_unknown_broker(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (id, secret) = hub.broker("edge").await;
+
+    assert_eq!(
+        upgrade(&hub, &Handshake::new(&id, "wrong")).await.err(),
+        Some(401)
+    );
+    assert_eq!(
+        upgrade(
+            &hub,
+            &Handshake::new(&uuid::Uuid::new_v4().to_string(), &secret)
+        )
+        .await
+        .err(),
+        Some(401)
+    );
+    let mut stale = Handshake::new(&id, &secret);
+    stale.timestamp -= 3600;
+    stale.signature = switchyard_proto::auth::sign(&secret, &id, stale.timestamp, &stale.nonce);
+    assert_eq!(upgrade(&hub, &stale).await.err(), Some(401));
+
+    // The name works as well as the id; the same signed handshake twice is a replay.
+    let good = Handshake::new("edge", &secret);
+    let socket = upgrade(&hub, &good)
+        .await
+        .expect("a good handshake upgrades");
+    drop(socket);
+    assert_eq!(
+        upgrade(&hub, &good).await.err(),
+        Some(401),
+        "replay refused"
+    );
+
+    let (status, broker) = hub.call("GET", &format!("/v1/brokers/{id}"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(broker["status"], "offline", "no hello, no session");
+    hub.shutdown().await;
+}
+
+async fn a_newer_session_supersedes_the_older_socket(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (id, secret) = hub.broker("edge").await;
+    let mut first = RawBroker::connect(&hub, &id, &secret).await;
+    let second = RawBroker::connect(&hub, &id, &secret).await;
+
+    match first.recv().await {
+        Some(HubFrame::Error(ErrorFrame {
+            code: ErrorCode::Superseded,
+            ..
+        })) => {}
+        other => panic!("expected a superseded error, got {other:?}"),
+    }
+    assert_eq!(close_code(&mut first.socket).await, Some(4000));
+    // The old socket's teardown must not mark the new session offline.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, broker) = hub.call("GET", &format!("/v1/brokers/{id}"), None).await;
+    assert_eq!(broker["status"], "online");
+    assert_eq!(broker["session_id"], json!(second.session_id));
+    drop(second);
+    hub.shutdown().await;
+}
+
+async fn queued_work_is_drained_in_order_when_the_broker_connects(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (id, secret) = hub.broker("edge").await;
+    let agent = hub.agent(&id, "worker").await;
+    let (status, started) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/start?wait=false"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let (status, body) = hub
+            .call(
+                "POST",
+                &format!("/v1/agents/{agent}/messages"),
+                Some(json!({ "body": format!("m{i}") })),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["state"], "pending");
+        sent.push(body["id"].as_str().unwrap().to_owned());
+    }
+
+    let mut broker = RawBroker::connect(&hub, &id, &secret).await;
+    let mut ops = Vec::new();
+    let mut bodies = Vec::new();
+    while bodies.len() < 3 {
+        match broker.recv().await.expect("frame") {
+            HubFrame::Dispatch(d) => {
+                assert_eq!(d.agent.name, "worker");
+                assert_eq!(d.agent.command, vec!["sleep", "60"]);
+                ops.push(d.op);
+                broker
+                    .send(&BrokerFrame::Result(DispatchResult {
+                        dispatch_id: d.id,
+                        ok: true,
+                        result: Some(json!({ "phase": "running" })),
+                        error: None,
+                    }))
+                    .await;
+            }
+            HubFrame::Message(m) => {
+                bodies.push(m.body.as_str().unwrap().to_owned());
+                broker
+                    .send(&BrokerFrame::Ack {
+                        message_ids: vec![m.id],
+                    })
+                    .await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        ops,
+        vec![Op::Create, Op::Start],
+        "lifecycle ops first, in order"
+    );
+    assert_eq!(bodies, vec!["m0", "m1", "m2"]);
+
+    let dispatch = started["dispatch_id"].as_str().unwrap();
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, d) = hub
+            .call("GET", &format!("/v1/dispatches/{dispatch}"), None)
+            .await;
+        let mut delivered = 0;
+        for m in &sent {
+            let (_, row) = hub.call("GET", &format!("/v1/messages/{m}"), None).await;
+            delivered += usize::from(row["state"] == "delivered");
+        }
+        if d["state"] == "done" && delivered == 3 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "not settled: {d}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hub.shutdown().await;
+}
+
+async fn lifecycle_call_answers_with_the_brokers_outcome(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (id, secret) = hub.broker("edge").await;
+    let agent = hub.agent(&id, "worker").await;
+    let mut broker = RawBroker::connect(&hub, &id, &secret).await;
+    let agent_uuid: uuid::Uuid = agent.parse().unwrap();
+
+    // The broker answers: created ok; start -> status running, then ok;
+    // stop -> failure.
+    let driver = tokio::spawn(async move {
+        let mut seq = 0;
+        while let Some(frame) = broker.recv().await {
+            let HubFrame::Dispatch(d) = frame else {
+                continue;
+            };
+            seq += 1;
+            let (ok, phase) = match d.op {
+                Op::Create => (true, Phase::Created),
+                Op::Start => (true, Phase::Running),
+                _ => (false, Phase::Running),
+            };
+            if ok {
+                broker
+                    .send(&BrokerFrame::Status(AgentStatus {
+                        agent_id: agent_uuid,
+                        phase,
+                        seq,
+                        exit_code: None,
+                        detail: None,
+                    }))
+                    .await;
+            }
+            broker
+                .send(&BrokerFrame::Result(DispatchResult {
+                    dispatch_id: d.id,
+                    ok,
+                    result: ok.then(|| json!({ "phase": phase })),
+                    error: (!ok).then(|| "cannot stop: simulated".to_owned()),
+                }))
+                .await;
+        }
+    });
+
+    let (status, body) = hub
+        .call("POST", &format!("/v1/agents/{agent}/start"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["agent"]["phase"], "running");
+    assert_eq!(body["dispatch"]["state"], "done");
+
+    let (status, body) = hub
+        .call("POST", &format!("/v1/agents/{agent}/stop"), None)
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "broker_failed");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("simulated")
+    );
+    let dispatch = body["error"]["dispatch_id"].as_str().unwrap().to_owned();
+    let (_, d) = hub
+        .call("GET", &format!("/v1/dispatches/{dispatch}"), None)
+        .await;
+    assert_eq!(d["state"], "failed");
+
+    // Invalid in the current phase: nothing is written.
+    let (status, body) = hub
+        .call("POST", &format!("/v1/agents/{agent}/start"), None)
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("invalid_phase"))
+    );
+    driver.abort();
+    hub.shutdown().await;
+}
+
+async fn reports_about_another_brokers_agents_are_refused(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (victim, _) = hub.broker("victim").await;
+    let (intruder, secret) = hub.broker("intruder").await;
+    let agent = hub.agent(&victim, "target").await;
+    let (_, message) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/messages"),
+            Some(json!({"body": 1})),
+        )
+        .await;
+    let mut broker = RawBroker::connect(&hub, &intruder, &secret).await;
+    broker
+        .send(&BrokerFrame::Status(AgentStatus {
+            agent_id: agent.parse().unwrap(),
+            phase: Phase::Error,
+            seq: i64::MAX,
+            exit_code: Some(1),
+            detail: None,
+        }))
+        .await;
+    match broker.recv().await {
+        Some(HubFrame::Error(ErrorFrame {
+            code: ErrorCode::Forbidden,
+            ..
+        })) => {}
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    broker
+        .send(&BrokerFrame::Ack {
+            message_ids: vec![message["id"].as_str().unwrap().parse().unwrap()],
+        })
+        .await;
+    match broker.recv().await {
+        Some(HubFrame::Error(ErrorFrame {
+            code: ErrorCode::Forbidden,
+            ..
+        })) => {}
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    let (_, row) = hub.call("GET", &format!("/v1/agents/{agent}"), None).await;
+    assert_eq!(row["phase"], "created");
+    let (_, row) = hub
+        .call(
+            "GET",
+            &format!("/v1/messages/{}", message["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(row["state"], "pending");
+    hub.shutdown().await;
+}
+
+async fn protocol_violations_get_an_error_frame_and_a_close(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (id, secret) = hub.broker("edge").await;
+
+    // Not JSON.
+    let mut b = RawBroker::connect(&hub, &id, &secret).await;
+    b.socket
+        .send(Message::Text("{not json".into()))
+        .await
+        .unwrap();
+    match b.recv().await {
+        Some(HubFrame::Error(ErrorFrame {
+            code: ErrorCode::Protocol,
+            ..
+        })) => {}
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    assert_eq!(close_code(&mut b.socket).await, Some(1002));
+
+    // A newer protocol version.
+    let mut b = RawBroker::connect(&hub, &id, &secret).await;
+    b.socket
+        .send(Message::Text(
+            r#"{"v":9,"type":"ack","message_ids":[]}"#.into(),
+        ))
+        .await
+        .unwrap();
+    match b.recv().await {
+        Some(HubFrame::Error(e)) => assert!(e.message.contains("version 9"), "{e:?}"),
+        other => panic!("expected a version error, got {other:?}"),
+    }
+
+    // Binary data.
+    let mut b = RawBroker::connect(&hub, &id, &secret).await;
+    b.socket
+        .send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut b.socket).await, Some(1003));
+
+    // Larger than the message limit.
+    let mut b = RawBroker::connect(&hub, &id, &secret).await;
+    let huge = format!(
+        r#"{{"v":1,"type":"error","code":"protocol","message":"{}"}}"#,
+        "x".repeat(switchyard_proto::MAX_MESSAGE_BYTES + 1)
+    );
+    let _ = b.socket.send(Message::Text(huge.into())).await;
+    let code = close_code(&mut b.socket).await;
+    assert!(matches!(code, Some(1009) | None), "closed: {code:?}");
+
+    // The first frame must be hello.
+    let mut socket = upgrade(&hub, &Handshake::new(&id, &secret)).await.unwrap();
+    send(
+        &mut socket,
+        &BrokerFrame::Ack {
+            message_ids: vec![],
+        },
+    )
+    .await;
+    assert!(matches!(recv(&mut socket).await, Some(HubFrame::Error(_))));
+
+    // After all that the broker is offline and nothing was recorded for it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, broker) = hub.call("GET", &format!("/v1/brokers/{id}"), None).await;
+    assert_eq!(broker["status"], "offline");
+    hub.shutdown().await;
+}

@@ -1,0 +1,256 @@
+//! `switchyard send` and `switchyard messages ...`: durable messages to agents.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::http::{Call, HubClient};
+use super::table;
+use super::{Connection, ExitCodeError, Output, exit, print_json};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct SendArgs {
+    /// Agent id or name.
+    agent: String,
+    /// The message; sent as a JSON string unless `--json` is given.
+    #[arg(required_unless_present = "file", conflicts_with = "file")]
+    text: Option<String>,
+    /// Send each non-empty line of FILE as one message, in order (`-` for stdin).
+    #[arg(long, value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Parse TEXT (or each line of FILE) as JSON instead of sending a string.
+    #[arg(long)]
+    json: bool,
+    /// Idempotency key; with `--file`, line N uses `KEY-N`.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
+    #[command(flatten)]
+    conn: Connection,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum MessagesCommand {
+    /// Show one message and its delivery state.
+    Show {
+        /// Message id (printed by `send`).
+        id: String,
+        #[command(flatten)]
+        conn: Connection,
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
+/// The answer to a send: the message id and its state (normally `pending`).
+#[derive(Debug, Deserialize)]
+struct Accepted {
+    id: String,
+    #[serde(default)]
+    state: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    id: String,
+    #[serde(default)]
+    agent_id: String,
+    #[serde(default)]
+    broker_id: String,
+    seq: Option<i64>,
+    #[serde(default)]
+    body: Value,
+    #[serde(default)]
+    state: String,
+    attempts: Option<i64>,
+    created_at: Option<String>,
+    delivered_at: Option<String>,
+    expires_at: Option<String>,
+}
+
+pub(crate) async fn run(command: MessagesCommand) -> Result<(), ExitCodeError> {
+    match command {
+        MessagesCommand::Show { id, conn, out } => {
+            let hub = HubClient::new(&conn)?;
+            let reply = hub
+                .call(Call::get(&["messages", &id]).about(format!("message {id:?}")))
+                .await?;
+            if out.json {
+                print_json(&reply.json());
+            } else {
+                print!("{}", show(&reply.decode()?));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Sends TEXT, or every line of `--file`, printing `ID STATE` per message.
+pub(crate) async fn send(args: SendArgs) -> Result<(), ExitCodeError> {
+    let hub = HubClient::new(&args.conn)?;
+    match (&args.text, &args.file) {
+        (Some(text), _) => {
+            let body = message_body(text, args.json).map_err(|err| {
+                ExitCodeError::new(exit::USAGE, format!("TEXT is not valid JSON: {err}"))
+            })?;
+            send_one(&hub, &args.agent, body, args.idempotency_key.clone()).await
+        }
+        (None, Some(file)) => send_lines(&hub, &args, file).await,
+        (None, None) => Err(ExitCodeError::new(
+            exit::USAGE,
+            "give the message TEXT or --file FILE",
+        )),
+    }
+}
+
+/// The `body` to send: the text itself as a JSON string, or the parsed JSON.
+fn message_body(text: &str, as_json: bool) -> Result<Value, serde_json::Error> {
+    if as_json {
+        serde_json::from_str(text)
+    } else {
+        Ok(Value::String(text.to_owned()))
+    }
+}
+
+async fn send_one(
+    hub: &HubClient,
+    agent: &str,
+    body: Value,
+    key: Option<String>,
+) -> Result<(), ExitCodeError> {
+    let reply = hub
+        .call(
+            Call::post(&["agents", agent, "messages"], json!({ "body": body }))
+                .about(format!("agent {agent:?}"))
+                .idempotency_key(key),
+        )
+        .await?;
+    let accepted: Accepted = reply.decode()?;
+    println!("{} {}", accepted.id, table::or_none(Some(&accepted.state)));
+    Ok(())
+}
+
+/// Streams lines so `tail -f log | switchyard send a --file -` works; each
+/// message is accepted by the hub before the next line is sent, which keeps
+/// them in order. Lines are read on a plain thread: a blocked stdin read must
+/// not hold up runtime shutdown when a send fails.
+async fn send_lines(
+    hub: &HubClient,
+    args: &SendArgs,
+    file: &std::path::Path,
+) -> Result<(), ExitCodeError> {
+    let opened = if file.as_os_str() == "-" {
+        None
+    } else {
+        Some(std::fs::File::open(file).map_err(|err| {
+            ExitCodeError::new(
+                exit::OTHER,
+                format!("cannot open {}: {err}", file.display()),
+            )
+        })?)
+    };
+    let name = if opened.is_none() {
+        "stdin".to_owned()
+    } else {
+        file.display().to_string()
+    };
+    let (tx, mut rx) = mpsc::channel::<std::io::Result<String>>(16);
+    std::thread::spawn(move || {
+        let reader: Box<dyn BufRead> = match opened {
+            Some(file) => Box::new(std::io::BufReader::new(file)),
+            None => Box::new(std::io::stdin().lock()),
+        };
+        for line in reader.lines() {
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut number = 0usize;
+    let mut sent = 0usize;
+    while let Some(line) = rx.recv().await {
+        number += 1;
+        let line = line.map_err(|err| {
+            ExitCodeError::new(
+                exit::OTHER,
+                format!("cannot read line {number} of {name}: {err} ({sent} sent)"),
+            )
+        })?;
+        let text = line.strip_suffix('\r').unwrap_or(&line);
+        if text.trim().is_empty() {
+            continue;
+        }
+        let body = message_body(text, args.json).map_err(|err| {
+            ExitCodeError::new(
+                exit::OTHER,
+                format!("line {number} of {name} is not valid JSON: {err} ({sent} sent)"),
+            )
+        })?;
+        let key = args.idempotency_key.as_ref().map(|k| line_key(k, number));
+        send_one(hub, &args.agent, body, key).await?;
+        sent += 1;
+    }
+    Ok(())
+}
+
+/// Per-line idempotency key: one key for all lines would make the hub keep
+/// only the first, while `KEY-N` makes re-sending the same file safe.
+fn line_key(key: &str, line: usize) -> String {
+    format!("{key}-{line}")
+}
+
+fn show(m: &Message) -> String {
+    let number = |n: Option<i64>| n.map_or_else(|| table::NONE.to_owned(), |n| n.to_string());
+    table::details(&[
+        ("id", m.id.clone()),
+        ("agent", table::or_none(Some(&m.agent_id))),
+        ("broker", table::or_none(Some(&m.broker_id))),
+        ("seq", number(m.seq)),
+        ("state", table::or_none(Some(&m.state))),
+        ("attempts", number(m.attempts)),
+        ("body", m.body.to_string()),
+        ("created", table::timestamp(m.created_at.as_deref())),
+        ("delivered", table::timestamp(m.delivered_at.as_deref())),
+        ("expires", table::timestamp(m.expires_at.as_deref())),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_a_json_string_unless_json_is_asked_for() {
+        assert_eq!(
+            message_body("{\"a\":1}", false).expect("string"),
+            json!("{\"a\":1}")
+        );
+        assert_eq!(
+            message_body("{\"a\":1}", true).expect("json"),
+            json!({"a": 1})
+        );
+        assert!(message_body("not json", true).is_err());
+    }
+
+    #[test]
+    fn each_line_gets_its_own_key() {
+        assert_eq!(line_key("batch-7", 3), "batch-7-3");
+    }
+
+    #[test]
+    fn show_prints_the_body_as_json() {
+        let message: Message = serde_json::from_value(json!({
+            "id": "m-1", "agent_id": "a-1", "broker_id": "b-1", "seq": 3,
+            "body": {"text": "hi"}, "state": "delivered", "attempts": 1,
+            "created_at": "2026-03-21T09:00:00Z", "delivered_at": "2026-03-21T09:00:01Z",
+            "expires_at": null
+        }))
+        .expect("decodes");
+        let text = show(&message);
+        assert!(text.contains("body:       {\"text\":\"hi\"}\n"), "{text}");
+        assert!(text.contains("state:      delivered\n"), "{text}");
+        assert!(text.contains("expires:    -\n"), "{text}");
+    }
+}

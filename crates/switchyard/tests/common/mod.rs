@@ -1,0 +1,213 @@
+//! Running the real `switchyard` binary: hub replicas and brokers as
+//! processes on 127.0.0.1, killed when a test ends.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+pub const TOKEN: &str = "test-admin-token-0123456789";
+
+/// A `switchyard` command with no database settings inherited from the
+/// developer's shell.
+pub fn switchyard(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("SWITCHYARD_LISTEN")
+        .env_remove("SWITCHYARD_ADMIN_TOKEN")
+        .env("SWITCHYARD_LOG", "warn");
+    cmd
+}
+
+/// A running `switchyard serve`, killed if the test ends early.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    /// The admin token serve generated and printed, if it did.
+    pub generated_token: Option<String>,
+}
+
+impl Server {
+    /// Starts `serve` on a free port and waits for its "listening" line.
+    pub fn start(dir: &Path, database_url: Option<&str>) -> Server {
+        let mut cmd = switchyard(dir);
+        cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+        if let Some(url) = database_url {
+            cmd.args(["--database-url", url, "--admin-token", TOKEN]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut token = None;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some((_, t)) = line.split_once("(shown once, stored only as a digest): ") {
+                    token = Some(t.to_owned());
+                }
+                if let Some(url) = line.strip_prefix("switchyard listening on ") {
+                    let _ = tx.send((url.to_owned(), token.clone()));
+                }
+            }
+        });
+        let (base, generated_token) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("serve printed its address within 5 s");
+        Server {
+            child,
+            base,
+            generated_token,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        reqwest::get(format!("{}{path}", self.base)).await.unwrap()
+    }
+
+    /// Polls until `path` answers `status` or `within` passes.
+    pub async fn wait_for(&self, path: &str, status: u16, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            if let Ok(r) = reqwest::get(format!("{}{path}", self.base)).await
+                && r.status().as_u16() == status
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < until, "serve did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `switchyard broker` process, killed if the test ends early.
+pub struct BrokerProcess {
+    pub child: Child,
+}
+
+impl BrokerProcess {
+    pub fn start(hubs: &[&str], broker: &str, secret: &str, workdir: &Path) -> BrokerProcess {
+        let mut cmd = switchyard(workdir);
+        cmd.arg("broker");
+        for hub in hubs {
+            cmd.args(["--hub", hub]);
+        }
+        let child = cmd
+            .args(["--broker-id", broker, "--secret", secret])
+            .arg("--workdir")
+            .arg(workdir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        BrokerProcess { child }
+    }
+
+    /// SIGKILL: no goodbye, no cleanup.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Authenticated JSON calls to a hub.
+pub struct Api {
+    pub base: String,
+    pub token: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: &str, token: &str) -> Api {
+        Api {
+            base: base.to_owned(),
+            token: token.to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Polls `check` on `path` until it holds or `within` passes.
+    pub async fn wait_until(
+        &self,
+        path: &str,
+        within: Duration,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let until = Instant::now() + within;
+        loop {
+            let (_, body) = self.call("GET", path, None).await;
+            if check(&body) {
+                return body;
+            }
+            assert!(Instant::now() < until, "{path} never got there: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The `{"id", "body"}` lines of an agent's inbox.
+pub fn inbox(workdir: &Path, agent: &str) -> Vec<serde_json::Value> {
+    let path = workdir.join("agents").join(agent).join("inbox.jsonl");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

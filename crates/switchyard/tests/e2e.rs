@@ -1,0 +1,404 @@
+//! One replica end to end, as a user runs it: `switchyard serve` and
+//! `switchyard broker` as real processes, agents as real `sh` processes,
+//! on SQLite and on PostgreSQL.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Api, BrokerProcess, Server, TOKEN, inbox, switchyard};
+use serde_json::{Value, json};
+use switchyard_testkit::TestDb;
+
+/// An agent that appends every line it reads from stdin to got.txt.
+const ECHO_AGENT: &str = r#"while read l; do echo "$l" >> got.txt; done"#;
+
+macro_rules! on_both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(switchyard_testkit::TestDb::postgres().await).await;
+                }
+            )+
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(switchyard_testkit::TestDb::sqlite()).await;
+                }
+            )+
+        }
+    };
+}
+
+on_both_backends!(
+    full_lifecycle_of_a_real_agent,
+    thousand_messages_arrive_once_and_in_order,
+    broker_killed_and_restarted_mid_stream_loses_and_duplicates_nothing,
+    work_queued_while_the_broker_is_offline_is_drained_on_connect,
+);
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    workdir: std::path::PathBuf,
+    server: Server,
+    api: Api,
+    broker_id: String,
+    secret: String,
+}
+
+async fn setup(db: &TestDb) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let workdir = dir.path().join("broker");
+    std::fs::create_dir_all(&workdir).unwrap();
+    let server = Server::start(dir.path(), Some(db.url()));
+    let api = Api::new(&server.base, TOKEN);
+    let (status, broker) = api
+        .call("POST", "/v1/brokers", Some(json!({"name": "edge"})))
+        .await;
+    assert_eq!(status, 201, "{broker}");
+    Setup {
+        workdir,
+        api,
+        broker_id: broker["id"].as_str().unwrap().to_owned(),
+        secret: broker["secret"].as_str().unwrap().to_owned(),
+        server,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    fn start_broker(&self) -> BrokerProcess {
+        BrokerProcess::start(
+            &[&self.server.base],
+            &self.broker_id,
+            &self.secret,
+            &self.workdir,
+        )
+    }
+
+    async fn wait_online(&self) {
+        self.api
+            .wait_until(
+                &format!("/v1/brokers/{}", self.broker_id),
+                Duration::from_secs(15),
+                |b| b["status"] == "online",
+            )
+            .await;
+    }
+
+    async fn echo_agent(&self, name: &str) -> String {
+        let (status, agent) = self
+            .api
+            .call(
+                "POST",
+                "/v1/agents",
+                Some(json!({
+                    "name": name,
+                    "broker_id": self.broker_id,
+                    "command": ["sh", "-c", ECHO_AGENT],
+                    "env": {"AGENT_NAME": name},
+                })),
+            )
+            .await;
+        assert_eq!(status, 201, "{agent}");
+        agent["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn lifecycle(&self, op: &str, agent: &str) -> Value {
+        let (method, path) = match op {
+            "delete" => ("DELETE", format!("/v1/agents/{agent}")),
+            _ => ("POST", format!("/v1/agents/{agent}/{op}")),
+        };
+        let (status, body) = self.api.call(method, &path, None).await;
+        assert_eq!(status, 200, "{op}: {body}");
+        body
+    }
+
+    async fn send(&self, agent: &str, body: Value) -> String {
+        let (status, sent) = self
+            .api
+            .call(
+                "POST",
+                &format!("/v1/agents/{agent}/messages"),
+                Some(json!({ "body": body })),
+            )
+            .await;
+        assert_eq!(status, 202, "{sent}");
+        sent["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits until the agent's inbox holds `n` lines, then returns them.
+    async fn inbox_of(&self, agent: &str, n: usize, within: Duration) -> Vec<Value> {
+        let until = std::time::Instant::now() + within;
+        loop {
+            let lines = inbox(&self.workdir, agent);
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "inbox has {} of {n} lines",
+                lines.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn got_txt(workdir: &Path, agent: &str) -> Vec<Value> {
+    std::fs::read_to_string(workdir.join("agents").join(agent).join("got.txt"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Asserts that lines carry each id once and bodies 0..n in order.
+fn assert_once_in_order(lines: &[Value], n: usize) {
+    let ids: HashSet<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), lines.len(), "no duplicates");
+    let bodies: Vec<u64> = lines.iter().map(|l| l["body"].as_u64().unwrap()).collect();
+    assert_eq!(bodies, (0..n as u64).collect::<Vec<_>>(), "all, in order");
+}
+
+async fn full_lifecycle_of_a_real_agent(db: TestDb) {
+    let s = setup(&db).await;
+    let _broker = s.start_broker();
+    s.wait_online().await;
+    let agent = s.echo_agent("echo").await;
+
+    let started = s.lifecycle("start", &agent).await;
+    assert_eq!(started["agent"]["phase"], "running", "{started}");
+    let mut ids = Vec::new();
+    for text in ["one", "two", "three"] {
+        ids.push(s.send(&agent, json!(text)).await);
+    }
+    let lines = s.inbox_of(&agent, 3, Duration::from_secs(10)).await;
+    let bodies: Vec<&str> = lines.iter().map(|l| l["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, ["one", "two", "three"]);
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    for id in &ids {
+        s.api
+            .wait_until(&format!("/v1/messages/{id}"), Duration::from_secs(5), |m| {
+                m["state"] == "delivered"
+            })
+            .await;
+    }
+    // The agent process got the same lines on stdin.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while got_txt(&s.workdir, &agent).len() < 3 {
+        assert!(std::time::Instant::now() < until, "the agent never echoed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(got_txt(&s.workdir, &agent), lines);
+
+    let stopped = s.lifecycle("stop", &agent).await;
+    assert_eq!(stopped["agent"]["phase"], "stopped", "{stopped}");
+    let restarted = s.lifecycle("start", &agent).await;
+    assert_eq!(restarted["agent"]["phase"], "running");
+    let restarted = s.lifecycle("restart", &agent).await;
+    assert_eq!(restarted["agent"]["phase"], "running");
+    let deleted = s.lifecycle("delete", &agent).await;
+    assert_eq!(deleted["agent"]["phase"], "deleted", "{deleted}");
+    let (status, _) = s.api.call("GET", "/v1/agents/echo", None).await;
+    assert_eq!(status, 404, "a deleted agent's name is free");
+}
+
+async fn thousand_messages_arrive_once_and_in_order(db: TestDb) {
+    let s = setup(&db).await;
+    let _broker = s.start_broker();
+    s.wait_online().await;
+    let agent = s.echo_agent("bulk").await;
+    s.lifecycle("start", &agent).await;
+    let mut last = String::new();
+    for i in 0..1000 {
+        last = s.send(&agent, json!(i)).await;
+    }
+    let lines = s.inbox_of(&agent, 1000, Duration::from_secs(60)).await;
+    assert_once_in_order(&lines, 1000);
+    s.api
+        .wait_until(
+            &format!("/v1/messages/{last}"),
+            Duration::from_secs(10),
+            |m| m["state"] == "delivered",
+        )
+        .await;
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while got_txt(&s.workdir, &agent).len() < 1000 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the agent never echoed all"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(got_txt(&s.workdir, &agent), lines);
+}
+
+async fn broker_killed_and_restarted_mid_stream_loses_and_duplicates_nothing(db: TestDb) {
+    let s = setup(&db).await;
+    let broker = s.start_broker();
+    s.wait_online().await;
+    let agent = s.echo_agent("steady").await;
+    s.lifecycle("start", &agent).await;
+
+    let total = 600;
+    let api = Api::new(&s.server.base, TOKEN);
+    let target = agent.clone();
+    let sender = tokio::spawn(async move {
+        for i in 0..total {
+            let (status, body) = api
+                .call(
+                    "POST",
+                    &format!("/v1/agents/{target}/messages"),
+                    Some(json!({ "body": i })),
+                )
+                .await;
+            assert_eq!(status, 202, "{body}");
+        }
+    });
+    s.inbox_of(&agent, 150, Duration::from_secs(30)).await;
+    broker.kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _broker = s.start_broker();
+    sender.await.unwrap();
+
+    let lines = s.inbox_of(&agent, total, Duration::from_secs(60)).await;
+    // Give any (wrong) redelivery a moment to show up before judging.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let lines_after = inbox(&s.workdir, &agent);
+    assert_eq!(lines_after.len(), lines.len(), "nothing delivered twice");
+    assert_once_in_order(&lines_after, total);
+    // What the agent process saw is in order and without duplicates too
+    // (lines handed over while it was down live only in the inbox).
+    let got = got_txt(&s.workdir, &agent);
+    let ids: HashSet<&str> = got.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), got.len());
+    let bodies: Vec<u64> = got.iter().map(|l| l["body"].as_u64().unwrap()).collect();
+    assert!(
+        bodies.windows(2).all(|w| w[0] < w[1]),
+        "agent saw them in order"
+    );
+}
+
+async fn work_queued_while_the_broker_is_offline_is_drained_on_connect(db: TestDb) {
+    let s = setup(&db).await;
+    let agent = s.echo_agent("patient").await;
+    let (status, queued) = s
+        .api
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/start?wait=false"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202);
+    for i in 0..3 {
+        s.send(&agent, json!(i)).await;
+    }
+    let dispatch = queued["dispatch_id"].as_str().unwrap();
+    let (_, row) = s
+        .api
+        .call("GET", &format!("/v1/dispatches/{dispatch}"), None)
+        .await;
+    assert_eq!(row["state"], "pending");
+
+    let _broker = s.start_broker();
+    let lines = s.inbox_of(&agent, 3, Duration::from_secs(15)).await;
+    assert_once_in_order(&lines, 3);
+    s.api
+        .wait_until(
+            &format!("/v1/dispatches/{dispatch}"),
+            Duration::from_secs(10),
+            |d| d["state"] == "done",
+        )
+        .await;
+    s.api
+        .wait_until(
+            &format!("/v1/agents/{agent}"),
+            Duration::from_secs(10),
+            |a| a["phase"] == "running",
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn the_cli_drives_a_broker_and_an_agent() {
+    let db = TestDb::sqlite();
+    let s = setup(&db).await;
+    let cli = |args: &[&str]| {
+        let out = switchyard(&s.workdir)
+            .args(args)
+            .env("SWITCHYARD_HUB", &s.server.base)
+            .env("SWITCHYARD_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cli(&["brokers", "add", "edge-2", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let broker: Value = serde_json::from_str(&out).unwrap();
+    let _broker = BrokerProcess::start(
+        &[&s.server.base],
+        broker["id"].as_str().unwrap(),
+        broker["secret"].as_str().unwrap(),
+        &s.workdir,
+    );
+    let (code, out, err) = cli(&["brokers", "ls"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("edge-2"), "{out}");
+
+    let (code, _, err) = cli(&[
+        "agents", "create", "cli-echo", "--broker", "edge-2", "--", "sh", "-c", ECHO_AGENT,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = cli(&["agents", "start", "cli-echo"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("running"), "{out}");
+    for text in ["a", "b", "c"] {
+        let (code, _, err) = cli(&["send", "cli-echo", text]);
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let (_, agent) = s.api.call("GET", "/v1/agents/cli-echo", None).await;
+    let id = agent["id"].as_str().unwrap().to_owned();
+    let lines = s.inbox_of(&id, 3, Duration::from_secs(10)).await;
+    let bodies: Vec<&str> = lines.iter().map(|l| l["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, ["a", "b", "c"]);
+
+    let (code, out, err) = cli(&["agents", "stop", "cli-echo"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("stopped"), "{out}");
+    let (code, _, err) = cli(&["agents", "rm", "cli-echo"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = cli(&["agents", "show", "cli-echo"]);
+    assert_eq!(code, Some(3), "not found exits 3: {err}");
+    let (code, _, _) = switchyard(&s.workdir)
+        .args([
+            "agents",
+            "ls",
+            "--hub",
+            &s.server.base,
+            "--token",
+            "wrong-token-0123",
+        ])
+        .output()
+        .map(|o| (o.status.code(), (), ()))
+        .unwrap();
+    assert_eq!(code, Some(4), "unauthorized exits 4");
+}
