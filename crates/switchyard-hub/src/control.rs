@@ -113,6 +113,7 @@ async fn run_session(state: HubState, broker: Broker, socket: WebSocket) {
                 wake: handle.wake.clone(),
                 backstop: state.config.drain_backstop,
                 cancel: cancel.clone(),
+                metrics: state.metrics.clone(),
             }
             .run(),
         );
@@ -403,10 +404,14 @@ async fn handle_frame(
         BrokerFrame::Ack { message_ids } => {
             let mut outcome = Ok(());
             for id in message_ids {
-                if let Err(err) = state.store.ack_message(broker.id, MessageId(id)).await {
-                    outcome = Err(err);
-                    if !matches!(outcome, Err(StoreError::NotFound(_))) {
-                        break;
+                match state.store.ack_message(broker.id, MessageId(id)).await {
+                    Ok(true) => state.metrics.messages_delivered.inc(),
+                    Ok(false) => {}
+                    Err(err) => {
+                        outcome = Err(err);
+                        if !matches!(outcome, Err(StoreError::NotFound(_))) {
+                            break;
+                        }
                     }
                 }
             }

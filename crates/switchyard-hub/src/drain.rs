@@ -16,6 +16,7 @@ use switchyard_store::{AgentId, BrokerId, ReplicaId, Store, StoreError};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::sessions::Outbound;
 
 /// Rows claimed per round trip.
@@ -39,12 +40,16 @@ pub(crate) struct Drain {
     pub(crate) wake: Arc<Notify>,
     pub(crate) backstop: Duration,
     pub(crate) cancel: CancellationToken,
+    pub(crate) metrics: Metrics,
 }
 
 impl Drain {
     pub(crate) async fn run(self) {
         loop {
-            match self.drain_once().await {
+            let timer = self.metrics.drain_duration.start_timer();
+            let drained = self.drain_once().await;
+            timer.observe_duration();
+            match drained {
                 Ok(()) => {}
                 Err(DrainError::SessionClosed) => return,
                 Err(DrainError::Store(err)) => {
@@ -68,6 +73,10 @@ impl Drain {
                 .claim_intents(&[self.broker], self.replica, BATCH)
                 .await?;
             for intent in &intents {
+                self.metrics
+                    .intents_claimed
+                    .with_label_values(&[intent.op.as_str()])
+                    .inc();
                 let agent = match specs.get(&intent.agent_id) {
                     Some(spec) => spec.clone(),
                     None => {

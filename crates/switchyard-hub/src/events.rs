@@ -9,6 +9,8 @@
 use switchyard_store::{Agent, DispatchIntent};
 use tokio::sync::broadcast;
 
+use crate::command_bus::Notifier;
+
 /// Something that became true in storage.
 #[derive(Clone, Debug)]
 pub(crate) enum HubEvent {
@@ -18,15 +20,18 @@ pub(crate) enum HubEvent {
     DispatchFinished(DispatchIntent),
 }
 
+/// Local fan-out of events, plus (on PostgreSQL) the command bus that
+/// carries them to the other replicas.
 #[derive(Clone, Debug)]
 pub(crate) struct EventBus {
     tx: broadcast::Sender<HubEvent>,
+    remote: Option<Notifier>,
 }
 
 impl EventBus {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(remote: Option<Notifier>) -> Self {
         let (tx, _) = broadcast::channel(4096);
-        Self { tx }
+        Self { tx, remote }
     }
 
     /// Subscribe before writing whatever you then wait for.
@@ -34,8 +39,18 @@ impl EventBus {
         self.tx.subscribe()
     }
 
-    /// Publishes a committed fact; having no subscriber is normal.
+    /// Publishes a fact this replica just committed, here and on every
+    /// other replica.
     pub(crate) fn publish(&self, event: HubEvent) {
+        if let Some(remote) = &self.remote {
+            remote.event(&event);
+        }
+        self.publish_local(event);
+    }
+
+    /// Publishes on this replica only (for facts learnt from the bus).
+    pub(crate) fn publish_local(&self, event: HubEvent) {
+        // Having no subscriber is normal.
         let _ = self.tx.send(event);
     }
 }

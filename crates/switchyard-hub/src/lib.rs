@@ -8,6 +8,7 @@
 mod api;
 mod api_error;
 mod auth;
+mod command_bus;
 mod control;
 mod drain;
 mod events;
@@ -15,6 +16,7 @@ mod lookup;
 mod metrics;
 mod replica;
 mod router;
+mod routing;
 mod sessions;
 mod sweeper;
 
@@ -22,7 +24,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_store::{ReplicaId, RequeuePolicy, Store, StoreError};
+use sqlx::postgres::PgConnectOptions;
+use switchyard_store::{Database, ReplicaId, RequeuePolicy, Store, StoreError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -63,6 +66,12 @@ pub struct HubConfig {
     pub claim_lease: Duration,
     /// Claims after which abandoned work fails instead of being requeued.
     pub max_attempts: i32,
+    /// PostgreSQL only: where the command bus listener connects, when the
+    /// main URL goes through a transaction-pooling PgBouncer (which cannot
+    /// carry LISTEN). Defaults to the main database URL.
+    pub listener_database_url: Option<String>,
+    /// Finished intents and messages older than this are deleted.
+    pub retention: Duration,
 }
 
 impl Default for HubConfig {
@@ -80,6 +89,8 @@ impl Default for HubConfig {
             sweep_interval: Duration::from_secs(5),
             claim_lease: Duration::from_secs(300),
             max_attempts: 10,
+            listener_database_url: None,
+            retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -95,6 +106,8 @@ pub enum StartError {
     },
     #[error("cannot register the replica: {0}")]
     Register(#[from] StoreError),
+    #[error("invalid listener database URL: {0}")]
+    ListenerUrl(String),
 }
 
 /// What request handlers share.
@@ -108,6 +121,10 @@ pub(crate) struct HubState {
     pub(crate) events: EventBus,
     /// Tracks control-channel sessions, which `axum::serve` does not wait for.
     pub(crate) sockets: TaskTracker,
+    /// The command bus sender (PostgreSQL only).
+    pub(crate) notifier: Option<command_bus::Notifier>,
+    /// Whether the command bus listener is connected (PostgreSQL only).
+    pub(crate) listener: Option<command_bus::ListenerHealth>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -117,8 +134,10 @@ pub struct Hub;
 
 impl Hub {
     /// Binds, registers this replica and starts serving in the background.
-    /// The store must already be migrated.
-    pub async fn start(config: HubConfig, store: Arc<dyn Store>) -> Result<RunningHub, StartError> {
+    /// The database must already be migrated. On PostgreSQL the replica
+    /// joins the command bus; on SQLite it runs alone.
+    pub async fn start(config: HubConfig, database: Database) -> Result<RunningHub, StartError> {
+        let store = database.clone().into_store();
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -142,15 +161,59 @@ impl Hub {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let config = Arc::new(config);
+        let sessions = Arc::new(Sessions::default());
+        let (notifier, listen_options) = match &database {
+            Database::Postgres(pool) => {
+                let (notifier, sender) = command_bus::notifier(
+                    pool.clone(),
+                    replica_id,
+                    metrics.clone(),
+                    shutdown.clone(),
+                );
+                tasks.spawn(sender);
+                let options = match &config.listener_database_url {
+                    Some(url) => url
+                        .parse::<PgConnectOptions>()
+                        .map_err(|e| StartError::ListenerUrl(e.to_string()))?,
+                    None => (*pool.connect_options()).clone(),
+                };
+                (
+                    Some(notifier),
+                    Some(options.application_name("switchyard-listener")),
+                )
+            }
+            Database::Sqlite(_) => (None, None),
+        };
+        let events = EventBus::new(notifier.clone());
+        let listener_health = listen_options
+            .as_ref()
+            .map(|_| command_bus::ListenerHealth::default());
+        if let (Some(options), Some(health)) = (listen_options, &listener_health) {
+            tasks.spawn(
+                command_bus::Listener {
+                    options,
+                    me: replica_id,
+                    store: store.clone(),
+                    sessions: sessions.clone(),
+                    events: events.clone(),
+                    metrics: metrics.clone(),
+                    health: health.clone(),
+                    shutdown: shutdown.clone(),
+                }
+                .run(),
+            );
+        }
         let state = HubState {
             replica_id,
             store: store.clone(),
             metrics: metrics.clone(),
             config: config.clone(),
-            sessions: Arc::new(Sessions::default()),
-            events: EventBus::new(),
+            sessions,
+            events,
             sockets: TaskTracker::new(),
             shutdown: shutdown.clone(),
+            notifier,
+            listener: listener_health,
         };
         tasks.spawn(
             sweeper::Sweeper {
@@ -163,6 +226,7 @@ impl Hub {
                     lease: config.claim_lease,
                     max_attempts: config.max_attempts,
                 },
+                retention: config.retention,
                 shutdown: shutdown.clone(),
             }
             .run(),

@@ -3,7 +3,10 @@
 //! Each replica owns its own [`Registry`], so several hubs in one test
 //! process never share counters.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::core::Collector;
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 use switchyard_store::DispatchIntent;
 
 /// The metrics this replica exports on `GET /metrics`.
@@ -12,18 +15,29 @@ pub struct Metrics {
     registry: Registry,
     /// 1 while the last database round trip succeeded.
     pub database_up: IntGauge,
-    /// Successful replica heartbeats.
     pub replica_heartbeats: IntCounter,
-    /// Times this replica found its registry row reaped and registered again.
     pub replica_reregistrations: IntCounter,
-    /// Broker sessions on this replica.
     pub brokers_connected: IntGauge,
-    /// Dispatches that reached `done` or `failed`, by op and state.
+    /// Intents written by this replica's API, by op.
+    pub intents_published: IntCounterVec,
+    /// Intents claimed by this replica's drains, by op.
+    pub intents_claimed: IntCounterVec,
+    /// Intents that reached `done` or `failed`, by op and state.
     pub dispatches_finished: IntCounterVec,
-    /// Messages accepted by this replica's API.
+    /// Seconds from an intent's creation to its outcome.
+    pub intent_latency: Histogram,
     pub messages_accepted: IntCounter,
-    /// Messages expired by this replica's sweeper.
+    pub messages_delivered: IntCounter,
     pub messages_expired: IntCounter,
+    /// Where this replica's API calls sent their work: local, forward, queued.
+    pub routes: IntCounterVec,
+    /// Seconds one drain pass (claim and send until empty) took.
+    pub drain_duration: Histogram,
+    pub notifications_sent: IntCounter,
+    pub notifications_received: IntCounter,
+    pub command_bus_reconnects: IntCounter,
+    /// Unfinished intents and messages older than five minutes (sweeper).
+    pub stuck_work: IntGauge,
 }
 
 impl Metrics {
@@ -31,6 +45,36 @@ impl Metrics {
     pub fn new(backend: &str) -> Self {
         let registry = Registry::new_custom(Some("switchyard".into()), None)
             .expect("the prefix is a valid metric name");
+        let register = |c: Box<dyn Collector>| {
+            registry
+                .register(c)
+                .expect("each metric is registered once");
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            register(Box::new(g.clone()));
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            register(Box::new(c.clone()));
+            c
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            register(Box::new(c.clone()));
+            c
+        };
+        let histogram = |name: &str, help: &str| {
+            let buckets = vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ];
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            register(Box::new(h.clone()));
+            h
+        };
         let info = IntGauge::with_opts(
             Opts::new("build_info", "Version and storage backend of this replica.")
                 .const_label("version", env!("CARGO_PKG_VERSION"))
@@ -38,9 +82,8 @@ impl Metrics {
         )
         .expect("valid metric");
         info.set(1);
-        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
-        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
-        let metrics = Self {
+        register(Box::new(info));
+        Self {
             database_up: gauge(
                 "database_up",
                 "1 while the last database round trip of this replica succeeded.",
@@ -57,41 +100,64 @@ impl Metrics {
                 "brokers_connected",
                 "Broker control channels connected to this replica.",
             ),
-            dispatches_finished: IntCounterVec::new(
-                Opts::new(
-                    "dispatches_finished_total",
-                    "Dispatch intents that reached done or failed, recorded by this replica.",
-                ),
+            intents_published: counter_vec(
+                "intents_published_total",
+                "Dispatch intents written by this replica's API.",
+                &["op"],
+            ),
+            intents_claimed: counter_vec(
+                "intents_claimed_total",
+                "Dispatch intents claimed by this replica's drains.",
+                &["op"],
+            ),
+            dispatches_finished: counter_vec(
+                "dispatches_finished_total",
+                "Dispatch intents that reached done or failed, recorded by this replica.",
                 &["op", "state"],
-            )
-            .expect("valid metric"),
+            ),
+            intent_latency: histogram(
+                "intent_to_done_seconds",
+                "Time from a dispatch intent's creation to its outcome.",
+            ),
             messages_accepted: counter(
                 "messages_accepted_total",
                 "Messages accepted (committed) by this replica's API.",
+            ),
+            messages_delivered: counter(
+                "messages_delivered_total",
+                "Messages acked by brokers connected to this replica.",
             ),
             messages_expired: counter(
                 "messages_expired_total",
                 "Messages expired past their TTL by this replica's sweeper.",
             ),
+            routes: counter_vec(
+                "routes_total",
+                "Where API calls on this replica sent their work.",
+                &["route"],
+            ),
+            drain_duration: histogram(
+                "drain_duration_seconds",
+                "Duration of one drain pass of one broker.",
+            ),
+            notifications_sent: counter(
+                "notifications_sent_total",
+                "NOTIFY payloads sent by this replica (after coalescing).",
+            ),
+            notifications_received: counter(
+                "notifications_received_total",
+                "Notifications received by this replica's listener.",
+            ),
+            command_bus_reconnects: counter(
+                "command_bus_reconnects_total",
+                "Times the command bus listener lost and re-established its connection.",
+            ),
+            stuck_work: gauge(
+                "stuck_work",
+                "Unfinished intents and messages older than five minutes.",
+            ),
             registry,
-        };
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(info),
-            Box::new(metrics.database_up.clone()),
-            Box::new(metrics.replica_heartbeats.clone()),
-            Box::new(metrics.replica_reregistrations.clone()),
-            Box::new(metrics.brokers_connected.clone()),
-            Box::new(metrics.dispatches_finished.clone()),
-            Box::new(metrics.messages_accepted.clone()),
-            Box::new(metrics.messages_expired.clone()),
-        ];
-        for collector in collectors {
-            metrics
-                .registry
-                .register(collector)
-                .expect("each metric is registered once");
         }
-        metrics
     }
 
     /// Counts a dispatch that just finished.
@@ -99,6 +165,10 @@ impl Metrics {
         self.dispatches_finished
             .with_label_values(&[intent.op.as_str(), intent.state.as_str()])
             .inc();
+        let latency = (intent.updated_at - intent.created_at).num_microseconds();
+        if let Some(us) = latency {
+            self.intent_latency.observe(us.max(0) as f64 / 1e6);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

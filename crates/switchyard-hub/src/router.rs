@@ -30,7 +30,8 @@ async fn healthz(State(state): State<HubState>) -> Json<Value> {
     Json(json!({"status": "ok", "instance_id": state.replica_id}))
 }
 
-/// Readiness: the database answers a round trip in time.
+/// Readiness: the database answers a round trip in time and, on
+/// PostgreSQL, the command bus listener is connected.
 async fn readyz(State(state): State<HubState>) -> Result<Json<Value>, ApiError> {
     let ping = tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await;
     let outcome = match ping {
@@ -43,6 +44,9 @@ async fn readyz(State(state): State<HubState>) -> Result<Json<Value>, ApiError> 
     };
     state.metrics.database_up.set(i64::from(outcome.is_ok()));
     outcome.map_err(ApiError::not_ready)?;
+    if state.listener.as_ref().is_some_and(|l| !l.is_connected()) {
+        return Err(ApiError::not_ready("command bus listener is not connected"));
+    }
     Ok(Json(json!({
         "status": "ready",
         "instance_id": state.replica_id,

@@ -91,4 +91,11 @@ impl Sessions {
             None => false,
         }
     }
+
+    /// Wakes every local session's drain (after the listener reconnects).
+    pub(crate) fn wake_all(&self) {
+        for handle in self.map().values() {
+            handle.wake.notify_one();
+        }
+    }
 }

@@ -1,7 +1,13 @@
-//! Periodic housekeeping of a replica: fail intents past their deadline,
-//! expire messages past their TTL, and return claimed work whose claimer
-//! died or whose lease ran out. Every step is an idempotent guarded UPDATE,
-//! so replicas running it at the same time do no harm.
+//! The sweeper: cluster-wide housekeeping, run by one replica at a time.
+//!
+//! Every replica runs this loop, but only the holder of the singleton role
+//! (a PostgreSQL advisory lock; always this replica on SQLite) does the
+//! work: reap replicas whose heartbeat is stale and release their brokers'
+//! affinities; return claimed work whose claimer died or whose lease ran
+//! out (failing it after max attempts); fail intents past their deadline and
+//! expire messages past their TTL; prune old finished rows; and measure
+//! stuck work. Each step is a guarded UPDATE, so even two sweepers at once
+//! (e.g. while a lock changes hands) would do no harm.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,31 +18,62 @@ use tokio_util::sync::CancellationToken;
 use crate::events::{EventBus, HubEvent};
 use crate::metrics::Metrics;
 
+/// Unfinished work older than this counts as stuck.
+const STUCK_AFTER: Duration = Duration::from_secs(300);
+
 pub(crate) struct Sweeper {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) events: EventBus,
     pub(crate) metrics: Metrics,
     pub(crate) interval: Duration,
     pub(crate) policy: RequeuePolicy,
+    pub(crate) retention: Duration,
     pub(crate) shutdown: CancellationToken,
 }
 
 impl Sweeper {
     pub(crate) async fn run(self) {
+        let mut role = self.store.singleton();
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leading = false;
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            if let Err(err) = self.sweep().await {
-                tracing::warn!(%err, "sweep failed; retrying next interval");
+            match role.hold().await {
+                Ok(true) => {
+                    if !leading {
+                        tracing::info!("this replica runs the sweeper");
+                    }
+                    leading = true;
+                    if let Err(err) = self.sweep().await {
+                        tracing::warn!(%err, "sweep failed; retrying next interval");
+                    }
+                }
+                Ok(false) => leading = false,
+                Err(err) => {
+                    leading = false;
+                    tracing::warn!(%err, "cannot take the sweeper role; retrying");
+                    role = self.store.singleton();
+                }
             }
         }
     }
 
     async fn sweep(&self) -> StoreResult<()> {
+        let reaped = self
+            .store
+            .reap_dead_replicas(self.policy.replica_stale_after)
+            .await?;
+        for replica in &reaped {
+            tracing::warn!(%replica, "reaped a dead replica and released its brokers");
+        }
+        let report = self.store.requeue_abandoned(self.policy).await?;
+        if report != Default::default() {
+            tracing::info!(?report, "requeued abandoned work");
+        }
         for id in self.store.expire_intents().await? {
             let row = self.store.intent(id).await?;
             if row.state == IntentState::Failed {
@@ -46,10 +83,9 @@ impl Sweeper {
         }
         let expired = self.store.expire_messages().await?;
         self.metrics.messages_expired.inc_by(expired.len() as u64);
-        let report = self.store.requeue_abandoned(self.policy).await?;
-        if report != Default::default() {
-            tracing::info!(?report, "requeued abandoned work");
-        }
+        self.store.prune_finished(self.retention).await?;
+        let stuck = self.store.count_stuck(STUCK_AFTER).await?;
+        self.metrics.stuck_work.set(stuck as i64);
         Ok(())
     }
 }

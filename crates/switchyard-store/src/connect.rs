@@ -201,11 +201,16 @@ fn is_io(err: &sqlx::Error) -> bool {
     )
 }
 
-/// Connects to `url`, applies migrations, and returns the store.
-pub async fn open(url: &str) -> Result<Arc<dyn Store>, OpenError> {
+/// Connects to `url` and applies migrations.
+pub async fn open_database(url: &str) -> Result<Database, OpenError> {
     let db = Database::connect(url).await?;
     db.migrate(url).await?;
-    Ok(db.into_store())
+    Ok(db)
+}
+
+/// Connects to `url`, applies migrations, and returns the store.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, OpenError> {
+    Ok(open_database(url).await?.into_store())
 }
 
 #[cfg(test)]

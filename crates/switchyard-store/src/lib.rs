@@ -15,7 +15,7 @@ mod postgres;
 mod sqlite;
 mod store;
 
-pub use connect::{Database, OpenError, open};
+pub use connect::{Database, OpenError, open, open_database};
 pub use error::{StoreError, StoreResult};
 pub use ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 pub use model::{
@@ -25,4 +25,4 @@ pub use model::{
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
-pub use store::Store;
+pub use store::{Singleton, Store};

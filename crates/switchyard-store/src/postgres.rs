@@ -22,7 +22,7 @@ use crate::model::{
     Message, MessageState, NewAgent, NewIntent, NewMessage, Phase, Replica, RequeuePolicy,
     RequeueReport, SessionHeartbeat,
 };
-use crate::store::Store;
+use crate::store::{Singleton, Store};
 
 /// PostgreSQL implementation of [`Store`].
 #[derive(Clone, Debug)]
@@ -804,6 +804,48 @@ impl Store for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn prune_finished(&self, older_than: Duration) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let intents = sqlx::query(
+            "DELETE FROM dispatch_intents WHERE state IN ('done', 'failed')
+               AND updated_at < now() - make_interval(secs => $1)",
+        )
+        .bind(secs(older_than))
+        .execute(&mut *tx)
+        .await?;
+        let messages = sqlx::query(
+            "DELETE FROM messages WHERE state IN ('delivered', 'expired', 'failed')
+               AND updated_at < now() - make_interval(secs => $1)",
+        )
+        .bind(secs(older_than))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(intents.rows_affected() + messages.rows_affected())
+    }
+
+    async fn count_stuck(&self, older_than: Duration) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM dispatch_intents
+                     WHERE state IN ('pending', 'in_progress')
+                       AND created_at < now() - make_interval(secs => $1))
+                  + (SELECT count(*) FROM messages
+                     WHERE state IN ('pending', 'dispatched')
+                       AND created_at < now() - make_interval(secs => $1))",
+        )
+        .bind(secs(older_than))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    fn singleton(&self) -> Box<dyn Singleton> {
+        Box::new(PgSingleton {
+            pool: self.pool.clone(),
+            conn: None,
+        })
+    }
+
     async fn requeue_abandoned(&self, policy: RequeuePolicy) -> StoreResult<RequeueReport> {
         let mut tx = self.pool.begin().await?;
         let intents: Vec<String> = sqlx::query_scalar(
@@ -853,6 +895,44 @@ impl Store for PgStore {
             messages_requeued: count(&messages, MessageState::Pending.as_str()),
             messages_failed: count(&messages, MessageState::Failed.as_str()),
         })
+    }
+}
+
+/// Advisory-lock key of the cluster-singleton role ("swyd" + 1).
+const SINGLETON_LOCK_KEY: i64 = 0x7377_7964_0000_0001;
+
+/// Holds a session-level advisory lock on one pooled connection, kept out
+/// of the pool for as long as it holds the lock. If that connection dies,
+/// PostgreSQL releases the lock and another replica acquires it.
+#[derive(Debug)]
+struct PgSingleton {
+    pool: PgPool,
+    conn: Option<sqlx::pool::PoolConnection<Postgres>>,
+}
+
+#[async_trait]
+impl Singleton for PgSingleton {
+    async fn hold(&mut self) -> StoreResult<bool> {
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.pool.acquire().await?,
+        };
+        // Re-entrant: asking again while holding it answers true.
+        let held: bool = match sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(SINGLETON_LOCK_KEY)
+            .fetch_one(&mut *conn)
+            .await
+        {
+            Ok(held) => held,
+            Err(err) => {
+                conn.close_on_drop();
+                return Err(err.into());
+            }
+        };
+        if held {
+            self.conn = Some(conn);
+        }
+        Ok(held)
     }
 }
 

@@ -21,7 +21,7 @@ use crate::model::{
     Message, MessageState, NewAgent, NewIntent, NewMessage, Phase, Replica, RequeuePolicy,
     RequeueReport, SessionHeartbeat,
 };
-use crate::store::Store;
+use crate::store::{Singleton, Store};
 
 /// SQLite implementation of [`Store`].
 #[derive(Clone, Debug)]
@@ -729,6 +729,43 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn prune_finished(&self, older_than: Duration) -> StoreResult<u64> {
+        let cutoff = ago(older_than);
+        let mut tx = self.write().await?;
+        let intents = sqlx::query(
+            "DELETE FROM dispatch_intents WHERE state IN ('done', 'failed') AND updated_at < ?1",
+        )
+        .bind(cutoff)
+        .execute(&mut *tx)
+        .await?;
+        let messages = sqlx::query(
+            "DELETE FROM messages WHERE state IN ('delivered', 'expired', 'failed')
+               AND updated_at < ?1",
+        )
+        .bind(cutoff)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(intents.rows_affected() + messages.rows_affected())
+    }
+
+    async fn count_stuck(&self, older_than: Duration) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM dispatch_intents
+                     WHERE state IN ('pending', 'in_progress') AND created_at < ?1)
+                  + (SELECT count(*) FROM messages
+                     WHERE state IN ('pending', 'dispatched') AND created_at < ?1)",
+        )
+        .bind(ago(older_than))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    fn singleton(&self) -> Box<dyn Singleton> {
+        Box::new(OnlyReplica)
+    }
+
     async fn requeue_abandoned(&self, policy: RequeuePolicy) -> StoreResult<RequeueReport> {
         let lease_cutoff = ago(policy.lease);
         let live_cutoff = ago(policy.replica_stale_after);
@@ -780,6 +817,17 @@ impl Store for SqliteStore {
             messages_requeued: count(&messages, MessageState::Pending.as_str()),
             messages_failed: count(&messages, MessageState::Failed.as_str()),
         })
+    }
+}
+
+/// SQLite serves one replica, which is always the singleton.
+#[derive(Debug)]
+struct OnlyReplica;
+
+#[async_trait]
+impl Singleton for OnlyReplica {
+    async fn hold(&mut self) -> StoreResult<bool> {
+        Ok(true)
     }
 }
 

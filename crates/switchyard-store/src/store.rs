@@ -14,6 +14,14 @@ use crate::model::{
     SessionHeartbeat,
 };
 
+/// One replica's claim on the cluster-singleton role.
+#[async_trait]
+pub trait Singleton: Send + std::fmt::Debug {
+    /// Whether this contender holds the role now, acquiring it if it is
+    /// free. Call before each singleton duty.
+    async fn hold(&mut self) -> StoreResult<bool>;
+}
+
 /// Durable state shared by all replicas of one hub.
 ///
 /// Invariants every implementation keeps (DESIGN.md):
@@ -235,6 +243,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> StoreResult<bool>;
 
     // --- recovery --------------------------------------------------------
+
+    /// Deletes finished intents (`done`, `failed`) and messages
+    /// (`delivered`, `expired`, `failed`) last changed before `older_than`
+    /// ago. Returns how many rows went.
+    async fn prune_finished(&self, older_than: Duration) -> StoreResult<u64>;
+
+    /// Intents and messages not finished although created more than
+    /// `older_than` ago: work that is stuck (e.g. its broker is offline).
+    async fn count_stuck(&self, older_than: Duration) -> StoreResult<u64>;
+
+    /// A contender for the cluster-singleton role (the sweeper). At most one
+    /// contender in the cluster holds it at a time; it is lost when its
+    /// database connection dies, and another contender takes over.
+    fn singleton(&self) -> Box<dyn Singleton>;
 
     /// Puts claimed-but-unfinished intents and messages whose claimer is
     /// dead or whose lease ran out back to `pending`, or fails them once

@@ -84,6 +84,9 @@ conformance!(
     ack_from_another_broker_changes_nothing,
     concurrent_message_claimers_deliver_each_once_in_order,
     messages_past_ttl_expire,
+    a_new_session_requeues_the_brokers_in_flight_work,
+    admin_tokens_and_handshake_nonces,
+    agents_are_found_by_name_until_deleted,
 );
 
 // --- helpers ------------------------------------------------------------
@@ -1052,4 +1055,93 @@ async fn messages_past_ttl_expire(f: Fixture) {
         !s.ack_message(b.id, stale.id).await.unwrap(),
         "expired stays expired"
     );
+}
+
+// --- sessions, auth, names ---------------------------------------------
+
+async fn a_new_session_requeues_the_brokers_in_flight_work(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    let b = broker(s, "b").await;
+    let other = broker(s, "other").await;
+    let a = agent(s, b.id, "w").await;
+    let x = agent(s, other.id, "x").await;
+    s.insert_intents(vec![intent(a, Op::Start), intent(x, Op::Start)])
+        .await
+        .unwrap();
+    s.insert_messages(vec![message(a, json!(1)), message(x, json!(2))])
+        .await
+        .unwrap();
+    s.claim_intents(&[b.id, other.id], me, 10).await.unwrap();
+    s.claim_messages(&[b.id, other.id], me, 10).await.unwrap();
+    assert_eq!(s.requeue_broker_in_flight(b.id).await.unwrap(), 2);
+    let again = s.claim_messages(&[b.id, other.id], me, 10).await.unwrap();
+    assert_eq!(again.len(), 1, "only b's message went back");
+    assert_eq!((again[0].agent_id, again[0].attempts), (a, 2));
+    assert_eq!(
+        s.claim_intents(&[b.id, other.id], me, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+async fn admin_tokens_and_handshake_nonces(f: Fixture) {
+    let s = &*f.store;
+    assert!(!s.has_admin_tokens().await.unwrap());
+    s.add_admin_token("digest-1").await.unwrap();
+    s.add_admin_token("digest-1").await.unwrap();
+    assert!(s.has_admin_tokens().await.unwrap());
+    assert!(s.admin_token_exists("digest-1").await.unwrap());
+    assert!(!s.admin_token_exists("digest-2").await.unwrap());
+
+    let b = broker(s, "b").await;
+    let other = broker(s, "other").await;
+    assert!(s.record_nonce(b.id, "n-1", LONG).await.unwrap());
+    assert!(!s.record_nonce(b.id, "n-1", LONG).await.unwrap(), "replay");
+    assert!(
+        s.record_nonce(other.id, "n-1", LONG).await.unwrap(),
+        "per broker"
+    );
+    // Old nonces are forgotten once the timestamp window refuses them anyway.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        s.record_nonce(b.id, "n-2", Duration::from_millis(100))
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.record_nonce(b.id, "n-1", Duration::from_millis(100))
+            .await
+            .unwrap()
+    );
+}
+
+async fn agents_are_found_by_name_until_deleted(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "named").await;
+    assert_eq!(s.agent_by_name("named").await.unwrap().id, a);
+    let deleted = s.mark_agent_deleted(a).await.unwrap();
+    assert_eq!(deleted.phase, Phase::Deleted);
+    assert!(matches!(
+        s.agent_by_name("named").await,
+        Err(StoreError::NotFound("agent"))
+    ));
+    assert_eq!(
+        s.agent(a).await.unwrap().phase,
+        Phase::Deleted,
+        "the row stays"
+    );
+    let (row, applied) = s
+        .apply_agent_status(b.id, a, Phase::Running, i64::MAX)
+        .await
+        .unwrap();
+    assert!(!applied, "reports about a deleted agent are ignored");
+    assert_eq!(row.phase, Phase::Deleted);
+    assert!(matches!(
+        s.mark_agent_deleted(AgentId::new()).await,
+        Err(StoreError::NotFound("agent"))
+    ));
 }

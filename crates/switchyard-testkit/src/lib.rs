@@ -8,6 +8,10 @@
 //! makes sure such a server is running. SQLite databases are files in a
 //! temporary directory removed on drop.
 
+pub mod proxy;
+
+pub use proxy::TcpProxy;
+
 use std::path::{Path, PathBuf};
 
 use sqlx::{Connection, PgConnection};

@@ -67,6 +67,11 @@ struct ServeArgs {
     /// on SQLite one is generated at first start when unset.
     #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// PostgreSQL only: a direct connection string for the command bus
+    /// listener, when --database-url goes through a transaction-pooling
+    /// PgBouncer (LISTEN needs a session of its own).
+    #[arg(long, env = "SWITCHYARD_LISTENER_DATABASE_URL", hide_env_values = true)]
+    listener_database_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,7 +142,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         _ => {}
     }
-    let store = switchyard_store::open(url).await?;
+    let database = switchyard_store::open_database(url).await?;
+    let store = database.clone().into_store();
     match &args.admin_token {
         Some(token) => store.add_admin_token(&token_digest(token)).await?,
         None if !store.has_admin_tokens().await? => {
@@ -151,9 +157,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = HubConfig {
         listen: args.listen,
         advertise: args.advertise,
+        listener_database_url: args.listener_database_url,
         ..HubConfig::default()
     };
-    let hub = Hub::start(config, store).await?;
+    let hub = Hub::start(config, database).await?;
     // Scripts and tests wait for this line; with `--listen 127.0.0.1:0` it
     // is the only way to learn the port.
     println!("switchyard listening on http://{}", hub.addr());

@@ -27,6 +27,7 @@ use crate::HubState;
 use crate::api_error::ApiError;
 use crate::events::HubEvent;
 use crate::lookup;
+use crate::routing::route_work;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,7 +79,12 @@ pub(crate) async fn create(
         .store
         .insert_intent(new_intent(&state, agent.id, Op::Create, None))
         .await?;
-    state.sessions.wake(broker.id);
+    state
+        .metrics
+        .intents_published
+        .with_label_values(&[Op::Create.as_str()])
+        .inc();
+    route_work(&state, broker.id).await;
     Ok((StatusCode::CREATED, Json(agent)))
 }
 

@@ -15,6 +15,7 @@ use super::{ApiJson, idempotency_key};
 use crate::HubState;
 use crate::api_error::ApiError;
 use crate::lookup;
+use crate::routing::route_work;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,14 +44,16 @@ pub(crate) async fn send(
         }])
         .await?
         .remove(0);
-    if inserted.created {
+    let route = if inserted.created {
         state.metrics.messages_accepted.inc();
-        state.sessions.wake(agent.broker_id);
-    }
+        Some(route_work(&state, agent.broker_id).await)
+    } else {
+        None
+    };
     let row = inserted.row;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "id": row.id, "state": row.state, "seq": row.seq })),
+        Json(json!({ "id": row.id, "state": row.state, "seq": row.seq, "route": route })),
     ))
 }
 

@@ -5,6 +5,7 @@
 mod agents;
 mod brokers;
 mod dispatches;
+mod events;
 mod messages;
 
 use axum::extract::rejection::JsonRejection;
@@ -41,6 +42,7 @@ pub(crate) fn router(state: HubState) -> Router<HubState> {
         .route("/v1/dispatches", get(dispatches::list))
         .route("/v1/dispatches/{id}", get(dispatches::show))
         .route("/v1/cluster", get(dispatches::cluster))
+        .route("/v1/events", get(events::stream))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
         .route("/v1/brokers/connect", get(crate::control::connect))
         .fallback(not_found)

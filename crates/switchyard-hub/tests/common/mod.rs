@@ -47,9 +47,10 @@ impl TestHub {
     }
 
     pub async fn start_with(db: TestDb, config: HubConfig) -> TestHub {
-        let store = switchyard_store::open(db.url()).await.unwrap();
+        let database = switchyard_store::open_database(db.url()).await.unwrap();
+        let store = database.clone().into_store();
         store.add_admin_token(&token_digest(TOKEN)).await.unwrap();
-        let hub = Hub::start(config, store.clone()).await.unwrap();
+        let hub = Hub::start(config, database).await.unwrap();
         let base = format!("http://{}", hub.addr());
         TestHub {
             db,

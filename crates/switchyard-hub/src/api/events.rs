@@ -1,0 +1,74 @@
+//! `GET /v1/events`: Server-Sent Events of agent status changes and
+//! finished dispatches, from any replica (events of other replicas arrive
+//! through the command bus). `?agent=` narrows to one agent (id or name).
+//! Delivery is best effort: a client that falls behind gets a `lagged`
+//! event and should re-read what it watches.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::json;
+use switchyard_store::AgentId;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::HubState;
+use crate::api_error::ApiError;
+use crate::events::HubEvent;
+use crate::lookup;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EventsQuery {
+    agent: Option<String>,
+}
+
+pub(crate) async fn stream(
+    State(state): State<HubState>,
+    Query(query): Query<EventsQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let agent: Option<AgentId> = match query.agent {
+        Some(reference) => Some(lookup::agent(&*state.store, &reference).await?.id),
+        None => None,
+    };
+    let receiver = state.events.subscribe();
+    let shutdown = state.shutdown.clone();
+    let events = futures::stream::unfold(
+        (receiver, shutdown),
+        move |(mut receiver, shutdown)| async move {
+            loop {
+                let next = tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    next = receiver.recv() => next,
+                };
+                let event = match next {
+                    Ok(HubEvent::AgentStatus(row)) if agent.is_none_or(|a| a == row.id) => {
+                        Event::default()
+                            .event("agent_status")
+                            .json_data(json!({ "agent": row }))
+                    }
+                    Ok(HubEvent::DispatchFinished(row))
+                        if agent.is_none_or(|a| a == row.agent_id) =>
+                    {
+                        Event::default()
+                            .event("dispatch_finished")
+                            .json_data(json!({ "dispatch": row }))
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(missed)) => Event::default()
+                        .event("lagged")
+                        .json_data(json!({ "missed": missed })),
+                    Err(RecvError::Closed) => return None,
+                };
+                match event {
+                    Ok(event) => return Some((Ok(event), (receiver, shutdown))),
+                    Err(err) => tracing::warn!(%err, "cannot encode an event"),
+                }
+            }
+        },
+    );
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

@@ -1,0 +1,374 @@
+//! The command bus: PostgreSQL LISTEN/NOTIFY used only as a wake-up.
+//!
+//! Two channels carry ids, never bodies:
+//! - `switchyard_wake` `{"r": replica, "b": [broker, ...]}`: "these brokers,
+//!   whose sessions replica r holds, have new work";
+//! - `switchyard_event` `{"o": origin, "d": [dispatch, ...], "a": [agent, ...]}`:
+//!   "these dispatches finished / these agents changed phase" (committed
+//!   facts), so a caller waiting on another replica learns the outcome.
+//!
+//! Notifications are hints (invariant 5): nothing is lost when one is
+//! missed, because every session drains on connect, after every listener
+//! (re)connect, and on the periodic backstop, and waiting callers re-read
+//! their row. Sending is coalesced: the [`Notifier`] queue is emptied into
+//! one transaction with at most one NOTIFY per target replica (and per 150
+//! ids), because a NOTIFY takes a cluster-wide lock at commit.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgNotification, PgPoolOptions};
+use switchyard_store::{AgentId, BrokerId, IntentId, ReplicaId, Store};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::{EventBus, HubEvent};
+use crate::metrics::Metrics;
+use crate::sessions::Sessions;
+
+pub(crate) const WAKE_CHANNEL: &str = "switchyard_wake";
+pub(crate) const EVENT_CHANNEL: &str = "switchyard_event";
+
+/// Ids per notification: keeps every payload far below PostgreSQL's
+/// 8000-byte limit (a UUID takes 39 bytes in JSON).
+const IDS_PER_PAYLOAD: usize = 150;
+/// Most queued items folded into one NOTIFY transaction.
+const MAX_BATCH: usize = 8192;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WakePayload {
+    r: ReplicaId,
+    b: Vec<BrokerId>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct EventPayload {
+    o: ReplicaId,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    d: Vec<IntentId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    a: Vec<AgentId>,
+}
+
+#[derive(Debug)]
+enum Outgoing {
+    Wake {
+        replica: ReplicaId,
+        broker: BrokerId,
+    },
+    Dispatch(IntentId),
+    Agent(AgentId),
+}
+
+/// Queues notifications for the sender task. Cheap to clone; never blocks.
+#[derive(Clone, Debug)]
+pub(crate) struct Notifier {
+    tx: mpsc::UnboundedSender<Outgoing>,
+}
+
+impl Notifier {
+    /// Asks `replica` to drain `broker`.
+    pub(crate) fn wake(&self, replica: ReplicaId, broker: BrokerId) {
+        let _ = self.tx.send(Outgoing::Wake { replica, broker });
+    }
+
+    /// Tells other replicas about a committed fact.
+    pub(crate) fn event(&self, event: &HubEvent) {
+        let item = match event {
+            HubEvent::DispatchFinished(row) => Outgoing::Dispatch(row.id),
+            HubEvent::AgentStatus(row) => Outgoing::Agent(row.id),
+        };
+        let _ = self.tx.send(item);
+    }
+}
+
+/// Whether the listener is connected (readiness on PostgreSQL).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ListenerHealth(Arc<AtomicBool>);
+
+impl ListenerHealth {
+    pub(crate) fn is_connected(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, connected: bool) {
+        self.0.store(connected, Ordering::Relaxed);
+    }
+}
+
+/// Creates the notifier and its sender task.
+pub(crate) fn notifier(
+    pool: PgPool,
+    me: ReplicaId,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> (Notifier, impl std::future::Future<Output = ()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Notifier { tx }, send_loop(pool, me, rx, metrics, shutdown))
+}
+
+async fn send_loop(
+    pool: PgPool,
+    me: ReplicaId,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return,
+            first = rx.recv() => match first {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        // Everything that queued up while the last batch was committing
+        // goes out together: coalescing grows with load by itself.
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let (channels, payloads) = payloads(me, batch);
+        let sent =
+            sqlx::query("SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)")
+                .bind(&channels)
+                .bind(&payloads)
+                .execute(&pool)
+                .await;
+        match sent {
+            Ok(_) => metrics.notifications_sent.inc_by(payloads.len() as u64),
+            Err(err) => tracing::warn!(%err, "NOTIFY failed; the drain backstop covers it"),
+        }
+    }
+}
+
+/// Folds queued items into (channel, payload) pairs: one wake per target
+/// replica and one event payload, each split every [`IDS_PER_PAYLOAD`] ids.
+fn payloads(me: ReplicaId, batch: Vec<Outgoing>) -> (Vec<&'static str>, Vec<String>) {
+    let mut wakes: BTreeMap<ReplicaId, BTreeSet<BrokerId>> = BTreeMap::new();
+    let mut dispatches = BTreeSet::new();
+    let mut agents = BTreeSet::new();
+    for item in batch {
+        match item {
+            Outgoing::Wake { replica, broker } => {
+                wakes.entry(replica).or_default().insert(broker);
+            }
+            Outgoing::Dispatch(id) => {
+                dispatches.insert(id);
+            }
+            Outgoing::Agent(id) => {
+                agents.insert(id);
+            }
+        }
+    }
+    let mut channels = Vec::new();
+    let mut payloads = Vec::new();
+    for (replica, brokers) in wakes {
+        let brokers: Vec<BrokerId> = brokers.into_iter().collect();
+        for chunk in brokers.chunks(IDS_PER_PAYLOAD) {
+            channels.push(WAKE_CHANNEL);
+            payloads.push(json(&WakePayload {
+                r: replica,
+                b: chunk.to_vec(),
+            }));
+        }
+    }
+    let dispatches: Vec<IntentId> = dispatches.into_iter().collect();
+    for chunk in dispatches.chunks(IDS_PER_PAYLOAD) {
+        channels.push(EVENT_CHANNEL);
+        payloads.push(json(&EventPayload {
+            o: me,
+            d: chunk.to_vec(),
+            ..Default::default()
+        }));
+    }
+    let agents: Vec<AgentId> = agents.into_iter().collect();
+    for chunk in agents.chunks(IDS_PER_PAYLOAD) {
+        channels.push(EVENT_CHANNEL);
+        payloads.push(json(&EventPayload {
+            o: me,
+            a: chunk.to_vec(),
+            ..Default::default()
+        }));
+    }
+    (channels, payloads)
+}
+
+fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("payloads serialize")
+}
+
+/// Listens for wake-ups and events on a dedicated connection.
+pub(crate) struct Listener {
+    pub(crate) options: PgConnectOptions,
+    pub(crate) me: ReplicaId,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) events: EventBus,
+    pub(crate) metrics: Metrics,
+    pub(crate) health: ListenerHealth,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Listener {
+    /// (Re)connects forever with jittered backoff. After every (re)connect
+    /// the order is: LISTEN (committed), then drain every local session,
+    /// then wait for notifications, so nothing sent while the listener was
+    /// down stays stranded.
+    pub(crate) async fn run(self) {
+        let mut backoff = reconnect_backoff();
+        let mut connected_before = false;
+        while !self.shutdown.is_cancelled() {
+            match self.listen().await {
+                Ok(mut listener) => {
+                    if connected_before {
+                        self.metrics.command_bus_reconnects.inc();
+                    }
+                    connected_before = true;
+                    backoff = reconnect_backoff();
+                    self.after_connect();
+                    self.receive(&mut listener).await;
+                    self.health.set(false);
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "command bus listener cannot connect; retrying");
+                }
+            }
+            let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
+        // A pool of one, so the listener's connection (and its LISTENs) is
+        // ours alone and never goes through a transaction pooler.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(self.options.clone());
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen_all([WAKE_CHANNEL, EVENT_CHANNEL]).await?;
+        Ok(listener)
+    }
+
+    fn after_connect(&self) {
+        self.health.set(true);
+        self.sessions.wake_all();
+        tracing::info!("command bus listening");
+    }
+
+    async fn receive(&self, listener: &mut PgListener) {
+        loop {
+            let next = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                next = listener.try_recv() => next,
+            };
+            match next {
+                Ok(Some(notification)) => self.handle(notification),
+                // sqlx lost the connection and re-established it (LISTENs
+                // included); notifications sent meanwhile are gone: drain.
+                Ok(None) => {
+                    self.metrics.command_bus_reconnects.inc();
+                    tracing::warn!("command bus listener reconnected; draining");
+                    self.after_connect();
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "command bus listener failed; rebuilding");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&self, notification: PgNotification) {
+        self.metrics.notifications_received.inc();
+        match notification.channel() {
+            WAKE_CHANNEL => match serde_json::from_str::<WakePayload>(notification.payload()) {
+                Ok(wake) if wake.r == self.me => {
+                    for broker in wake.b {
+                        self.sessions.wake(broker);
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(%err, "unreadable wake-up"),
+            },
+            EVENT_CHANNEL => match serde_json::from_str::<EventPayload>(notification.payload()) {
+                Ok(event) if event.o != self.me => {
+                    // Reading the rows must not hold up the listener.
+                    let store = self.store.clone();
+                    let events = self.events.clone();
+                    tokio::spawn(async move { republish(&*store, &events, event).await });
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(%err, "unreadable event"),
+            },
+            other => tracing::debug!(channel = other, "notification on an unknown channel"),
+        }
+    }
+}
+
+/// Re-reads the committed rows an event names and publishes them locally.
+async fn republish(store: &dyn Store, events: &EventBus, event: EventPayload) {
+    for id in event.d {
+        match store.intent(id).await {
+            Ok(row) => events.publish_local(HubEvent::DispatchFinished(row)),
+            Err(err) => tracing::debug!(%err, "event names a dispatch that cannot be read"),
+        }
+    }
+    for id in event.a {
+        match store.agent(id).await {
+            Ok(row) => events.publish_local(HubEvent::AgentStatus(row)),
+            Err(err) => tracing::debug!(%err, "event names an agent that cannot be read"),
+        }
+    }
+}
+
+fn reconnect_backoff() -> backon::ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_jitter()
+        .without_max_times()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(5))
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wake_ups_are_coalesced_per_replica_and_payloads_stay_small() {
+        let me = ReplicaId::new();
+        let (a, b) = (ReplicaId::new(), ReplicaId::new());
+        let broker = BrokerId::new();
+        let mut batch = Vec::new();
+        for _ in 0..1000 {
+            batch.push(Outgoing::Wake { replica: a, broker });
+        }
+        for _ in 0..400 {
+            batch.push(Outgoing::Wake {
+                replica: b,
+                broker: BrokerId::new(),
+            });
+        }
+        for _ in 0..10 {
+            batch.push(Outgoing::Dispatch(IntentId::new()));
+        }
+        let (channels, payloads) = payloads(me, batch);
+        // a: one payload; b: 400 brokers in 3 chunks; one event payload.
+        assert_eq!(channels.iter().filter(|c| **c == WAKE_CHANNEL).count(), 4);
+        assert_eq!(channels.iter().filter(|c| **c == EVENT_CHANNEL).count(), 1);
+        assert!(payloads.iter().all(|p| p.len() < 8000), "NOTIFY limit");
+    }
+}
