@@ -6,15 +6,13 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::Duration;
 
-use common::{Api, BrokerProcess, Server, TOKEN, inbox, switchyard};
+use common::{
+    Api, BrokerProcess, ECHO_AGENT, Server, TOKEN, assert_once_in_order, got_txt, inbox, switchyard,
+};
 use serde_json::{Value, json};
 use switchyard_testkit::TestDb;
-
-/// An agent that appends every line it reads from stdin to got.txt.
-const ECHO_AGENT: &str = r#"while read l; do echo "$l" >> got.txt; done"#;
 
 macro_rules! on_both_backends {
     ($($name:ident),+ $(,)?) => {
@@ -150,22 +148,6 @@ impl Setup {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-fn got_txt(workdir: &Path, agent: &str) -> Vec<Value> {
-    std::fs::read_to_string(workdir.join("agents").join(agent).join("got.txt"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Asserts that lines carry each id once and bodies 0..n in order.
-fn assert_once_in_order(lines: &[Value], n: usize) {
-    let ids: HashSet<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
-    assert_eq!(ids.len(), lines.len(), "no duplicates");
-    let bodies: Vec<u64> = lines.iter().map(|l| l["body"].as_u64().unwrap()).collect();
-    assert_eq!(bodies, (0..n as u64).collect::<Vec<_>>(), "all, in order");
 }
 
 async fn full_lifecycle_of_a_real_agent(db: TestDb) {

@@ -2,10 +2,13 @@
 //! processes on 127.0.0.1, killed when a test ends.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 pub const TOKEN: &str = "test-admin-token-0123456789";
@@ -82,6 +85,12 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         false
+    }
+
+    /// SIGKILL: the replica gets no chance to deregister or close sockets.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     /// SIGTERM, then the exit status.
@@ -211,3 +220,23 @@ pub fn inbox(workdir: &Path, agent: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// An agent that appends every line it reads from stdin to got.txt.
+pub const ECHO_AGENT: &str = r#"while read l; do echo "$l" >> got.txt; done"#;
+
+pub fn got_txt(workdir: &Path, agent: &str) -> Vec<Value> {
+    std::fs::read_to_string(workdir.join("agents").join(agent).join("got.txt"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Asserts that lines carry each id once and bodies 0..n in order.
+pub fn assert_once_in_order(lines: &[Value], n: usize) {
+    let ids: HashSet<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), lines.len(), "no duplicates");
+    let bodies: Vec<u64> = lines.iter().map(|l| l["body"].as_u64().unwrap()).collect();
+    assert_eq!(bodies, (0..n as u64).collect::<Vec<_>>(), "all, in order");
+}
+
