@@ -109,6 +109,7 @@ async fn run_session(state: HubState, broker: Broker, socket: WebSocket) {
                 store: state.store.clone(),
                 replica: state.replica_id,
                 broker: broker.id,
+                session: session_id,
                 outbound: outbound.clone(),
                 wake: handle.wake.clone(),
                 backstop: state.config.drain_backstop,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_proto::{AgentMessage, AgentSpec, Dispatch, HubFrame};
-use switchyard_store::{AgentId, BrokerId, ReplicaId, Store, StoreError};
+use switchyard_store::{AgentId, BrokerId, ReplicaId, SessionId, Store, StoreError};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,7 @@ pub(crate) struct Drain {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) replica: ReplicaId,
     pub(crate) broker: BrokerId,
+    pub(crate) session: SessionId,
     pub(crate) outbound: mpsc::Sender<Outbound>,
     pub(crate) wake: Arc<Notify>,
     pub(crate) backstop: Duration,
@@ -70,7 +71,7 @@ impl Drain {
         loop {
             let intents = self
                 .store
-                .claim_intents(&[self.broker], self.replica, BATCH)
+                .claim_intents(&[(self.broker, self.session)], self.replica, BATCH)
                 .await?;
             for intent in &intents {
                 self.metrics
@@ -101,7 +102,7 @@ impl Drain {
             }
             let messages = self
                 .store
-                .claim_messages(&[self.broker], self.replica, BATCH)
+                .claim_messages(&[(self.broker, self.session)], self.replica, BATCH)
                 .await?;
             for message in &messages {
                 self.send(HubFrame::Message(AgentMessage {

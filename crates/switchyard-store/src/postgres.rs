@@ -46,8 +46,29 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-fn broker_uuids(brokers: &[BrokerId]) -> Vec<Uuid> {
-    brokers.iter().map(|b| b.0).collect()
+/// Of the given (broker, session) pairs, keeps the brokers whose live
+/// session is still the given one, and holds a KEY SHARE lock on their rows
+/// until the claim commits. `claim_affinity` locks the row FOR UPDATE, so a
+/// new session's claim and an old session's claim cannot interleave: either
+/// the old claim commits first (and the new session's requeue returns its
+/// rows), or it waits, re-checks the session, and claims nothing.
+async fn lock_live_sessions(
+    tx: &mut Transaction<'static, Postgres>,
+    sessions: &[(BrokerId, SessionId)],
+) -> StoreResult<Vec<Uuid>> {
+    let brokers: Vec<Uuid> = sessions.iter().map(|(b, _)| b.0).collect();
+    let ids: Vec<Uuid> = sessions.iter().map(|(_, s)| s.0).collect();
+    Ok(sqlx::query_scalar(
+        "SELECT b.id FROM brokers b
+         JOIN unnest($1::uuid[], $2::uuid[]) AS s(broker, session)
+           ON b.id = s.broker AND b.session_id = s.session
+         ORDER BY b.id
+         FOR KEY SHARE OF b",
+    )
+    .bind(&brokers)
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?)
 }
 
 /// Locks the given agents (in id order, so concurrent batches cannot
@@ -492,11 +513,15 @@ impl Store for PgStore {
 
     async fn claim_intents(
         &self,
-        brokers: &[BrokerId],
+        sessions: &[(BrokerId, SessionId)],
         claimer: ReplicaId,
         limit: u32,
     ) -> StoreResult<Vec<DispatchIntent>> {
         let mut tx = self.pool.begin().await?;
+        let brokers = lock_live_sessions(&mut tx, sessions).await?;
+        if brokers.is_empty() {
+            return Ok(Vec::new());
+        }
         let agents: Vec<Uuid> = sqlx::query_scalar(
             "SELECT a.id FROM agents a
              WHERE a.broker_id = ANY($1)
@@ -505,7 +530,7 @@ impl Store for PgStore {
              ORDER BY a.id
              FOR UPDATE OF a SKIP LOCKED",
         )
-        .bind(broker_uuids(brokers))
+        .bind(&brokers)
         .fetch_all(&mut *tx)
         .await?;
         if agents.is_empty() {
@@ -659,11 +684,15 @@ impl Store for PgStore {
 
     async fn claim_messages(
         &self,
-        brokers: &[BrokerId],
+        sessions: &[(BrokerId, SessionId)],
         claimer: ReplicaId,
         limit: u32,
     ) -> StoreResult<Vec<Message>> {
         let mut tx = self.pool.begin().await?;
+        let brokers = lock_live_sessions(&mut tx, sessions).await?;
+        if brokers.is_empty() {
+            return Ok(Vec::new());
+        }
         let agents: Vec<Uuid> = sqlx::query_scalar(
             "SELECT a.id FROM agents a
              WHERE a.broker_id = ANY($1)
@@ -671,7 +700,7 @@ impl Store for PgStore {
              ORDER BY a.id
              FOR UPDATE OF a SKIP LOCKED",
         )
-        .bind(broker_uuids(brokers))
+        .bind(&brokers)
         .fetch_all(&mut *tx)
         .await?;
         if agents.is_empty() {

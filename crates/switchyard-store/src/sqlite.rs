@@ -53,7 +53,7 @@ fn ago(d: Duration) -> DateTime<Utc> {
 fn claim_query(
     table: &str,
     claimed_state: &str,
-    brokers: &[BrokerId],
+    sessions: &[(BrokerId, SessionId)],
     claimer: ReplicaId,
     limit: u32,
 ) -> QueryBuilder<Sqlite> {
@@ -66,11 +66,19 @@ fn claim_query(
         .push(", attempts = attempts + 1, updated_at = ")
         .push_bind(now())
         .push(format!(
-            " WHERE id IN (SELECT r.id FROM {table} r WHERE r.state = 'pending' AND r.broker_id IN ("
+            " WHERE id IN (SELECT r.id FROM {table} r WHERE r.state = 'pending' \
+             AND r.broker_id IN (SELECT b.id FROM brokers b WHERE "
         ));
-    let mut list = q.separated(", ");
-    for b in brokers {
-        list.push_bind(*b);
+    // Only brokers whose live session is the claimer's (see the trait).
+    for (i, (broker, session)) in sessions.iter().enumerate() {
+        if i > 0 {
+            q.push(" OR ");
+        }
+        q.push("(b.id = ")
+            .push_bind(*broker)
+            .push(" AND b.session_id = ")
+            .push_bind(*session)
+            .push(")");
     }
     q.push(format!(
         ") AND NOT EXISTS (SELECT 1 FROM {table} o WHERE o.agent_id = r.agent_id \
@@ -485,15 +493,15 @@ impl Store for SqliteStore {
 
     async fn claim_intents(
         &self,
-        brokers: &[BrokerId],
+        sessions: &[(BrokerId, SessionId)],
         claimer: ReplicaId,
         limit: u32,
     ) -> StoreResult<Vec<DispatchIntent>> {
-        if brokers.is_empty() {
+        if sessions.is_empty() {
             return Ok(Vec::new());
         }
         let mut tx = self.write().await?;
-        let mut q = claim_query("dispatch_intents", "in_progress", brokers, claimer, limit);
+        let mut q = claim_query("dispatch_intents", "in_progress", sessions, claimer, limit);
         let mut rows: Vec<DispatchIntent> = q.build_query_as().fetch_all(&mut *tx).await?;
         tx.commit().await?;
         rows.sort_by_key(|r| (r.agent_id, r.seq));
@@ -598,15 +606,15 @@ impl Store for SqliteStore {
 
     async fn claim_messages(
         &self,
-        brokers: &[BrokerId],
+        sessions: &[(BrokerId, SessionId)],
         claimer: ReplicaId,
         limit: u32,
     ) -> StoreResult<Vec<Message>> {
-        if brokers.is_empty() {
+        if sessions.is_empty() {
             return Ok(Vec::new());
         }
         let mut tx = self.write().await?;
-        let mut q = claim_query("messages", "dispatched", brokers, claimer, limit);
+        let mut q = claim_query("messages", "dispatched", sessions, claimer, limit);
         let mut rows: Vec<Message> = q.build_query_as().fetch_all(&mut *tx).await?;
         tx.commit().await?;
         rows.sort_by_key(|r| (r.agent_id, r.seq));

@@ -163,14 +163,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
             .ok_or_else(|| crate::StoreError::Invalid("empty insert".into()))
     }
 
-    /// Claims up to `limit` pending intents of `brokers` for `claimer`
-    /// (`pending -> in_progress`, attempts + 1). Exactly one concurrent
-    /// caller gets each row; per agent, rows come in `seq` order and an
-    /// agent with an intent in flight at another replica is skipped.
-    /// The result is ordered by (agent, seq).
+    /// Claims up to `limit` pending intents for `claimer` (`pending ->
+    /// in_progress`, attempts + 1) of those brokers whose live session is
+    /// the one given: a session that has been superseded claims nothing, so
+    /// work requeued for a new session cannot be taken back by the old one.
+    /// Exactly one concurrent caller gets each row; per agent, rows come in
+    /// `seq` order and an agent with an intent in flight at another replica
+    /// is skipped. The result is ordered by (agent, seq).
     async fn claim_intents(
         &self,
-        brokers: &[BrokerId],
+        sessions: &[(BrokerId, SessionId)],
         claimer: ReplicaId,
         limit: u32,
     ) -> StoreResult<Vec<DispatchIntent>>;
@@ -200,7 +202,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// order rules as [`Store::claim_intents`].
     async fn claim_messages(
         &self,
-        brokers: &[BrokerId],
+        sessions: &[(BrokerId, SessionId)],
         claimer: ReplicaId,
         limit: u32,
     ) -> StoreResult<Vec<Message>>;

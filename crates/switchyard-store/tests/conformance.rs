@@ -85,6 +85,7 @@ conformance!(
     concurrent_message_claimers_deliver_each_once_in_order,
     messages_past_ttl_expire,
     a_new_session_requeues_the_brokers_in_flight_work,
+    a_superseded_session_claims_nothing,
     admin_tokens_and_handshake_nonces,
     agents_are_found_by_name_until_deleted,
 );
@@ -110,6 +111,21 @@ async fn agent(store: &dyn Store, broker: BrokerId, name: &str) -> AgentId {
         .await
         .expect("create agent")
         .id
+}
+
+/// The broker's live session, opening one (on a fresh replica) if it has
+/// none: claims only take work of a broker's current session.
+async fn session_of(store: &dyn Store, broker: BrokerId) -> (BrokerId, SessionId) {
+    let row = store.broker(broker).await.unwrap();
+    if let Some(affinity) = row.affinity() {
+        return (broker, affinity.session);
+    }
+    let session = SessionId::new();
+    store
+        .claim_affinity(broker, ReplicaId::new(), session)
+        .await
+        .unwrap();
+    (broker, session)
 }
 
 fn intent(agent: AgentId, op: Op) -> NewIntent {
@@ -562,7 +578,10 @@ async fn intents_are_claimed_in_per_agent_order_in_batches(f: Fixture) {
     let mut seen: HashMap<AgentId, Vec<(i64, Op)>> = HashMap::new();
     let mut batches = 0;
     loop {
-        let claimed = s.claim_intents(&[b.id], me, 3).await.unwrap();
+        let claimed = s
+            .claim_intents(&[session_of(&*f.store, b.id).await], me, 3)
+            .await
+            .unwrap();
         if claimed.is_empty() {
             break;
         }
@@ -596,18 +615,30 @@ async fn claim_skips_an_agent_with_work_in_flight_elsewhere(f: Fixture) {
     s.insert_intents(vec![intent(busy, Op::Start)])
         .await
         .unwrap();
-    assert_eq!(s.claim_intents(&[b.id], ra, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        s.claim_intents(&[session_of(&*f.store, b.id).await], ra, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     s.insert_intents(vec![intent(busy, Op::Stop), intent(free, Op::Start)])
         .await
         .unwrap();
     // B may not overtake A's in-flight start of `busy`...
-    let got = s.claim_intents(&[b.id], rb, 10).await.unwrap();
+    let got = s
+        .claim_intents(&[session_of(&*f.store, b.id).await], rb, 10)
+        .await
+        .unwrap();
     assert_eq!(
         got.iter().map(|i| i.agent_id).collect::<Vec<_>>(),
         vec![free]
     );
     // ...but A, which holds it, may send the next op right behind it.
-    let got = s.claim_intents(&[b.id], ra, 10).await.unwrap();
+    let got = s
+        .claim_intents(&[session_of(&*f.store, b.id).await], ra, 10)
+        .await
+        .unwrap();
     assert_eq!(
         got.iter().map(|i| (i.agent_id, i.op)).collect::<Vec<_>>(),
         vec![(busy, Op::Stop)]
@@ -625,6 +656,7 @@ async fn sixteen_claimers_claim_each_of_1000_intents_exactly_once(f: Fixture) {
         .collect();
     f.store.insert_intents(batch).await.unwrap();
 
+    let live = session_of(&*f.store, b.id).await;
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let store = f.replica().await;
@@ -635,7 +667,7 @@ async fn sixteen_claimers_claim_each_of_1000_intents_exactly_once(f: Fixture) {
             // Claim, then finish what was claimed (as an owner would), until
             // a few empty rounds in a row say the backlog is gone.
             while idle < 5 {
-                let claimed = store.claim_intents(&[b.id], me, 25).await.unwrap();
+                let claimed = store.claim_intents(&[live], me, 25).await.unwrap();
                 if claimed.is_empty() {
                     idle += 1;
                     tokio::task::yield_now().await;
@@ -688,7 +720,9 @@ async fn done_never_becomes_failed(f: Fixture) {
     let b = broker(s, "b").await;
     let a = agent(s, b.id, "w").await;
     let row = s.insert_intent(intent(a, Op::Start)).await.unwrap().row;
-    s.claim_intents(&[b.id], me, 1).await.unwrap();
+    s.claim_intents(&[session_of(&*f.store, b.id).await], me, 1)
+        .await
+        .unwrap();
     assert!(
         s.finish_intent(row.id, IntentOutcome::Done(json!({"pid": 1})))
             .await
@@ -787,8 +821,20 @@ async fn requeue_returns_dead_claimers_work_then_fails_after_max_attempts(f: Fix
         .clone();
 
     // Claimed by a replica with no registry row: dead.
-    assert_eq!(s.claim_intents(&[b.id], dead, 10).await.unwrap().len(), 1);
-    assert_eq!(s.claim_messages(&[b.id], dead, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        s.claim_intents(&[session_of(&*f.store, b.id).await], dead, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        s.claim_messages(&[session_of(&*f.store, b.id).await], dead, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     let report = s.requeue_abandoned(policy(LONG, LONG, 2)).await.unwrap();
     assert_eq!((report.intents_requeued, report.messages_requeued), (1, 1));
     let back = s.intent(row.id).await.unwrap();
@@ -799,7 +845,13 @@ async fn requeue_returns_dead_claimers_work_then_fails_after_max_attempts(f: Fix
     assert_eq!(s.message(m.id).await.unwrap().state, MessageState::Pending);
 
     // Work of a live claimer within its lease is left alone.
-    assert_eq!(s.claim_intents(&[b.id], live, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        s.claim_intents(&[session_of(&*f.store, b.id).await], live, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     let report = s.requeue_abandoned(policy(LONG, LONG, 2)).await.unwrap();
     assert_eq!(report.intents_requeued + report.intents_failed, 0);
 
@@ -819,7 +871,9 @@ async fn requeue_returns_work_whose_lease_ran_out(f: Fixture) {
     let b = broker(s, "b").await;
     let a = agent(s, b.id, "w").await;
     s.insert_intent(intent(a, Op::Start)).await.unwrap();
-    s.claim_intents(&[b.id], me, 1).await.unwrap();
+    s.claim_intents(&[session_of(&*f.store, b.id).await], me, 1)
+        .await
+        .unwrap();
     let report = s.requeue_abandoned(policy(LONG, LONG, 3)).await.unwrap();
     assert_eq!(report.intents_requeued, 0);
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -828,7 +882,10 @@ async fn requeue_returns_work_whose_lease_ran_out(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(report.intents_requeued, 1);
-    let again = s.claim_intents(&[b.id], me, 1).await.unwrap();
+    let again = s
+        .claim_intents(&[session_of(&*f.store, b.id).await], me, 1)
+        .await
+        .unwrap();
     assert_eq!(again[0].attempts, 2);
 }
 
@@ -879,7 +936,10 @@ async fn messages_keep_per_agent_fifo_order(f: Fixture) {
     }
     let mut got: HashMap<AgentId, Vec<i64>> = HashMap::new();
     loop {
-        let claimed = s.claim_messages(&[b.id], me, 7).await.unwrap();
+        let claimed = s
+            .claim_messages(&[session_of(&*f.store, b.id).await], me, 7)
+            .await
+            .unwrap();
         if claimed.is_empty() {
             break;
         }
@@ -909,7 +969,12 @@ async fn message_batch_with_one_invalid_item_inserts_nothing(f: Fixture) {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound("agent")), "{err:?}");
-    assert!(s.claim_messages(&[b.id], me, 10).await.unwrap().is_empty());
+    assert!(
+        s.claim_messages(&[session_of(&*f.store, b.id).await], me, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // A deleted agent takes no new messages either.
     s.apply_agent_status(b.id, a, Phase::Deleted, 1)
@@ -939,7 +1004,10 @@ async fn message_idempotency_and_idempotent_ack(f: Fixture) {
     assert_eq!(second[0].row.id, first.row.id);
     assert!(second[1].created);
 
-    let claimed = s.claim_messages(&[b.id], me, 10).await.unwrap();
+    let claimed = s
+        .claim_messages(&[session_of(&*f.store, b.id).await], me, 10)
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 2, "the retried key made no second row");
     assert!(s.ack_message(b.id, first.row.id).await.unwrap());
     assert!(
@@ -980,6 +1048,7 @@ async fn concurrent_message_claimers_deliver_each_once_in_order(f: Fixture) {
     let batch: Vec<NewMessage> = (0..800).map(|i| message(agents[i % 8], json!(i))).collect();
     f.store.insert_messages(batch).await.unwrap();
 
+    let live = session_of(&*f.store, b.id).await;
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let store = f.replica().await;
@@ -988,7 +1057,7 @@ async fn concurrent_message_claimers_deliver_each_once_in_order(f: Fixture) {
             let mut got = Vec::new();
             let mut idle = 0;
             while idle < 5 {
-                let claimed = store.claim_messages(&[b.id], me, 20).await.unwrap();
+                let claimed = store.claim_messages(&[live], me, 20).await.unwrap();
                 if claimed.is_empty() {
                     idle += 1;
                     tokio::task::yield_now().await;
@@ -1046,7 +1115,10 @@ async fn messages_past_ttl_expire(f: Fixture) {
         s.message(delivered.id).await.unwrap().state,
         MessageState::Delivered
     );
-    let claimed = s.claim_messages(&[b.id], me, 10).await.unwrap();
+    let claimed = s
+        .claim_messages(&[session_of(&*f.store, b.id).await], me, 10)
+        .await
+        .unwrap();
     assert_eq!(
         claimed.iter().map(|m| m.id).collect::<Vec<_>>(),
         vec![live.id]
@@ -1072,17 +1144,52 @@ async fn a_new_session_requeues_the_brokers_in_flight_work(f: Fixture) {
     s.insert_messages(vec![message(a, json!(1)), message(x, json!(2))])
         .await
         .unwrap();
-    s.claim_intents(&[b.id, other.id], me, 10).await.unwrap();
-    s.claim_messages(&[b.id, other.id], me, 10).await.unwrap();
+    s.claim_intents(
+        &[
+            session_of(&*f.store, b.id).await,
+            session_of(&*f.store, other.id).await,
+        ],
+        me,
+        10,
+    )
+    .await
+    .unwrap();
+    s.claim_messages(
+        &[
+            session_of(&*f.store, b.id).await,
+            session_of(&*f.store, other.id).await,
+        ],
+        me,
+        10,
+    )
+    .await
+    .unwrap();
     assert_eq!(s.requeue_broker_in_flight(b.id).await.unwrap(), 2);
-    let again = s.claim_messages(&[b.id, other.id], me, 10).await.unwrap();
+    let again = s
+        .claim_messages(
+            &[
+                session_of(&*f.store, b.id).await,
+                session_of(&*f.store, other.id).await,
+            ],
+            me,
+            10,
+        )
+        .await
+        .unwrap();
     assert_eq!(again.len(), 1, "only b's message went back");
     assert_eq!((again[0].agent_id, again[0].attempts), (a, 2));
     assert_eq!(
-        s.claim_intents(&[b.id, other.id], me, 10)
-            .await
-            .unwrap()
-            .len(),
+        s.claim_intents(
+            &[
+                session_of(&*f.store, b.id).await,
+                session_of(&*f.store, other.id).await
+            ],
+            me,
+            10
+        )
+        .await
+        .unwrap()
+        .len(),
         1
     );
 }
@@ -1144,4 +1251,48 @@ async fn agents_are_found_by_name_until_deleted(f: Fixture) {
         s.mark_agent_deleted(AgentId::new()).await,
         Err(StoreError::NotFound("agent"))
     ));
+}
+
+async fn a_superseded_session_claims_nothing(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let (old, new) = (SessionId::new(), SessionId::new());
+    let (ra, rb) = (ReplicaId::new(), ReplicaId::new());
+    s.claim_affinity(b.id, ra, old).await.unwrap();
+    s.claim_affinity(b.id, rb, new).await.unwrap();
+    s.insert_intents(vec![intent(a, Op::Start)]).await.unwrap();
+    s.insert_messages(vec![message(a, json!(1))]).await.unwrap();
+    assert!(
+        s.claim_intents(&[(b.id, old)], ra, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.claim_messages(&[(b.id, old)], ra, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.claim_intents(&[(b.id, new)], rb, 10).await.unwrap().len(),
+        1
+    );
+    assert_eq!(
+        s.claim_messages(&[(b.id, new)], rb, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // No session at all: nothing is claimed either.
+    s.release_affinity(b.id, rb, new).await.unwrap();
+    s.insert_messages(vec![message(a, json!(2))]).await.unwrap();
+    assert!(
+        s.claim_messages(&[(b.id, new)], rb, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

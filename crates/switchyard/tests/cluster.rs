@@ -142,20 +142,38 @@ async fn every_call_on_a_works_for_a_broker_on_b() {
     send_range(&[&api_a], &agent, 0..1000).await;
     let lines = c.wait_inbox(&agent, 1000, Duration::from_secs(60)).await;
     assert_once_in_order(&lines, 1000);
-    assert_eq!(lifecycle(&api_a, "stop", &agent).await["agent"]["phase"], "stopped");
-    assert_eq!(lifecycle(&api_a, "restart", &agent).await["agent"]["phase"], "running");
-    assert_eq!(lifecycle(&api_a, "delete", &agent).await["agent"]["phase"], "deleted");
+    assert_eq!(
+        lifecycle(&api_a, "stop", &agent).await["agent"]["phase"],
+        "stopped"
+    );
+    assert_eq!(
+        lifecycle(&api_a, "restart", &agent).await["agent"]["phase"],
+        "running"
+    );
+    assert_eq!(
+        lifecycle(&api_a, "delete", &agent).await["agent"]["phase"],
+        "deleted"
+    );
 
     // A forwarded everything, and coalesced its wake-ups.
     assert!(metric(&a, "switchyard_routes_total{route=\"forward\"}").await >= 1000.0);
-    assert_eq!(metric(&a, "switchyard_routes_total{route=\"local\"}").await, 0.0);
+    assert_eq!(
+        metric(&a, "switchyard_routes_total{route=\"local\"}").await,
+        0.0
+    );
     let notifies = metric(&a, "switchyard_notifications_sent_total").await;
     println!("notifications sent by A for 1000 messages + 5 ops: {notifies}");
-    assert!(notifies <= 1010.0, "at most one NOTIFY per call: {notifies}");
+    assert!(
+        notifies <= 1010.0,
+        "at most one NOTIFY per call: {notifies}"
+    );
     let (_, cluster) = api_a.call("GET", "/v1/cluster", None).await;
     let replicas = cluster["replicas"].as_array().unwrap();
     assert_eq!(replicas.len(), 2);
-    let holders: Vec<usize> = replicas.iter().map(|r| r["brokers"].as_array().unwrap().len()).collect();
+    let holders: Vec<usize> = replicas
+        .iter()
+        .map(|r| r["brokers"].as_array().unwrap().len())
+        .collect();
     assert_eq!(holders.iter().sum::<usize>(), 1, "{cluster}");
 }
 
@@ -180,7 +198,11 @@ async fn broker_moves_from_b_to_a_mid_stream_and_b_is_killed() {
     c.online_at(&api_a, &a).await;
     let lines = c.wait_inbox(&agent, 400, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(inbox(&c.workdir, &agent).len(), lines.len(), "no late duplicates");
+    assert_eq!(
+        inbox(&c.workdir, &agent).len(),
+        lines.len(),
+        "no late duplicates"
+    );
     assert_once_in_order(&lines, 400);
 
     // B's registry row is reaped once its heartbeat is stale (10 s).
@@ -192,7 +214,10 @@ async fn broker_moves_from_b_to_a_mid_stream_and_b_is_killed() {
             assert_eq!(replicas[0]["address"], json!(a.base));
             break;
         }
-        assert!(Instant::now() < until, "B never left the cluster: {cluster}");
+        assert!(
+            Instant::now() < until,
+            "B never left the cluster: {cluster}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -222,7 +247,11 @@ async fn killed_listeners_and_a_cut_database_connection_lose_nothing() {
     c.wait_inbox(&agent, 100, Duration::from_secs(30)).await;
 
     // Kill every listener connection of this database mid-traffic.
-    let name = url::Url::parse(c.db.url()).unwrap().path().trim_start_matches('/').to_owned();
+    let name = url::Url::parse(c.db.url())
+        .unwrap()
+        .path()
+        .trim_start_matches('/')
+        .to_owned();
     let killed_at = Instant::now();
     c.db.admin_execute(format!(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -240,7 +269,10 @@ async fn killed_listeners_and_a_cut_database_connection_lose_nothing() {
     c.wait_inbox(&agent, 200, Duration::from_secs(30)).await;
     let until = Instant::now() + Duration::from_secs(15);
     while metric(&b, "switchyard_command_bus_reconnects_total").await < 1.0 {
-        assert!(Instant::now() < until, "B's listener reconnect was not counted");
+        assert!(
+            Instant::now() < until,
+            "B's listener reconnect was not counted"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -289,7 +321,10 @@ async fn killed_listeners_and_a_cut_database_connection_lose_nothing() {
     }
     let until = Instant::now() + Duration::from_secs(15);
     while metric(&a, "switchyard_command_bus_reconnects_total").await < 1.0 {
-        assert!(Instant::now() < until, "A's listener reconnect was not counted");
+        assert!(
+            Instant::now() < until,
+            "A's listener reconnect was not counted"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(

@@ -239,4 +239,3 @@ pub fn assert_once_in_order(lines: &[Value], n: usize) {
     let bodies: Vec<u64> = lines.iter().map(|l| l["body"].as_u64().unwrap()).collect();
     assert_eq!(bodies, (0..n as u64).collect::<Vec<_>>(), "all, in order");
 }
-

@@ -1,0 +1,192 @@
+//! Several replicas in one process on one PostgreSQL database, with a
+//! broker driven frame by frame: affinity under flapping, and work written
+//! while the broker's affinity moves.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{RawBroker, TestHub, fast_config};
+use serde_json::json;
+use switchyard_proto::{BrokerFrame, DispatchResult, HubFrame};
+use switchyard_testkit::TestDb;
+
+/// A second replica on the same database as `first`.
+async fn second_replica(first: &TestHub) -> TestHub {
+    let database = switchyard_store::open_database(first.db.url())
+        .await
+        .unwrap();
+    let hub = switchyard_hub::Hub::start(fast_config(), database)
+        .await
+        .unwrap();
+    TestHub {
+        db: TestDb::sqlite(), // unused; the database belongs to `first`
+        store: first.store.clone(),
+        base: format!("http://{}", hub.addr()),
+        hub: Some(hub),
+        http: reqwest::Client::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flapping_100_times_while_work_is_written_loses_nothing() {
+    let a = TestHub::start(TestDb::postgres().await).await;
+    let b = second_replica(&a).await;
+    let (id, secret) = a.broker("flappy").await;
+    let agent = a.agent(&id, "worker").await;
+    let replicas = [&a, &b];
+
+    // Each round: the broker connects to one replica (superseding its
+    // session on the other) and a message is written through the other
+    // replica at the same moment, so affinity moves while work is written.
+    let mut sent = Vec::new();
+    let mut last = None;
+    for round in 0..100usize {
+        let here = replicas[round % 2];
+        let there = replicas[(round + 1) % 2];
+        let path = format!("/v1/agents/{agent}/messages");
+        let body = Some(json!({ "body": round }));
+        let (connected, (status, message)) = tokio::join!(
+            RawBroker::connect(here, &id, &secret),
+            there.call("POST", &path, body)
+        );
+        assert_eq!(status, 202, "{message}");
+        sent.push(message["id"].as_str().unwrap().to_owned());
+        last = Some((round % 2, connected));
+    }
+    let (side, mut broker) = last.unwrap();
+
+    // Affinity names the last session on the last replica.
+    let (_, row) = a.call("GET", &format!("/v1/brokers/{id}"), None).await;
+    assert_eq!(row["status"], "online");
+    assert_eq!(row["session_id"], json!(broker.session_id));
+    let (_, health) = replicas[side].call("GET", "/healthz", None).await;
+    assert_eq!(row["connected_replica"], health["instance_id"]);
+
+    // Every message written during the flapping reaches the last session.
+    let mut received = HashSet::new();
+    let mut order = Vec::new();
+    while received.len() < sent.len() {
+        match tokio::time::timeout(Duration::from_secs(15), broker.recv()).await {
+            Ok(Some(HubFrame::Message(m))) => {
+                if received.insert(m.id.to_string()) {
+                    order.push(m.body.as_u64().unwrap());
+                }
+                broker
+                    .send(&BrokerFrame::Ack {
+                        message_ids: vec![m.id],
+                    })
+                    .await;
+            }
+            Ok(Some(HubFrame::Dispatch(d))) => {
+                broker
+                    .send(&BrokerFrame::Result(DispatchResult {
+                        dispatch_id: d.id,
+                        ok: true,
+                        result: None,
+                        error: None,
+                    }))
+                    .await;
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => panic!("only {} of {} messages arrived", received.len(), sent.len()),
+        }
+    }
+    assert_eq!(received, sent.iter().cloned().collect::<HashSet<_>>());
+    assert_eq!(
+        order,
+        (0..100).collect::<Vec<u64>>(),
+        "per-agent order kept"
+    );
+    for id in &sent {
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, m) = b.call("GET", &format!("/v1/messages/{id}"), None).await;
+            if m["state"] == "delivered" {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < until, "{m}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_takeover_during_a_drain_delivers_the_backlog_once_each() {
+    let a = TestHub::start(TestDb::postgres().await).await;
+    let b = second_replica(&a).await;
+    let (id, secret) = a.broker("busy").await;
+    let agent = a.agent(&id, "worker").await;
+    let mut sent = HashSet::new();
+    for i in 0..300 {
+        let (status, m) = a
+            .call(
+                "POST",
+                &format!("/v1/agents/{agent}/messages"),
+                Some(json!({ "body": i })),
+            )
+            .await;
+        assert_eq!(status, 202);
+        sent.insert(m["id"].as_str().unwrap().to_owned());
+    }
+    // A starts draining the backlog to a first session; B takes over
+    // while A is mid-drain. Messages acked on the first socket stay
+    // delivered; the rest go out again on B, each exactly once from B.
+    let mut first = RawBroker::connect(&a, &id, &secret).await;
+    let mut acked_first = HashSet::new();
+    while acked_first.len() < 50 {
+        if let Some(HubFrame::Message(m)) = first.recv().await {
+            first
+                .send(&BrokerFrame::Ack {
+                    message_ids: vec![m.id],
+                })
+                .await;
+            acked_first.insert(m.id.to_string());
+        }
+    }
+    // Once those acks are recorded, they are final: B must not resend them.
+    // (An ack still on the wire when B takes over would be resent, which is
+    // at-least-once delivery; the broker drops such duplicates.)
+    for m in &acked_first {
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, row) = a.call("GET", &format!("/v1/messages/{m}"), None).await;
+            if row["state"] == "delivered" {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < until, "{row}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let mut second = RawBroker::connect(&b, &id, &secret).await;
+    let mut from_b = Vec::new();
+    let mut done: HashSet<String> = acked_first.clone();
+    while done.len() < sent.len() {
+        match tokio::time::timeout(Duration::from_secs(15), second.recv()).await {
+            Ok(Some(HubFrame::Message(m))) => {
+                from_b.push(m.id.to_string());
+                done.insert(m.id.to_string());
+                second
+                    .send(&BrokerFrame::Ack {
+                        message_ids: vec![m.id],
+                    })
+                    .await;
+            }
+            Ok(Some(HubFrame::Dispatch(_))) => {}
+            other => panic!("{} of {} done; then {other:?}", done.len(), sent.len()),
+        }
+    }
+    let unique: HashSet<&String> = from_b.iter().collect();
+    assert_eq!(unique.len(), from_b.len(), "B sent nothing twice");
+    assert!(
+        from_b.iter().all(|m| !acked_first.contains(m)),
+        "nothing acked is resent"
+    );
+    assert_eq!(done, sent);
+    b.shutdown().await;
+    a.shutdown().await;
+}
