@@ -939,6 +939,16 @@ struct PgSingleton {
     conn: Option<sqlx::pool::PoolConnection<Postgres>>,
 }
 
+impl Drop for PgSingleton {
+    /// Closes the lock's connection instead of returning it to the pool,
+    /// where it would keep holding the lock with nobody using it.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
+    }
+}
+
 #[async_trait]
 impl Singleton for PgSingleton {
     async fn hold(&mut self) -> StoreResult<bool> {

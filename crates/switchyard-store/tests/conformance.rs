@@ -86,6 +86,8 @@ conformance!(
     messages_past_ttl_expire,
     a_new_session_requeues_the_brokers_in_flight_work,
     a_superseded_session_claims_nothing,
+    one_singleton_at_a_time_and_a_successor_when_it_goes,
+    finished_rows_are_pruned_and_stuck_work_is_counted,
     admin_tokens_and_handshake_nonces,
     agents_are_found_by_name_until_deleted,
 );
@@ -1294,5 +1296,63 @@ async fn a_superseded_session_claims_nothing(f: Fixture) {
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+async fn one_singleton_at_a_time_and_a_successor_when_it_goes(f: Fixture) {
+    let other_replica = f.replica().await;
+    let mut first = f.store.singleton();
+    let mut second = other_replica.singleton();
+    assert!(first.hold().await.unwrap());
+    assert!(first.hold().await.unwrap(), "holding it again is fine");
+    let exclusive = f.store.backend() == "postgres";
+    assert_eq!(second.hold().await.unwrap(), !exclusive);
+    drop(first);
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !second.hold().await.unwrap() {
+        assert!(std::time::Instant::now() < until, "no successor took over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn finished_rows_are_pruned_and_stuck_work_is_counted(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let done = s.insert_intent(intent(a, Op::Start)).await.unwrap().row;
+    let open_intent = s.insert_intent(intent(a, Op::Stop)).await.unwrap().row;
+    let delivered = s.insert_messages(vec![message(a, json!(1))]).await.unwrap()[0]
+        .row
+        .clone();
+    let pending = s.insert_messages(vec![message(a, json!(2))]).await.unwrap()[0]
+        .row
+        .clone();
+    s.finish_intent(done.id, IntentOutcome::Done(json!({})))
+        .await
+        .unwrap();
+    s.ack_message(b.id, delivered.id).await.unwrap();
+    assert_eq!(s.count_stuck(LONG).await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(s.count_stuck(Duration::from_millis(100)).await.unwrap(), 2);
+    assert_eq!(s.prune_finished(LONG).await.unwrap(), 0);
+    assert_eq!(
+        s.prune_finished(Duration::from_millis(100)).await.unwrap(),
+        2
+    );
+    assert!(matches!(
+        s.intent(done.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        s.message(delivered.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        s.intent(open_intent.id).await.unwrap().state,
+        IntentState::Pending
+    );
+    assert_eq!(
+        s.message(pending.id).await.unwrap().state,
+        MessageState::Pending
     );
 }
