@@ -12,6 +12,7 @@ mod command_bus;
 mod control;
 mod drain;
 mod events;
+mod group_commit;
 mod lookup;
 mod metrics;
 mod replica;
@@ -125,6 +126,8 @@ pub(crate) struct HubState {
     pub(crate) notifier: Option<command_bus::Notifier>,
     /// Whether the command bus listener is connected (PostgreSQL only).
     pub(crate) listener: Option<command_bus::ListenerHealth>,
+    /// Group-committing writer of single messages.
+    pub(crate) messages: group_commit::MessageWriter,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -203,6 +206,8 @@ impl Hub {
                 .run(),
             );
         }
+        let (messages, writer) = group_commit::MessageWriter::start(store.clone());
+        tasks.spawn(writer);
         let state = HubState {
             replica_id,
             store: store.clone(),
@@ -214,6 +219,7 @@ impl Hub {
             shutdown: shutdown.clone(),
             notifier,
             listener: listener_health,
+            messages,
         };
         tasks.spawn(
             sweeper::Sweeper {

@@ -15,6 +15,8 @@ on_both_backends!(
     deleting_a_broker_with_agents_is_refused,
     idempotency_key_returns_the_same_message,
     lifecycle_without_broker_times_out_with_the_dispatch_id,
+    batch_messages_are_all_or_none_and_idempotent,
+    concurrent_messages_share_commits_and_a_bad_one_fails_alone,
 );
 
 fn error_code(body: &Value) -> &str {
@@ -255,5 +257,129 @@ async fn lifecycle_without_broker_times_out_with_the_dispatch_id(db: TestDb) {
         .await;
     assert_eq!(row["state"], "pending", "queued until the broker connects");
     assert_eq!(row["op"], "start");
+    hub.shutdown().await;
+}
+
+async fn batch_messages_are_all_or_none_and_idempotent(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (broker, _) = hub.broker("edge").await;
+    let first = hub.agent(&broker, "first").await;
+    hub.agent(&broker, "second").await;
+    let batch = json!({"messages": [
+        {"agent": first, "body": 1},
+        {"agent": "second", "body": 2},
+        {"agent": "first", "body": 3},
+    ]});
+    let send = |body: Value, key: Option<&str>| {
+        let mut req = hub
+            .http
+            .post(hub.url("/v1/messages"))
+            .bearer_auth(TOKEN)
+            .json(&body);
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        req.send()
+    };
+    let resp = send(batch.clone(), Some("batch-1")).await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let created: Value = resp.json().await.unwrap();
+    let rows = created["messages"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(
+        (rows[0]["seq"].as_i64(), rows[2]["seq"].as_i64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(rows[1]["seq"], 1);
+    // The same batch again, with its key: the same rows, nothing new.
+    let again: Value = send(batch, Some("batch-1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids = |v: &Value| -> Vec<Value> {
+        v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].clone())
+            .collect()
+    };
+    assert_eq!(ids(&again), ids(&created));
+    assert_eq!(
+        again["messages"][0]["route"],
+        Value::Null,
+        "nothing new to route"
+    );
+
+    // One unknown agent: 404 and nothing of the batch is written.
+    let bad = json!({"messages": [{"agent": "first", "body": 4}, {"agent": "ghost", "body": 5}]});
+    assert_eq!(send(bad, None).await.unwrap().status(), 404);
+    let ok = json!({"messages": [{"agent": "first", "body": 6}]});
+    let next: Value = send(ok, None).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        next["messages"][0]["seq"], 3,
+        "the failed batch wrote nothing"
+    );
+
+    assert_eq!(
+        send(json!({"messages": []}), None).await.unwrap().status(),
+        422
+    );
+    let too_many: Vec<Value> = (0..1001)
+        .map(|i| json!({"agent": "first", "body": i}))
+        .collect();
+    let resp = send(json!({ "messages": too_many }), None).await.unwrap();
+    assert_eq!(resp.status(), 422);
+    hub.shutdown().await;
+}
+
+async fn concurrent_messages_share_commits_and_a_bad_one_fails_alone(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (broker, _) = hub.broker("edge").await;
+    let agent = hub.agent(&broker, "busy").await;
+    let doomed = hub.agent(&broker, "doomed").await;
+    hub.store
+        .mark_agent_deleted(doomed.parse().unwrap())
+        .await
+        .unwrap();
+    let mut calls = Vec::new();
+    for i in 0..200 {
+        let target = if i % 50 == 7 {
+            doomed.clone()
+        } else {
+            agent.clone()
+        };
+        let http = hub.http.clone();
+        let url = hub.url(&format!("/v1/agents/{target}/messages"));
+        calls.push(tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(TOKEN)
+                .json(&json!({ "body": i }))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (i, status, resp.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut seqs = Vec::new();
+    for call in calls {
+        let (i, status, body) = call.await.unwrap();
+        if i % 50 == 7 {
+            assert_eq!(status, 404, "the deleted agent's message fails: {body}");
+        } else {
+            assert_eq!(status, 202, "{body}");
+            seqs.push(body["seq"].as_i64().unwrap());
+        }
+    }
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=196).collect::<Vec<i64>>(),
+        "each accepted once, no gaps"
+    );
     hub.shutdown().await;
 }

@@ -446,14 +446,44 @@ impl Store for PgStore {
             intents.iter().map(|i| i.idempotency_key.as_deref()),
             intents.len(),
         )?;
+        let keys: Vec<String> = intents
+            .iter()
+            .filter_map(|i| i.idempotency_key.clone())
+            .collect();
+        let mut tx = self.pool.begin().await?;
+        // Rows whose key exists already are answered with the original and
+        // take no sequence numbers; only the others are written.
+        let mut existing: Vec<DispatchIntent> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as("SELECT * FROM dispatch_intents WHERE idempotency_key = ANY($1)")
+                .bind(&keys)
+                .fetch_all(&mut *tx)
+                .await?
+        };
+        let known: std::collections::HashSet<String> = existing
+            .iter()
+            .filter_map(|r| r.idempotency_key.clone())
+            .collect();
+        let fresh: Vec<&NewIntent> = intents
+            .iter()
+            .filter(|i| {
+                i.idempotency_key
+                    .as_ref()
+                    .is_none_or(|k| !known.contains(k))
+            })
+            .collect();
         let mut counts: BTreeMap<AgentId, i64> = BTreeMap::new();
-        for i in &intents {
+        for i in &fresh {
             *counts.entry(i.agent_id).or_default() += 1;
         }
-        let mut tx = self.pool.begin().await?;
-        let mut next = reserve_seqs(&mut tx, &counts, SeqColumn::Intent).await?;
+        let mut next = if fresh.is_empty() {
+            BTreeMap::new()
+        } else {
+            reserve_seqs(&mut tx, &counts, SeqColumn::Intent).await?
+        };
         let mut cols = IntentColumns::default();
-        for i in &intents {
+        for i in &fresh {
             let (broker, seq) = next
                 .get_mut(&i.agent_id)
                 .ok_or(StoreError::NotFound("agent"))?;
@@ -485,20 +515,17 @@ impl Store for PgStore {
         .bind(&cols.key)
         .fetch_all(&mut *tx)
         .await?;
-        let existing: Vec<DispatchIntent> = if inserted.len() < intents.len() {
-            let keys: Vec<String> = cols.key.iter().flatten().cloned().collect();
-            sqlx::query_as("SELECT * FROM dispatch_intents WHERE idempotency_key = ANY($1)")
-                .bind(&keys)
-                .fetch_all(&mut *tx)
-                .await?
-        } else {
-            Vec::new()
-        };
-        let requested: Vec<(Uuid, Option<String>)> = cols
-            .id
+        if inserted.len() < fresh.len() {
+            // A concurrent insert won the race for a key: read the winner.
+            existing =
+                sqlx::query_as("SELECT * FROM dispatch_intents WHERE idempotency_key = ANY($1)")
+                    .bind(&keys)
+                    .fetch_all(&mut *tx)
+                    .await?;
+        }
+        let requested: Vec<(Uuid, Option<String>)> = intents
             .iter()
-            .copied()
-            .zip(cols.key.iter().cloned())
+            .map(|i| (i.id.0, i.idempotency_key.clone()))
             .collect();
         let rows = match_inserted(
             &requested,
@@ -620,14 +647,44 @@ impl Store for PgStore {
             messages.iter().map(|m| m.idempotency_key.as_deref()),
             messages.len(),
         )?;
+        let keys: Vec<String> = messages
+            .iter()
+            .filter_map(|m| m.idempotency_key.clone())
+            .collect();
+        let mut tx = self.pool.begin().await?;
+        // Rows whose key exists already are answered with the original and
+        // take no sequence numbers; only the others are written.
+        let mut existing: Vec<Message> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as("SELECT * FROM messages WHERE idempotency_key = ANY($1)")
+                .bind(&keys)
+                .fetch_all(&mut *tx)
+                .await?
+        };
+        let known: std::collections::HashSet<String> = existing
+            .iter()
+            .filter_map(|r| r.idempotency_key.clone())
+            .collect();
+        let fresh: Vec<&NewMessage> = messages
+            .iter()
+            .filter(|m| {
+                m.idempotency_key
+                    .as_ref()
+                    .is_none_or(|k| !known.contains(k))
+            })
+            .collect();
         let mut counts: BTreeMap<AgentId, i64> = BTreeMap::new();
-        for m in &messages {
+        for m in &fresh {
             *counts.entry(m.agent_id).or_default() += 1;
         }
-        let mut tx = self.pool.begin().await?;
-        let mut next = reserve_seqs(&mut tx, &counts, SeqColumn::Message).await?;
+        let mut next = if fresh.is_empty() {
+            BTreeMap::new()
+        } else {
+            reserve_seqs(&mut tx, &counts, SeqColumn::Message).await?
+        };
         let mut cols = MessageColumns::default();
-        for m in &messages {
+        for m in &fresh {
             let (broker, seq) = next
                 .get_mut(&m.agent_id)
                 .ok_or(StoreError::NotFound("agent"))?;
@@ -656,20 +713,16 @@ impl Store for PgStore {
         .bind(&cols.key)
         .fetch_all(&mut *tx)
         .await?;
-        let existing: Vec<Message> = if inserted.len() < messages.len() {
-            let keys: Vec<String> = cols.key.iter().flatten().cloned().collect();
-            sqlx::query_as("SELECT * FROM messages WHERE idempotency_key = ANY($1)")
+        if inserted.len() < fresh.len() {
+            // A concurrent insert won the race for a key: read the winner.
+            existing = sqlx::query_as("SELECT * FROM messages WHERE idempotency_key = ANY($1)")
                 .bind(&keys)
                 .fetch_all(&mut *tx)
-                .await?
-        } else {
-            Vec::new()
-        };
-        let requested: Vec<(Uuid, Option<String>)> = cols
-            .id
+                .await?;
+        }
+        let requested: Vec<(Uuid, Option<String>)> = messages
             .iter()
-            .copied()
-            .zip(cols.key.iter().cloned())
+            .map(|m| (m.id.0, m.idempotency_key.clone()))
             .collect();
         let rows = match_inserted(
             &requested,

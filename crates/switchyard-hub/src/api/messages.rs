@@ -31,19 +31,17 @@ pub(crate) async fn send(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let key = idempotency_key(&headers)?;
     let agent = lookup::agent(&*state.store, &reference).await?;
-    let expires_at = chrono::Utc::now()
-        + chrono::Duration::from_std(state.config.message_ttl).unwrap_or(chrono::Duration::MAX);
+    let expires_at = expires_at(&state);
     let inserted = state
-        .store
-        .insert_messages(vec![NewMessage {
+        .messages
+        .write(NewMessage {
             id: MessageId::new(),
             agent_id: agent.id,
             body: request.body,
             expires_at,
             idempotency_key: key,
-        }])
-        .await?
-        .remove(0);
+        })
+        .await?;
     let route = if inserted.created {
         state.metrics.messages_accepted.inc();
         Some(route_work(&state, agent.broker_id).await)
@@ -55,6 +53,90 @@ pub(crate) async fn send(
         StatusCode::ACCEPTED,
         Json(json!({ "id": row.id, "state": row.state, "seq": row.seq, "route": route })),
     ))
+}
+
+fn expires_at(state: &HubState) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now()
+        + chrono::Duration::from_std(state.config.message_ttl).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Most messages in one `POST /v1/messages`.
+const MAX_BATCH: usize = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchItem {
+    /// The agent's id or name.
+    agent: String,
+    body: Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SendBatch {
+    messages: Vec<BatchItem>,
+}
+
+/// `POST /v1/messages`: many messages, to one or many agents, in one
+/// all-or-none transaction. With `Idempotency-Key: K`, item i carries the
+/// key `K/i`, so a retried batch returns the original rows.
+pub(crate) async fn send_batch(
+    State(state): State<HubState>,
+    headers: HeaderMap,
+    ApiJson(request): ApiJson<SendBatch>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let key = idempotency_key(&headers)?;
+    if request.messages.is_empty() || request.messages.len() > MAX_BATCH {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("a batch holds 1 to {MAX_BATCH} messages"),
+        ));
+    }
+    let mut agents = std::collections::HashMap::new();
+    let expires_at = expires_at(&state);
+    let mut batch = Vec::with_capacity(request.messages.len());
+    for (i, item) in request.messages.into_iter().enumerate() {
+        let agent = match agents.get(&item.agent) {
+            Some(agent) => *agent,
+            None => {
+                let row = lookup::agent(&*state.store, &item.agent).await?;
+                agents.insert(item.agent.clone(), (row.id, row.broker_id));
+                (row.id, row.broker_id)
+            }
+        };
+        batch.push(NewMessage {
+            id: MessageId::new(),
+            agent_id: agent.0,
+            body: item.body,
+            expires_at,
+            idempotency_key: key.as_ref().map(|k| format!("{k}/{i}")),
+        });
+    }
+    let rows = state.store.insert_messages(batch).await?;
+    let created = rows.iter().filter(|r| r.created).count();
+    state.metrics.messages_accepted.inc_by(created as u64);
+    let brokers: std::collections::BTreeSet<_> = rows
+        .iter()
+        .filter(|r| r.created)
+        .map(|r| r.row.broker_id)
+        .collect();
+    let mut routes = std::collections::HashMap::new();
+    for broker in brokers {
+        routes.insert(broker, route_work(&state, broker).await);
+    }
+    let answers: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.row.id,
+                "state": r.row.state,
+                "seq": r.row.seq,
+                "route": routes.get(&r.row.broker_id),
+            })
+        })
+        .collect();
+    Ok((StatusCode::ACCEPTED, Json(json!({ "messages": answers }))))
 }
 
 pub(crate) async fn show(

@@ -38,6 +38,7 @@ pub(crate) fn router(state: HubState) -> Router<HubState> {
         .route("/v1/agents/{agent}/stop", post(agents::stop))
         .route("/v1/agents/{agent}/restart", post(agents::restart))
         .route("/v1/agents/{agent}/messages", post(messages::send))
+        .route("/v1/messages", post(messages::send_batch))
         .route("/v1/messages/{id}", get(messages::show))
         .route("/v1/dispatches", get(dispatches::list))
         .route("/v1/dispatches/{id}", get(dispatches::show))
