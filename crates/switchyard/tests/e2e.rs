@@ -357,11 +357,22 @@ async fn the_cli_drives_a_broker_and_an_agent() {
         let (code, _, err) = cli(&["send", "cli-echo", text]);
         assert_eq!(code, Some(0), "{err}");
     }
+    // Bulk: every line of a file, sent in batches, in order.
+    let file = s.workdir.join("lines.txt");
+    let many: Vec<String> = (0..1200).map(|i| format!("line-{i}")).collect();
+    std::fs::write(&file, many.join("\n")).unwrap();
+    let (code, out, err) = cli(&["send", "cli-echo", "--file", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.lines().count(), 1200);
     let (_, agent) = s.api.call("GET", "/v1/agents/cli-echo", None).await;
     let id = agent["id"].as_str().unwrap().to_owned();
-    let lines = s.inbox_of(&id, 3, Duration::from_secs(10)).await;
+    let lines = s.inbox_of(&id, 1203, Duration::from_secs(30)).await;
     let bodies: Vec<&str> = lines.iter().map(|l| l["body"].as_str().unwrap()).collect();
-    assert_eq!(bodies, ["a", "b", "c"]);
+    assert_eq!(bodies[..3], ["a", "b", "c"]);
+    assert_eq!(
+        bodies[3..],
+        many.iter().map(String::as_str).collect::<Vec<_>>()[..]
+    );
 
     let (code, out, err) = cli(&["agents", "stop", "cli-echo"]);
     assert_eq!(code, Some(0), "{err}");

@@ -69,6 +69,8 @@ pub(crate) struct BatchItem {
     /// The agent's id or name.
     agent: String,
     body: Value,
+    /// This item's own idempotency key (overrides the derived `K/i`).
+    idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,7 +81,8 @@ pub(crate) struct SendBatch {
 
 /// `POST /v1/messages`: many messages, to one or many agents, in one
 /// all-or-none transaction. With `Idempotency-Key: K`, item i carries the
-/// key `K/i`, so a retried batch returns the original rows.
+/// key `K/i` (unless it names its own `idempotency_key`), so a retried
+/// batch returns the original rows.
 pub(crate) async fn send_batch(
     State(state): State<HubState>,
     headers: HeaderMap,
@@ -110,7 +113,9 @@ pub(crate) async fn send_batch(
             agent_id: agent.0,
             body: item.body,
             expires_at,
-            idempotency_key: key.as_ref().map(|k| format!("{k}/{i}")),
+            idempotency_key: item
+                .idempotency_key
+                .or_else(|| key.as_ref().map(|k| format!("{k}/{i}"))),
         });
     }
     let rows = state.store.insert_messages(batch).await?;

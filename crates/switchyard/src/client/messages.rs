@@ -132,10 +132,15 @@ async fn send_one(
     Ok(())
 }
 
-/// Streams lines so `tail -f log | switchyard send a --file -` works; each
-/// message is accepted by the hub before the next line is sent, which keeps
-/// them in order. Lines are read on a plain thread: a blocked stdin read must
-/// not hold up runtime shutdown when a send fails.
+/// Most lines sent in one `POST /v1/messages`.
+const LINES_PER_BATCH: usize = 500;
+
+/// Streams lines so `tail -f log | switchyard send a --file -` works. Lines
+/// that are already available go out together in one all-or-none batch
+/// (`POST /v1/messages`, at most 500); a batch is sent as soon as no more
+/// lines are waiting, and each batch is accepted before the next is sent,
+/// which keeps the messages in order. Lines are read on a plain thread: a
+/// blocked stdin read must not hold up runtime shutdown when a send fails.
 async fn send_lines(
     hub: &HubClient,
     args: &SendArgs,
@@ -156,7 +161,7 @@ async fn send_lines(
     } else {
         file.display().to_string()
     };
-    let (tx, mut rx) = mpsc::channel::<std::io::Result<String>>(16);
+    let (tx, mut rx) = mpsc::channel::<std::io::Result<String>>(LINES_PER_BATCH);
     std::thread::spawn(move || {
         let reader: Box<dyn BufRead> = match opened {
             Some(file) => Box::new(std::io::BufReader::new(file)),
@@ -170,29 +175,63 @@ async fn send_lines(
     });
     let mut number = 0usize;
     let mut sent = 0usize;
-    while let Some(line) = rx.recv().await {
-        number += 1;
-        let line = line.map_err(|err| {
-            ExitCodeError::new(
-                exit::OTHER,
-                format!("cannot read line {number} of {name}: {err} ({sent} sent)"),
-            )
-        })?;
-        let text = line.strip_suffix('\r').unwrap_or(&line);
-        if text.trim().is_empty() {
-            continue;
+    let mut batch: Vec<Value> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(line) = next.take() {
+            number += 1;
+            let line = line.map_err(|err| {
+                ExitCodeError::new(
+                    exit::OTHER,
+                    format!("cannot read line {number} of {name}: {err} ({sent} sent)"),
+                )
+            })?;
+            let text = line.strip_suffix('\r').unwrap_or(&line);
+            if !text.trim().is_empty() {
+                let body = message_body(text, args.json).map_err(|err| {
+                    ExitCodeError::new(
+                        exit::OTHER,
+                        format!("line {number} of {name} is not valid JSON: {err} ({sent} sent)"),
+                    )
+                })?;
+                let mut item = json!({ "agent": args.agent, "body": body });
+                if let Some(key) = &args.idempotency_key {
+                    item["idempotency_key"] = json!(line_key(key, number));
+                }
+                batch.push(item);
+            }
+            if batch.len() < LINES_PER_BATCH {
+                next = rx.try_recv().ok();
+            }
         }
-        let body = message_body(text, args.json).map_err(|err| {
-            ExitCodeError::new(
-                exit::OTHER,
-                format!("line {number} of {name} is not valid JSON: {err} ({sent} sent)"),
-            )
-        })?;
-        let key = args.idempotency_key.as_ref().map(|k| line_key(k, number));
-        send_one(hub, &args.agent, body, key).await?;
-        sent += 1;
+        if !batch.is_empty() {
+            sent += send_batch(hub, &args.agent, std::mem::take(&mut batch)).await?;
+        }
     }
     Ok(())
+}
+
+/// Sends one batch; prints `ID STATE` per message; returns how many.
+async fn send_batch(
+    hub: &HubClient,
+    agent: &str,
+    items: Vec<Value>,
+) -> Result<usize, ExitCodeError> {
+    let reply = hub
+        .call(
+            Call::post(&["messages"], json!({ "messages": items }))
+                .about(format!("agent {agent:?}")),
+        )
+        .await?;
+    #[derive(serde::Deserialize)]
+    struct Batch {
+        messages: Vec<Accepted>,
+    }
+    let accepted: Batch = reply.decode()?;
+    for m in &accepted.messages {
+        println!("{} {}", m.id, table::or_none(Some(&m.state)));
+    }
+    Ok(accepted.messages.len())
 }
 
 /// Per-line idempotency key: one key for all lines would make the hub keep
