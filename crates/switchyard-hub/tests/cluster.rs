@@ -190,3 +190,75 @@ async fn a_takeover_during_a_drain_delivers_the_backlog_once_each() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_reach_watchers_and_waiters_on_another_replica() {
+    let a = TestHub::start(TestDb::postgres().await).await;
+    let b = second_replica(&a).await;
+    let (id, secret) = a.broker("edge").await;
+    let agent = a.agent(&id, "watched").await;
+    let mut broker = RawBroker::connect(&b, &id, &secret).await;
+
+    // A client watches the agent on A while the broker reports on B.
+    let mut watch = a
+        .http
+        .get(a.url(&format!("/v1/events?agent={agent}")))
+        .bearer_auth(common::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(watch.status(), 200);
+    let agent_id: uuid::Uuid = agent.parse().unwrap();
+    let driver = tokio::spawn(async move {
+        while let Some(frame) = broker.recv().await {
+            if let HubFrame::Dispatch(d) = frame {
+                broker
+                    .send(&BrokerFrame::Status(switchyard_proto::AgentStatus {
+                        agent_id,
+                        phase: switchyard_proto::Phase::Running,
+                        seq: 1,
+                        exit_code: None,
+                        detail: None,
+                    }))
+                    .await;
+                broker
+                    .send(&BrokerFrame::Result(DispatchResult {
+                        dispatch_id: d.id,
+                        ok: true,
+                        result: None,
+                        error: None,
+                    }))
+                    .await;
+            }
+        }
+    });
+    // A synchronous start on A is answered with the outcome produced on B,
+    // through the event (long before the 10 s window would force a re-read).
+    let asked = std::time::Instant::now();
+    let (status, body) = a
+        .call("POST", &format!("/v1/agents/{agent}/start"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["agent"]["phase"], "running");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    let mut seen = String::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(seen.contains("event: agent_status") && seen.contains("event: dispatch_finished")) {
+        let chunk = tokio::time::timeout_at(until, watch.chunk())
+            .await
+            .expect("events within 10 s")
+            .unwrap()
+            .expect("the stream stays open");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains("\"phase\":\"running\""), "{seen}");
+    driver.abort();
+    drop(watch);
+    b.shutdown().await;
+    a.shutdown().await;
+}
