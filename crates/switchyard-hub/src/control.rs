@@ -31,6 +31,7 @@ use switchyard_store::{
     AgentId, Broker, IntentId, IntentOutcome, MessageId, SessionHeartbeat, SessionId, StoreError,
 };
 use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite;
 use tokio_util::sync::CancellationToken;
 
 use crate::HubState;
@@ -323,21 +324,26 @@ async fn read_frames(
             }
             Ok(None) => return,
             Ok(Some(Err(err))) => {
+                let err = err.into_inner();
+                let (code, reason) = match err.downcast_ref::<tungstenite::Error>() {
+                    Some(tungstenite::Error::Capacity(_)) => (close_code::TOO_BIG, "too big"),
+                    // The broker vanished (killed, network gone): nothing to tell it.
+                    Some(tungstenite::Error::Protocol(
+                        tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                    )) => {
+                        tracing::info!(broker = %broker.id, "broker went away without closing");
+                        return;
+                    }
+                    _ => (close_code::PROTOCOL, "protocol error"),
+                };
                 tracing::warn!(broker = %broker.id, %err, "control channel read failed");
-                let too_big = err.to_string().contains("too long")
-                    || err.to_string().contains("too big")
-                    || err.to_string().contains("Space limit");
                 handle.close(
                     Some(error_frame(
                         ErrorCode::Protocol,
                         format!("unreadable frame: {err}"),
                     )),
-                    if too_big {
-                        close_code::TOO_BIG
-                    } else {
-                        close_code::PROTOCOL
-                    },
-                    "protocol error",
+                    code,
+                    reason,
                 );
                 return;
             }

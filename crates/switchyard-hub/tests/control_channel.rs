@@ -348,6 +348,8 @@ async fn protocol_violations_get_an_error_frame_and_a_close(db: TestDb) {
         "x".repeat(switchyard_proto::MAX_MESSAGE_BYTES + 1)
     );
     let _ = b.socket.send(Message::Text(huge.into())).await;
+    // The hub answers 1009; the close frame may be lost to a TCP reset when
+    // the hub stops reading the rest of the oversized message.
     let code = close_code(&mut b.socket).await;
     assert!(matches!(code, Some(1009) | None), "closed: {code:?}");
 
