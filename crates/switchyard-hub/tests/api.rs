@@ -154,6 +154,8 @@ async fn unknown_brokers_agents_and_ids_are_404(db: TestDb) {
     assert_eq!(status, 404, "agent on an unknown broker");
     let (_, agents) = hub.call("GET", "/v1/agents", None).await;
     assert_eq!(agents, json!([]));
+    let (status, body) = hub.call("PATCH", "/v1/brokers", None).await;
+    assert_eq!((status, error_code(&body)), (405, "method_not_allowed"));
     hub.shutdown().await;
 }
 

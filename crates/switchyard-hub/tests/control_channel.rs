@@ -215,7 +215,7 @@ async fn lifecycle_call_answers_with_the_brokers_outcome(db: TestDb) {
         .call("POST", &format!("/v1/agents/{agent}/start"), None)
         .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["agent"]["phase"], "running");
+    assert_eq!(body["phase"], "running");
     assert_eq!(body["dispatch"]["state"], "done");
 
     let (status, body) = hub

@@ -241,12 +241,19 @@ impl Store for PgStore {
 
     async fn delete_broker(&self, id: BrokerId) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        let found = sqlx::query("SELECT 1 FROM brokers WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if found.is_none() {
-            return Err(StoreError::NotFound("broker"));
+        let found: Option<Option<uuid::Uuid>> =
+            sqlx::query_scalar("SELECT session_id FROM brokers WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        match found {
+            None => return Err(StoreError::NotFound("broker")),
+            Some(Some(_)) => {
+                return Err(StoreError::Conflict(
+                    "broker is connected; stop its daemon first".into(),
+                ));
+            }
+            Some(None) => {}
         }
         let live: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM agents WHERE broker_id = $1 AND phase <> 'deleted'",

@@ -82,7 +82,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn list_brokers(&self) -> StoreResult<Vec<Broker>>;
 
     /// Deregisters a broker with everything that belonged to its deleted
-    /// agents. `Conflict` while it has agents that are not deleted.
+    /// agents. `Conflict` while it is connected or has agents that are not
+    /// deleted.
     async fn delete_broker(&self, id: BrokerId) -> StoreResult<()>;
 
     /// Makes `(replica, session)` the broker's live session, whatever held

@@ -399,6 +399,11 @@ async fn broker_names_are_unique_and_delete_is_refused_while_agents_live(f: Fixt
     s.apply_agent_status(b.id, a, Phase::Deleted, 1)
         .await
         .unwrap();
+    let (replica, session) = (ReplicaId::new(), SessionId::new());
+    s.claim_affinity(b.id, replica, session).await.unwrap();
+    let err = s.delete_broker(b.id).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "connected: {err:?}");
+    s.release_affinity(b.id, replica, session).await.unwrap();
     s.delete_broker(b.id).await.unwrap();
     assert!(matches!(
         s.broker(b.id).await,

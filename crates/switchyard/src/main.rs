@@ -10,6 +10,7 @@ use switchyard_hub::{Hub, HubConfig, random_secret, token_digest};
 use switchyard_store::Database;
 use tracing_subscriber::EnvFilter;
 
+mod bench;
 mod broker_cmd;
 mod client;
 
@@ -37,6 +38,8 @@ enum Command {
     },
     /// Run the reference broker daemon (agents as local processes).
     Broker(broker_cmd::BrokerArgs),
+    /// Measure throughput and latency of an in-process hub cluster.
+    Bench(bench::BenchArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -116,6 +119,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Broker(args) => broker_cmd::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::Client(command) => client::run(command).await,
         Command::Db {
             command: DbCommand::Migrate { database },

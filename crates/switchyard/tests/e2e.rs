@@ -157,7 +157,7 @@ async fn full_lifecycle_of_a_real_agent(db: TestDb) {
     let agent = s.echo_agent("echo").await;
 
     let started = s.lifecycle("start", &agent).await;
-    assert_eq!(started["agent"]["phase"], "running", "{started}");
+    assert_eq!(started["phase"], "running", "{started}");
     let mut ids = Vec::new();
     for text in ["one", "two", "three"] {
         ids.push(s.send(&agent, json!(text)).await);
@@ -188,15 +188,19 @@ async fn full_lifecycle_of_a_real_agent(db: TestDb) {
     assert_eq!(got_txt(&s.workdir, &agent), lines);
 
     let stopped = s.lifecycle("stop", &agent).await;
-    assert_eq!(stopped["agent"]["phase"], "stopped", "{stopped}");
+    assert_eq!(stopped["phase"], "stopped", "{stopped}");
     let restarted = s.lifecycle("start", &agent).await;
-    assert_eq!(restarted["agent"]["phase"], "running");
+    assert_eq!(restarted["phase"], "running");
     let restarted = s.lifecycle("restart", &agent).await;
-    assert_eq!(restarted["agent"]["phase"], "running");
+    assert_eq!(restarted["phase"], "running");
     let deleted = s.lifecycle("delete", &agent).await;
-    assert_eq!(deleted["agent"]["phase"], "deleted", "{deleted}");
+    assert_eq!(deleted["phase"], "deleted", "{deleted}");
     let (status, _) = s.api.call("GET", "/v1/agents/echo", None).await;
     assert_eq!(status, 404, "a deleted agent's name is free");
+    let (_, listed) = s.api.call("GET", "/v1/agents", None).await;
+    assert_eq!(listed, json!([]), "deleted agents are not listed by default");
+    let (_, all) = s.api.call("GET", "/v1/agents?include_deleted=true", None).await;
+    assert_eq!(all[0]["phase"], "deleted");
 }
 
 async fn thousand_messages_arrive_once_and_in_order(db: TestDb) {

@@ -89,8 +89,12 @@ pub(crate) async fn create(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct ListQuery {
     broker_id: Option<String>,
+    /// Deleted agents are left out unless this is true.
+    #[serde(default)]
+    include_deleted: bool,
 }
 
 pub(crate) async fn list(
@@ -101,7 +105,11 @@ pub(crate) async fn list(
         Some(reference) => Some(lookup::broker(&*state.store, &reference).await?.id),
         None => None,
     };
-    Ok(Json(state.store.list_agents(broker).await?))
+    let mut agents = state.store.list_agents(broker).await?;
+    if !query.include_deleted {
+        agents.retain(|a| a.phase != Phase::Deleted);
+    }
+    Ok(Json(agents))
 }
 
 pub(crate) async fn show(
@@ -231,7 +239,10 @@ async fn lifecycle(
             } else {
                 state.store.agent(agent.id).await?
             };
-            Ok(Json(json!({ "agent": agent, "dispatch": intent })).into_response())
+            // The agent as API.md promises, plus the dispatch that moved it.
+            let mut body = json!(agent);
+            body["dispatch"] = json!(intent);
+            Ok(Json(body).into_response())
         }
         IntentState::Failed => Err(ApiError::new(
             StatusCode::BAD_GATEWAY,

@@ -47,6 +47,7 @@ pub(crate) fn router(state: HubState) -> Router<HubState> {
         .route_layer(middleware::from_fn_with_state(state, require_admin))
         .route("/v1/brokers/connect", get(crate::control::connect))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
 }
 
 async fn not_found() -> ApiError {
@@ -54,6 +55,14 @@ async fn not_found() -> ApiError {
         axum::http::StatusCode::NOT_FOUND,
         "not_found",
         "no such endpoint",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
     )
 }
 
