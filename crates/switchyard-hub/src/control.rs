@@ -409,20 +409,14 @@ async fn handle_frame(
         BrokerFrame::Status(status) => apply_status(state, broker, status).await,
         BrokerFrame::Result(result) => apply_result(state, broker, result).await,
         BrokerFrame::Ack { message_ids } => {
-            let mut outcome = Ok(());
-            for id in message_ids {
-                match state.store.ack_message(broker.id, MessageId(id)).await {
-                    Ok(true) => state.metrics.messages_delivered.inc(),
-                    Ok(false) => {}
-                    Err(err) => {
-                        outcome = Err(err);
-                        if !matches!(outcome, Err(StoreError::NotFound(_))) {
-                            break;
-                        }
-                    }
-                }
+            let ids: Vec<MessageId> = message_ids.into_iter().map(MessageId).collect();
+            let acked = state.store.ack_messages(broker.id, &ids).await?;
+            state.metrics.messages_delivered.inc_by(acked.delivered);
+            if acked.not_found.is_empty() {
+                Ok(())
+            } else {
+                Err(StoreError::NotFound("message"))
             }
-            outcome
         }
         BrokerFrame::Error(error) => {
             tracing::warn!(broker = %broker.id, code = ?error.code, message = %error.message, "broker reported an error");

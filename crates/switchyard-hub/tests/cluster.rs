@@ -245,6 +245,19 @@ async fn events_reach_watchers_and_waiters_on_another_replica() {
         "{:?}",
         asked.elapsed()
     );
+    // A's lifecycle calls wake B through the command bus, not B's backstop.
+    let (status, queued) = a
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/restart?wait=false"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, queued["route"].as_str()),
+        (202, Some("forward")),
+        "{queued}"
+    );
 
     let mut seen = String::new();
     let until = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -19,9 +19,9 @@ pub use connect::{Database, OpenError, open, open_database};
 pub use error::{StoreError, StoreResult};
 pub use ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 pub use model::{
-    Affinity, Agent, Broker, BrokerStatus, DispatchIntent, Inserted, IntentFilter, IntentOutcome,
-    IntentState, Message, MessageState, NewAgent, NewIntent, NewMessage, Op, Phase, Replica,
-    RequeuePolicy, RequeueReport, SessionHeartbeat, UnknownWord,
+    Acked, Affinity, Agent, Broker, BrokerStatus, DispatchIntent, Inserted, IntentFilter,
+    IntentOutcome, IntentState, Message, MessageState, NewAgent, NewIntent, NewMessage, Op, Phase,
+    Replica, RequeuePolicy, RequeueReport, SessionHeartbeat, UnknownWord,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

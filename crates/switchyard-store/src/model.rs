@@ -241,3 +241,12 @@ pub struct RequeuePolicy {
     /// going back to `pending`.
     pub max_attempts: i32,
 }
+
+/// What an ack changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Acked {
+    /// Messages this ack moved to `delivered`.
+    pub delivered: u64,
+    /// Acked ids that are not messages of the acking broker.
+    pub not_found: Vec<MessageId>,
+}

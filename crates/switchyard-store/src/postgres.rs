@@ -18,9 +18,9 @@ use crate::batch::{check_batch, match_inserted};
 use crate::error::{StoreError, StoreResult};
 use crate::ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 use crate::model::{
-    Affinity, Agent, Broker, DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState,
-    Message, MessageState, NewAgent, NewIntent, NewMessage, Phase, Replica, RequeuePolicy,
-    RequeueReport, SessionHeartbeat,
+    Acked, Affinity, Agent, Broker, DispatchIntent, Inserted, IntentFilter, IntentOutcome,
+    IntentState, Message, MessageState, NewAgent, NewIntent, NewMessage, Phase, Replica,
+    RequeuePolicy, RequeueReport, SessionHeartbeat,
 };
 use crate::store::{Singleton, Store};
 
@@ -789,23 +789,34 @@ impl Store for PgStore {
         Ok(rows)
     }
 
-    async fn ack_message(&self, broker: BrokerId, id: MessageId) -> StoreResult<bool> {
-        let done = sqlx::query(
+    async fn ack_messages(&self, broker: BrokerId, ids: &[MessageId]) -> StoreResult<Acked> {
+        let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+        let mut tx = self.pool.begin().await?;
+        let delivered = sqlx::query(
             "UPDATE messages SET state = 'delivered', delivered_at = now(), updated_at = now()
-             WHERE id = $1 AND broker_id = $2 AND state IN ('pending', 'dispatched')",
+             WHERE id = ANY($1) AND broker_id = $2 AND state IN ('pending', 'dispatched')",
         )
-        .bind(id)
+        .bind(&ids)
         .bind(broker)
-        .execute(&self.pool)
-        .await?;
-        if done.rows_affected() == 1 {
-            return Ok(true);
-        }
-        let current = self.message(id).await?;
-        if current.broker_id != broker {
-            return Err(StoreError::NotFound("message"));
-        }
-        Ok(false)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let known: Vec<Uuid> =
+            sqlx::query_scalar("SELECT id FROM messages WHERE id = ANY($1) AND broker_id = $2")
+                .bind(&ids)
+                .bind(broker)
+                .fetch_all(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        let not_found = ids
+            .into_iter()
+            .filter(|id| !known.contains(id))
+            .map(MessageId)
+            .collect();
+        Ok(Acked {
+            delivered,
+            not_found,
+        })
     }
 
     async fn message(&self, id: MessageId) -> StoreResult<Message> {

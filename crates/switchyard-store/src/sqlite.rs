@@ -17,9 +17,9 @@ use crate::batch::check_batch;
 use crate::error::{StoreError, StoreResult};
 use crate::ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 use crate::model::{
-    Affinity, Agent, Broker, DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState,
-    Message, MessageState, NewAgent, NewIntent, NewMessage, Phase, Replica, RequeuePolicy,
-    RequeueReport, SessionHeartbeat,
+    Acked, Affinity, Agent, Broker, DispatchIntent, Inserted, IntentFilter, IntentOutcome,
+    IntentState, Message, MessageState, NewAgent, NewIntent, NewMessage, Phase, Replica,
+    RequeuePolicy, RequeueReport, SessionHeartbeat,
 };
 use crate::store::{Singleton, Store};
 
@@ -628,24 +628,35 @@ impl Store for SqliteStore {
         Ok(rows)
     }
 
-    async fn ack_message(&self, broker: BrokerId, id: MessageId) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE messages SET state = 'delivered', delivered_at = ?3, updated_at = ?3
-             WHERE id = ?1 AND broker_id = ?2 AND state IN ('pending', 'dispatched')",
-        )
-        .bind(id)
-        .bind(broker)
-        .bind(now())
-        .execute(&self.pool)
-        .await?;
-        if done.rows_affected() == 1 {
-            return Ok(true);
+    async fn ack_messages(&self, broker: BrokerId, ids: &[MessageId]) -> StoreResult<Acked> {
+        let mut acked = Acked::default();
+        let mut tx = self.write().await?;
+        for id in ids {
+            let owner: Option<(BrokerId, String)> =
+                sqlx::query_as("SELECT broker_id, state FROM messages WHERE id = ?1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            match owner {
+                Some((owner, state)) if owner == broker => {
+                    if state == "pending" || state == "dispatched" {
+                        sqlx::query(
+                            "UPDATE messages SET state = 'delivered', delivered_at = ?2,
+                                    updated_at = ?2
+                             WHERE id = ?1",
+                        )
+                        .bind(id)
+                        .bind(now())
+                        .execute(&mut *tx)
+                        .await?;
+                        acked.delivered += 1;
+                    }
+                }
+                _ => acked.not_found.push(*id),
+            }
         }
-        let current = self.message(id).await?;
-        if current.broker_id != broker {
-            return Err(StoreError::NotFound("message"));
-        }
-        Ok(false)
+        tx.commit().await?;
+        Ok(acked)
     }
 
     async fn message(&self, id: MessageId) -> StoreResult<Message> {

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use crate::error::StoreResult;
 use crate::ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 use crate::model::{
-    Affinity, Agent, Broker, DispatchIntent, Inserted, IntentFilter, IntentOutcome, Message,
+    Acked, Affinity, Agent, Broker, DispatchIntent, Inserted, IntentFilter, IntentOutcome, Message,
     NewAgent, NewIntent, NewMessage, Phase, Replica, RequeuePolicy, RequeueReport,
     SessionHeartbeat,
 };
@@ -208,10 +208,22 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         limit: u32,
     ) -> StoreResult<Vec<Message>>;
 
-    /// The broker confirms it handed the message to the agent. Idempotent:
-    /// true when this call made it `delivered`, false if it was already
-    /// final. `NotFound` if the message is not this broker's.
-    async fn ack_message(&self, broker: BrokerId, id: MessageId) -> StoreResult<bool>;
+    /// The broker confirms it handed these messages to their agents:
+    /// `pending`/`dispatched` rows of this broker become `delivered`, final
+    /// rows stay as they are (idempotent). Ids that are not this broker's
+    /// messages change nothing and are reported back.
+    async fn ack_messages(&self, broker: BrokerId, ids: &[MessageId]) -> StoreResult<Acked>;
+
+    /// One-message form of [`Store::ack_messages`]: true when this call made
+    /// it `delivered`, false if it was already final; `NotFound` if it is
+    /// not this broker's.
+    async fn ack_message(&self, broker: BrokerId, id: MessageId) -> StoreResult<bool> {
+        let acked = self.ack_messages(broker, &[id]).await?;
+        if !acked.not_found.is_empty() {
+            return Err(crate::StoreError::NotFound("message"));
+        }
+        Ok(acked.delivered == 1)
+    }
 
     async fn message(&self, id: MessageId) -> StoreResult<Message>;
 

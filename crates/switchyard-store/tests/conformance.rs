@@ -82,6 +82,7 @@ conformance!(
     message_batch_with_one_invalid_item_inserts_nothing,
     message_idempotency_and_idempotent_ack,
     ack_from_another_broker_changes_nothing,
+    batch_acks_deliver_their_own_and_report_the_rest,
     concurrent_message_claimers_deliver_each_once_in_order,
     messages_past_ttl_expire,
     a_new_session_requeues_the_brokers_in_flight_work,
@@ -1358,6 +1359,38 @@ async fn finished_rows_are_pruned_and_stuck_work_is_counted(f: Fixture) {
     );
     assert_eq!(
         s.message(pending.id).await.unwrap().state,
+        MessageState::Pending
+    );
+}
+
+async fn batch_acks_deliver_their_own_and_report_the_rest(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let other = broker(s, "other").await;
+    let a = agent(s, b.id, "w").await;
+    let x = agent(s, other.id, "x").await;
+    let mine = s
+        .insert_messages(vec![message(a, json!(1)), message(a, json!(2))])
+        .await
+        .unwrap();
+    let theirs = s.insert_messages(vec![message(x, json!(3))]).await.unwrap();
+    s.ack_message(b.id, mine[1].row.id).await.unwrap();
+    let ghost = MessageId::new();
+    let acked = s
+        .ack_messages(
+            b.id,
+            &[mine[0].row.id, mine[1].row.id, theirs[0].row.id, ghost],
+        )
+        .await
+        .unwrap();
+    assert_eq!(acked.delivered, 1, "only the one still pending");
+    assert_eq!(acked.not_found, vec![theirs[0].row.id, ghost]);
+    assert_eq!(
+        s.message(mine[0].row.id).await.unwrap().state,
+        MessageState::Delivered
+    );
+    assert_eq!(
+        s.message(theirs[0].row.id).await.unwrap().state,
         MessageState::Pending
     );
 }

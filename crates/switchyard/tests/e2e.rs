@@ -198,8 +198,15 @@ async fn full_lifecycle_of_a_real_agent(db: TestDb) {
     let (status, _) = s.api.call("GET", "/v1/agents/echo", None).await;
     assert_eq!(status, 404, "a deleted agent's name is free");
     let (_, listed) = s.api.call("GET", "/v1/agents", None).await;
-    assert_eq!(listed, json!([]), "deleted agents are not listed by default");
-    let (_, all) = s.api.call("GET", "/v1/agents?include_deleted=true", None).await;
+    assert_eq!(
+        listed,
+        json!([]),
+        "deleted agents are not listed by default"
+    );
+    let (_, all) = s
+        .api
+        .call("GET", "/v1/agents?include_deleted=true", None)
+        .await;
     assert_eq!(all[0]["phase"], "deleted");
 }
 

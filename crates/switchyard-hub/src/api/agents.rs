@@ -214,16 +214,23 @@ async fn lifecycle(
     check_phase(op, agent.phase)?;
     // Subscribe before the intent exists, so its outcome cannot slip by.
     let mut events = state.events.subscribe();
-    let intent = state
+    let inserted = state
         .store
         .insert_intent(new_intent(&state, agent.id, op, key))
-        .await?
-        .row;
-    state.sessions.wake(agent.broker_id);
+        .await?;
+    let intent = inserted.row;
+    if inserted.created {
+        state
+            .metrics
+            .intents_published
+            .with_label_values(&[op.as_str()])
+            .inc();
+    }
+    let route = route_work(&state, agent.broker_id).await;
     if !query.wait {
         return Ok((
             StatusCode::ACCEPTED,
-            Json(json!({ "dispatch_id": intent.id })),
+            Json(json!({ "dispatch_id": intent.id, "route": route })),
         )
             .into_response());
     }

@@ -663,7 +663,11 @@ async fn lifecycle_scenario(ctx: &Ctx, args: &BenchArgs, cross: bool) -> anyhow:
                 let t0 = Instant::now();
                 let answer = shared.ctx.call(target, "POST", &path, None, 200).await?;
                 samples.push(t0.elapsed());
-                if answer["agent"]["phase"].as_str() != Some("running") {
+                // The agent is the body (older hubs wrapped it in "agent").
+                let phase = answer["phase"]
+                    .as_str()
+                    .or_else(|| answer["agent"]["phase"].as_str());
+                if phase != Some("running") {
                     bail!("restart answered {answer}, expected the agent running");
                 }
             }
