@@ -7,7 +7,7 @@ use common::{TOKEN, TestHub};
 use serde_json::{Value, json};
 use switchyard_testkit::TestDb;
 
-on_both_backends!(
+switchyard_testkit::on_both_backends!(
     requests_without_a_valid_token_get_401,
     malformed_unknown_and_oversized_bodies_are_refused_and_change_nothing,
     unknown_brokers_agents_and_ids_are_404,

@@ -14,7 +14,7 @@ use switchyard_proto::{
 use switchyard_testkit::TestDb;
 use tokio_tungstenite::tungstenite::Message;
 
-on_both_backends!(
+switchyard_testkit::on_both_backends!(
     handshake_rejects_wrong_secret_replay_stale_time_and_unknown_broker,
     a_newer_session_supersedes_the_older_socket,
     queued_work_is_drained_in_order_when_the_broker_connects,

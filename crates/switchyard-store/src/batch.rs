@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashSet};
 use uuid::Uuid;
 
 use crate::error::{StoreError, StoreResult};
-use crate::model::Inserted;
+use crate::ids::AgentId;
+use crate::model::{DispatchIntent, Inserted, Message, NewIntent, NewMessage};
 
 /// Rejects empty batches, empty keys, and a key repeated within one batch.
 pub(crate) fn check_batch<'a>(
@@ -31,36 +32,72 @@ pub(crate) fn check_batch<'a>(
     Ok(())
 }
 
-/// Pairs each requested row with the inserted one, or with the existing row
-/// its idempotency key named.
-pub(crate) fn match_inserted<T: Clone>(
-    requested: &[(Uuid, Option<String>)],
-    inserted: Vec<T>,
-    existing: Vec<T>,
-    id_of: impl Fn(&T) -> Uuid,
-    key_of: impl Fn(&T) -> Option<&str>,
-) -> StoreResult<Vec<Inserted<T>>> {
-    let inserted: BTreeMap<Uuid, T> = inserted.into_iter().map(|r| (id_of(&r), r)).collect();
-    let existing: BTreeMap<String, T> = existing
+/// An item of an idempotent batch insert.
+pub(crate) trait NewRow {
+    fn id(&self) -> Uuid;
+    fn agent(&self) -> AgentId;
+    fn key(&self) -> Option<&str>;
+}
+
+/// A stored row that a batch item may resolve to.
+pub(crate) trait StoredRow: Clone {
+    fn id(&self) -> Uuid;
+    fn key(&self) -> Option<&str>;
+}
+
+macro_rules! rows {
+    ($($new:ty => $stored:ty),+) => {$(
+        impl NewRow for $new {
+            fn id(&self) -> Uuid {
+                self.id.0
+            }
+            fn agent(&self) -> AgentId {
+                self.agent_id
+            }
+            fn key(&self) -> Option<&str> {
+                self.idempotency_key.as_deref()
+            }
+        }
+        impl StoredRow for $stored {
+            fn id(&self) -> Uuid {
+                self.id.0
+            }
+            fn key(&self) -> Option<&str> {
+                self.idempotency_key.as_deref()
+            }
+        }
+    )+};
+}
+rows!(NewIntent => DispatchIntent, NewMessage => Message);
+
+/// Answers each requested item with the row inserted for it, or with the
+/// existing row its idempotency key named.
+pub(crate) fn match_inserted<N: NewRow, R: StoredRow>(
+    requested: &[N],
+    inserted: Vec<R>,
+    existing: Vec<R>,
+) -> StoreResult<Vec<Inserted<R>>> {
+    let inserted: BTreeMap<Uuid, R> = inserted.into_iter().map(|r| (r.id(), r)).collect();
+    let existing: BTreeMap<String, R> = existing
         .into_iter()
-        .filter_map(|r| key_of(&r).map(|k| (k.to_owned(), r.clone())))
+        .filter_map(|r| r.key().map(|k| (k.to_owned(), r.clone())))
         .collect();
     requested
         .iter()
-        .map(|(id, key)| {
-            if let Some(row) = inserted.get(id) {
+        .map(|item| {
+            if let Some(row) = inserted.get(&item.id()) {
                 return Ok(Inserted {
                     row: row.clone(),
                     created: true,
                 });
             }
-            key.as_ref()
+            item.key()
                 .and_then(|k| existing.get(k))
                 .map(|row| Inserted {
                     row: row.clone(),
                     created: false,
                 })
-                .ok_or_else(|| StoreError::Conflict(format!("id {id} exists already")))
+                .ok_or_else(|| StoreError::Conflict(format!("id {} exists already", item.id())))
         })
         .collect()
 }

@@ -14,7 +14,7 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::batch::{check_batch, match_inserted};
+use crate::batch::{NewRow, StoredRow, check_batch, match_inserted};
 use crate::error::{StoreError, StoreResult};
 use crate::ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 use crate::model::{
@@ -73,12 +73,12 @@ async fn lock_live_sessions(
 
 /// Locks the given agents (in id order, so concurrent batches cannot
 /// deadlock), checks that all exist and are not deleted, and reserves `n`
-/// sequence numbers per agent from the counter in `column`. Returns, per
+/// sequence numbers per agent from the counter of `table`. Returns, per
 /// agent, its broker and the first reserved sequence number.
 async fn reserve_seqs(
     tx: &mut Transaction<'static, Postgres>,
     counts: &BTreeMap<AgentId, i64>,
-    column: SeqColumn,
+    table: Table,
 ) -> StoreResult<BTreeMap<AgentId, (BrokerId, i64)>> {
     let ids: Vec<Uuid> = counts.keys().map(|a| a.0).collect();
     let locked: Vec<(AgentId,)> = sqlx::query_as(
@@ -91,14 +91,14 @@ async fn reserve_seqs(
         return Err(StoreError::NotFound("agent"));
     }
     let ns: Vec<i64> = counts.values().copied().collect();
-    let sql = match column {
-        SeqColumn::Message => {
+    let sql = match table {
+        Table::Messages => {
             "UPDATE agents a SET message_seq = a.message_seq + c.n, updated_at = a.updated_at
              FROM unnest($1::uuid[], $2::bigint[]) AS c(id, n)
              WHERE a.id = c.id
              RETURNING a.id, a.broker_id, a.message_seq - c.n + 1"
         }
-        SeqColumn::Intent => {
+        Table::Intents => {
             "UPDATE agents a SET intent_seq = a.intent_seq + c.n, updated_at = a.updated_at
              FROM unnest($1::uuid[], $2::bigint[]) AS c(id, n)
              WHERE a.id = c.id
@@ -116,10 +116,104 @@ async fn reserve_seqs(
         .collect())
 }
 
+/// The part of an idempotent batch insert that intents and messages share.
+/// Items whose key names an existing row are answered with that row and
+/// take no sequence numbers; the others (`fresh`) get their broker and the
+/// next sequence numbers of their agent, in batch order.
+struct BatchPlan<'a, N, R> {
+    keys: Vec<String>,
+    existing: Vec<R>,
+    fresh: Vec<(&'a N, BrokerId, i64)>,
+}
+
+impl<'a, N, R> BatchPlan<'a, N, R>
+where
+    N: NewRow,
+    R: StoredRow + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    async fn new(
+        tx: &mut Transaction<'static, Postgres>,
+        items: &'a [N],
+        table: Table,
+    ) -> StoreResult<Self> {
+        check_batch(items.iter().map(NewRow::key), items.len())?;
+        let keys: Vec<String> = items
+            .iter()
+            .filter_map(|i| i.key().map(str::to_owned))
+            .collect();
+        let existing: Vec<R> = rows_with_keys(tx, table, &keys).await?;
+        let known: std::collections::HashSet<&str> =
+            existing.iter().filter_map(StoredRow::key).collect();
+        let fresh: Vec<&N> = items
+            .iter()
+            .filter(|i| i.key().is_none_or(|k| !known.contains(k)))
+            .collect();
+        let mut counts: BTreeMap<AgentId, i64> = BTreeMap::new();
+        for item in &fresh {
+            *counts.entry(item.agent()).or_default() += 1;
+        }
+        let mut next = if fresh.is_empty() {
+            BTreeMap::new()
+        } else {
+            reserve_seqs(tx, &counts, table).await?
+        };
+        let mut planned = Vec::with_capacity(fresh.len());
+        for item in fresh {
+            let (broker, seq) = next
+                .get_mut(&item.agent())
+                .ok_or(StoreError::NotFound("agent"))?;
+            planned.push((item, *broker, *seq));
+            *seq += 1;
+        }
+        Ok(Self {
+            keys,
+            existing,
+            fresh: planned,
+        })
+    }
+
+    /// Pairs every item with its row, after the fresh ones were inserted
+    /// with `ON CONFLICT (idempotency_key) DO NOTHING`.
+    async fn finish(
+        self,
+        tx: &mut Transaction<'static, Postgres>,
+        items: &[N],
+        inserted: Vec<R>,
+        table: Table,
+    ) -> StoreResult<Vec<Inserted<R>>> {
+        let existing = if inserted.len() < self.fresh.len() {
+            // A concurrent insert won the race for a key: read the winner.
+            rows_with_keys(tx, table, &self.keys).await?
+        } else {
+            self.existing
+        };
+        match_inserted(items, inserted, existing)
+    }
+}
+
+async fn rows_with_keys<R>(
+    tx: &mut Transaction<'static, Postgres>,
+    table: Table,
+    keys: &[String],
+) -> StoreResult<Vec<R>>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = match table {
+        Table::Intents => "SELECT * FROM dispatch_intents WHERE idempotency_key = ANY($1)",
+        Table::Messages => "SELECT * FROM messages WHERE idempotency_key = ANY($1)",
+    };
+    Ok(sqlx::query_as(sql).bind(keys).fetch_all(&mut **tx).await?)
+}
+
 #[derive(Clone, Copy)]
-enum SeqColumn {
-    Message,
-    Intent,
+/// The two tables of per-agent sequenced work.
+enum Table {
+    Messages,
+    Intents,
 }
 
 #[async_trait]
@@ -449,51 +543,11 @@ impl Store for PgStore {
         &self,
         intents: Vec<NewIntent>,
     ) -> StoreResult<Vec<Inserted<DispatchIntent>>> {
-        check_batch(
-            intents.iter().map(|i| i.idempotency_key.as_deref()),
-            intents.len(),
-        )?;
-        let keys: Vec<String> = intents
-            .iter()
-            .filter_map(|i| i.idempotency_key.clone())
-            .collect();
         let mut tx = self.pool.begin().await?;
-        // Rows whose key exists already are answered with the original and
-        // take no sequence numbers; only the others are written.
-        let mut existing: Vec<DispatchIntent> = if keys.is_empty() {
-            Vec::new()
-        } else {
-            sqlx::query_as("SELECT * FROM dispatch_intents WHERE idempotency_key = ANY($1)")
-                .bind(&keys)
-                .fetch_all(&mut *tx)
-                .await?
-        };
-        let known: std::collections::HashSet<String> = existing
-            .iter()
-            .filter_map(|r| r.idempotency_key.clone())
-            .collect();
-        let fresh: Vec<&NewIntent> = intents
-            .iter()
-            .filter(|i| {
-                i.idempotency_key
-                    .as_ref()
-                    .is_none_or(|k| !known.contains(k))
-            })
-            .collect();
-        let mut counts: BTreeMap<AgentId, i64> = BTreeMap::new();
-        for i in &fresh {
-            *counts.entry(i.agent_id).or_default() += 1;
-        }
-        let mut next = if fresh.is_empty() {
-            BTreeMap::new()
-        } else {
-            reserve_seqs(&mut tx, &counts, SeqColumn::Intent).await?
-        };
+        let plan =
+            BatchPlan::<NewIntent, DispatchIntent>::new(&mut tx, &intents, Table::Intents).await?;
         let mut cols = IntentColumns::default();
-        for i in &fresh {
-            let (broker, seq) = next
-                .get_mut(&i.agent_id)
-                .ok_or(StoreError::NotFound("agent"))?;
+        for (i, broker, seq) in &plan.fresh {
             cols.id.push(i.id.0);
             cols.broker.push(broker.0);
             cols.agent.push(i.agent_id.0);
@@ -502,7 +556,6 @@ impl Store for PgStore {
             cols.args.push(Json(i.args.clone()));
             cols.deadline.push(i.deadline);
             cols.key.push(i.idempotency_key.clone());
-            *seq += 1;
         }
         let inserted: Vec<DispatchIntent> = sqlx::query_as(
             "INSERT INTO dispatch_intents
@@ -522,25 +575,9 @@ impl Store for PgStore {
         .bind(&cols.key)
         .fetch_all(&mut *tx)
         .await?;
-        if inserted.len() < fresh.len() {
-            // A concurrent insert won the race for a key: read the winner.
-            existing =
-                sqlx::query_as("SELECT * FROM dispatch_intents WHERE idempotency_key = ANY($1)")
-                    .bind(&keys)
-                    .fetch_all(&mut *tx)
-                    .await?;
-        }
-        let requested: Vec<(Uuid, Option<String>)> = intents
-            .iter()
-            .map(|i| (i.id.0, i.idempotency_key.clone()))
-            .collect();
-        let rows = match_inserted(
-            &requested,
-            inserted,
-            existing,
-            |r| r.id.0,
-            |r| r.idempotency_key.as_deref(),
-        )?;
+        let rows = plan
+            .finish(&mut tx, &intents, inserted, Table::Intents)
+            .await?;
         tx.commit().await?;
         Ok(rows)
     }
@@ -650,51 +687,11 @@ impl Store for PgStore {
         &self,
         messages: Vec<NewMessage>,
     ) -> StoreResult<Vec<Inserted<Message>>> {
-        check_batch(
-            messages.iter().map(|m| m.idempotency_key.as_deref()),
-            messages.len(),
-        )?;
-        let keys: Vec<String> = messages
-            .iter()
-            .filter_map(|m| m.idempotency_key.clone())
-            .collect();
         let mut tx = self.pool.begin().await?;
-        // Rows whose key exists already are answered with the original and
-        // take no sequence numbers; only the others are written.
-        let mut existing: Vec<Message> = if keys.is_empty() {
-            Vec::new()
-        } else {
-            sqlx::query_as("SELECT * FROM messages WHERE idempotency_key = ANY($1)")
-                .bind(&keys)
-                .fetch_all(&mut *tx)
-                .await?
-        };
-        let known: std::collections::HashSet<String> = existing
-            .iter()
-            .filter_map(|r| r.idempotency_key.clone())
-            .collect();
-        let fresh: Vec<&NewMessage> = messages
-            .iter()
-            .filter(|m| {
-                m.idempotency_key
-                    .as_ref()
-                    .is_none_or(|k| !known.contains(k))
-            })
-            .collect();
-        let mut counts: BTreeMap<AgentId, i64> = BTreeMap::new();
-        for m in &fresh {
-            *counts.entry(m.agent_id).or_default() += 1;
-        }
-        let mut next = if fresh.is_empty() {
-            BTreeMap::new()
-        } else {
-            reserve_seqs(&mut tx, &counts, SeqColumn::Message).await?
-        };
+        let plan =
+            BatchPlan::<NewMessage, Message>::new(&mut tx, &messages, Table::Messages).await?;
         let mut cols = MessageColumns::default();
-        for m in &fresh {
-            let (broker, seq) = next
-                .get_mut(&m.agent_id)
-                .ok_or(StoreError::NotFound("agent"))?;
+        for (m, broker, seq) in &plan.fresh {
             cols.id.push(m.id.0);
             cols.agent.push(m.agent_id.0);
             cols.broker.push(broker.0);
@@ -702,7 +699,6 @@ impl Store for PgStore {
             cols.body.push(Json(m.body.clone()));
             cols.expires_at.push(m.expires_at);
             cols.key.push(m.idempotency_key.clone());
-            *seq += 1;
         }
         let inserted: Vec<Message> = sqlx::query_as(
             "INSERT INTO messages (id, agent_id, broker_id, seq, body, expires_at, idempotency_key)
@@ -720,24 +716,9 @@ impl Store for PgStore {
         .bind(&cols.key)
         .fetch_all(&mut *tx)
         .await?;
-        if inserted.len() < fresh.len() {
-            // A concurrent insert won the race for a key: read the winner.
-            existing = sqlx::query_as("SELECT * FROM messages WHERE idempotency_key = ANY($1)")
-                .bind(&keys)
-                .fetch_all(&mut *tx)
-                .await?;
-        }
-        let requested: Vec<(Uuid, Option<String>)> = messages
-            .iter()
-            .map(|m| (m.id.0, m.idempotency_key.clone()))
-            .collect();
-        let rows = match_inserted(
-            &requested,
-            inserted,
-            existing,
-            |r| r.id.0,
-            |r| r.idempotency_key.as_deref(),
-        )?;
+        let rows = plan
+            .finish(&mut tx, &messages, inserted, Table::Messages)
+            .await?;
         tx.commit().await?;
         Ok(rows)
     }

@@ -17,6 +17,31 @@ use std::path::{Path, PathBuf};
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
+/// Runs each named `async fn(TestDb)` as two tests, `postgres::NAME` and
+/// `sqlite::NAME`, each on a fresh database of its own. The calling crate
+/// needs `tokio` (with `macros`) as a dev-dependency.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::TestDb::postgres().await).await;
+                }
+            )+
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::TestDb::sqlite()).await;
+                }
+            )+
+        }
+    };
+}
+
 /// Server used when neither variable is set: the local cluster that
 /// `scripts/test.sh` starts or finds.
 pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";

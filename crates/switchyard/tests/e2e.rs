@@ -14,28 +14,7 @@ use common::{
 use serde_json::{Value, json};
 use switchyard_testkit::TestDb;
 
-macro_rules! on_both_backends {
-    ($($name:ident),+ $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(switchyard_testkit::TestDb::postgres().await).await;
-                }
-            )+
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(switchyard_testkit::TestDb::sqlite()).await;
-                }
-            )+
-        }
-    };
-}
-
-on_both_backends!(
+switchyard_testkit::on_both_backends!(
     full_lifecycle_of_a_real_agent,
     thousand_messages_arrive_once_and_in_order,
     broker_killed_and_restarted_mid_stream_loses_and_duplicates_nothing,

@@ -231,26 +231,3 @@ pub async fn close_code(socket: &mut Socket) -> Option<u16> {
         }
     }
 }
-
-/// Runs each named `async fn(TestDb)` test on PostgreSQL and on SQLite.
-#[macro_export]
-macro_rules! on_both_backends {
-    ($($name:ident),+ $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(switchyard_testkit::TestDb::postgres().await).await;
-                }
-            )+
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(switchyard_testkit::TestDb::sqlite()).await;
-                }
-            )+
-        }
-    };
-}
