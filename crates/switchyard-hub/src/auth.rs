@@ -5,7 +5,9 @@
 //! shares it. Brokers: the signed handshake of [`switchyard_proto::auth`],
 //! with nonces recorded in the database so a replay fails on any replica.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -53,14 +55,46 @@ pub(crate) async fn require_admin(
             "missing bearer token: send Authorization: Bearer <admin token>",
         ));
     };
-    if !state.store.admin_token_exists(&token_digest(token)).await? {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "invalid admin token",
-        ));
+    let digest = token_digest(token);
+    if !state.tokens.is_fresh(&digest) {
+        if !state.store.admin_token_exists(&digest).await? {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "invalid admin token",
+            ));
+        }
+        state.tokens.remember(digest);
     }
     Ok(next.run(request).await)
+}
+
+/// Admin token digests this replica verified against storage lately, so a
+/// busy client does not cost a database round trip per request. Only
+/// successes are kept, for [`TOKEN_CACHE_TTL`]: an unknown token is always
+/// checked, and a token removed from storage stops working within the TTL.
+#[derive(Debug, Default)]
+pub(crate) struct TokenCache {
+    verified: Mutex<HashMap<String, Instant>>,
+}
+
+/// How long a verified token is trusted without asking storage again.
+const TOKEN_CACHE_TTL: Duration = Duration::from_secs(30);
+
+impl TokenCache {
+    fn is_fresh(&self, digest: &str) -> bool {
+        let verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        verified
+            .get(digest)
+            .is_some_and(|at| at.elapsed() < TOKEN_CACHE_TTL)
+    }
+
+    fn remember(&self, digest: String) {
+        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        // Bounded: expired entries go whenever a new one is added.
+        verified.retain(|_, at| at.elapsed() < TOKEN_CACHE_TTL);
+        verified.insert(digest, Instant::now());
+    }
 }
 
 fn unauthorized(message: impl Into<String>) -> ApiError {

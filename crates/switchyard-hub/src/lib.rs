@@ -128,6 +128,8 @@ pub(crate) struct HubState {
     pub(crate) listener: Option<command_bus::ListenerHealth>,
     /// Group-committing writer of single messages.
     pub(crate) messages: group_commit::MessageWriter,
+    /// Admin tokens verified lately.
+    pub(crate) tokens: Arc<auth::TokenCache>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -220,6 +222,7 @@ impl Hub {
             notifier,
             listener: listener_health,
             messages,
+            tokens: Arc::default(),
         };
         tasks.spawn(
             sweeper::Sweeper {

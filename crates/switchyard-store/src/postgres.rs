@@ -782,12 +782,16 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        let known: Vec<Uuid> =
+        // Only when some id changed nothing: which of them are not ours?
+        let known: Vec<Uuid> = if delivered < ids.len() as u64 {
             sqlx::query_scalar("SELECT id FROM messages WHERE id = ANY($1) AND broker_id = $2")
                 .bind(&ids)
                 .bind(broker)
                 .fetch_all(&mut *tx)
-                .await?;
+                .await?
+        } else {
+            ids.clone()
+        };
         tx.commit().await?;
         let not_found = ids
             .into_iter()

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchyard_store::{Message, MessageId, NewMessage};
+use switchyard_store::{AgentId, Message, MessageId, NewMessage};
 
 use super::{ApiJson, idempotency_key};
 use crate::HubState;
@@ -30,21 +30,25 @@ pub(crate) async fn send(
     ApiJson(request): ApiJson<SendMessage>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let key = idempotency_key(&headers)?;
-    let agent = lookup::agent(&*state.store, &reference).await?;
-    let expires_at = expires_at(&state);
+    // An id needs no lookup: the insert checks that the agent exists and is
+    // live, and the row it returns names the broker.
+    let agent_id = match reference.parse::<AgentId>() {
+        Ok(id) => id,
+        Err(_) => lookup::agent(&*state.store, &reference).await?.id,
+    };
     let inserted = state
         .messages
         .write(NewMessage {
             id: MessageId::new(),
-            agent_id: agent.id,
+            agent_id,
             body: request.body,
-            expires_at,
+            expires_at: expires_at(&state),
             idempotency_key: key,
         })
         .await?;
     let route = if inserted.created {
         state.metrics.messages_accepted.inc();
-        Some(route_work(&state, agent.broker_id).await)
+        Some(route_work(&state, inserted.row.broker_id).await)
     } else {
         None
     };
