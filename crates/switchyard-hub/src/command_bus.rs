@@ -12,7 +12,9 @@
 //! (re)connect, and on the periodic backstop, and waiting callers re-read
 //! their row. Sending is coalesced: the [`Notifier`] queue is emptied into
 //! one transaction with at most one NOTIFY per target replica (and per 150
-//! ids), because a NOTIFY takes a cluster-wide lock at commit.
+//! ids), because a NOTIFY takes a cluster-wide lock at commit; message
+//! wake-ups are further debounced to one NOTIFY per 5 ms under load, while
+//! lifecycle wake-ups and events, which a caller waits for, go at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -39,6 +41,11 @@ pub(crate) const EVENT_CHANNEL: &str = "switchyard_event";
 const IDS_PER_PAYLOAD: usize = 150;
 /// Most queued items folded into one NOTIFY transaction.
 const MAX_BATCH: usize = 8192;
+/// After a NOTIFY, a non-urgent one waits until this much time has passed,
+/// gathering whatever queues up meanwhile. An idle replica's first wake-up
+/// goes out at once; under load message wake-ups cost at most one NOTIFY
+/// per interval.
+const DEBOUNCE: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Serialize, Deserialize)]
 struct WakePayload {
@@ -60,9 +67,20 @@ enum Outgoing {
     Wake {
         replica: ReplicaId,
         broker: BrokerId,
+        urgent: bool,
     },
     Dispatch(IntentId),
     Agent(AgentId),
+}
+
+impl Outgoing {
+    /// Someone is waiting on it: send without the debounce delay.
+    fn is_urgent(&self) -> bool {
+        match self {
+            Outgoing::Wake { urgent, .. } => *urgent,
+            Outgoing::Dispatch(_) | Outgoing::Agent(_) => true,
+        }
+    }
 }
 
 /// Queues notifications for the sender task. Cheap to clone; never blocks.
@@ -72,9 +90,14 @@ pub(crate) struct Notifier {
 }
 
 impl Notifier {
-    /// Asks `replica` to drain `broker`.
-    pub(crate) fn wake(&self, replica: ReplicaId, broker: BrokerId) {
-        let _ = self.tx.send(Outgoing::Wake { replica, broker });
+    /// Asks `replica` to drain `broker`. `urgent` when a caller waits for
+    /// the outcome (lifecycle calls); message wake-ups may be debounced.
+    pub(crate) fn wake(&self, replica: ReplicaId, broker: BrokerId, urgent: bool) {
+        let _ = self.tx.send(Outgoing::Wake {
+            replica,
+            broker,
+            urgent,
+        });
     }
 
     /// Tells other replicas about a committed fact.
@@ -119,6 +142,7 @@ async fn send_loop(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -127,9 +151,30 @@ async fn send_loop(
                 None => return,
             },
         };
-        // Everything that queued up while the last batch was committing
-        // goes out together: coalescing grows with load by itself.
         let mut batch = vec![first];
+        // Debounce non-urgent wake-ups that follow a recent NOTIFY, unless
+        // something urgent arrives meanwhile.
+        if let Some(at) = last_sent
+            && !batch[0].is_urgent()
+        {
+            let until = at + DEBOUNCE;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => break,
+                    item = rx.recv() => match item {
+                        Some(item) => {
+                            let urgent = item.is_urgent();
+                            batch.push(item);
+                            if urgent {
+                                break;
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+        }
+        // Everything else that queued up goes out together.
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(item) => batch.push(item),
@@ -143,6 +188,7 @@ async fn send_loop(
                 .bind(&payloads)
                 .execute(&pool)
                 .await;
+        last_sent = Some(tokio::time::Instant::now());
         match sent {
             Ok(_) => metrics.notifications_sent.inc_by(payloads.len() as u64),
             Err(err) => tracing::warn!(%err, "NOTIFY failed; the drain backstop covers it"),
@@ -158,7 +204,9 @@ fn payloads(me: ReplicaId, batch: Vec<Outgoing>) -> (Vec<&'static str>, Vec<Stri
     let mut agents = BTreeSet::new();
     for item in batch {
         match item {
-            Outgoing::Wake { replica, broker } => {
+            Outgoing::Wake {
+                replica, broker, ..
+            } => {
                 wakes.entry(replica).or_default().insert(broker);
             }
             Outgoing::Dispatch(id) => {
@@ -354,12 +402,17 @@ mod tests {
         let broker = BrokerId::new();
         let mut batch = Vec::new();
         for _ in 0..1000 {
-            batch.push(Outgoing::Wake { replica: a, broker });
+            batch.push(Outgoing::Wake {
+                replica: a,
+                broker,
+                urgent: false,
+            });
         }
         for _ in 0..400 {
             batch.push(Outgoing::Wake {
                 replica: b,
                 broker: BrokerId::new(),
+                urgent: false,
             });
         }
         for _ in 0..10 {

@@ -38,8 +38,9 @@ impl Route {
     }
 }
 
-/// Wakes whoever must send the broker's new work, and says how.
-pub(crate) async fn route_work(state: &HubState, broker: BrokerId) -> Route {
+/// Wakes whoever must send the broker's new work, and says how. `urgent`
+/// when the caller waits for the outcome: its wake-up skips the debounce.
+pub(crate) async fn route_work(state: &HubState, broker: BrokerId, urgent: bool) -> Route {
     let route = if state.sessions.wake(broker) {
         Route::Local
     } else {
@@ -48,7 +49,7 @@ pub(crate) async fn route_work(state: &HubState, broker: BrokerId) -> Route {
         match state.store.broker(broker).await {
             Ok(row) => match (row.connected_replica, &state.notifier) {
                 (Some(owner), Some(notifier)) if owner != state.replica_id => {
-                    notifier.wake(owner, broker);
+                    notifier.wake(owner, broker, urgent);
                     Route::Forward
                 }
                 _ => Route::Queued,

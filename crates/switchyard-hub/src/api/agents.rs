@@ -84,7 +84,7 @@ pub(crate) async fn create(
         .intents_published
         .with_label_values(&[Op::Create.as_str()])
         .inc();
-    route_work(&state, broker.id).await;
+    route_work(&state, broker.id, false).await;
     Ok((StatusCode::CREATED, Json(agent)))
 }
 
@@ -226,7 +226,7 @@ async fn lifecycle(
             .with_label_values(&[op.as_str()])
             .inc();
     }
-    let route = route_work(&state, agent.broker_id).await;
+    let route = route_work(&state, agent.broker_id, query.wait).await;
     if !query.wait {
         return Ok((
             StatusCode::ACCEPTED,

@@ -48,7 +48,7 @@ pub(crate) async fn send(
         .await?;
     let route = if inserted.created {
         state.metrics.messages_accepted.inc();
-        Some(route_work(&state, inserted.row.broker_id).await)
+        Some(route_work(&state, inserted.row.broker_id, false).await)
     } else {
         None
     };
@@ -132,7 +132,7 @@ pub(crate) async fn send_batch(
         .collect();
     let mut routes = std::collections::HashMap::new();
     for broker in brokers {
-        routes.insert(broker, route_work(&state, broker).await);
+        routes.insert(broker, route_work(&state, broker, false).await);
     }
     let answers: Vec<Value> = rows
         .iter()
