@@ -17,6 +17,7 @@ switchyard_testkit::on_both_backends!(
     lifecycle_without_broker_times_out_with_the_dispatch_id,
     batch_messages_are_all_or_none_and_idempotent,
     concurrent_messages_share_commits_and_a_bad_one_fails_alone,
+    a_retried_lifecycle_call_gets_its_original_dispatch,
 );
 
 fn error_code(body: &Value) -> &str {
@@ -383,5 +384,44 @@ async fn concurrent_messages_share_commits_and_a_bad_one_fails_alone(db: TestDb)
         (1..=196).collect::<Vec<i64>>(),
         "each accepted once, no gaps"
     );
+    hub.shutdown().await;
+}
+
+async fn a_retried_lifecycle_call_gets_its_original_dispatch(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (broker, _) = hub.broker("edge").await;
+    let agent = hub.agent(&broker, "worker").await;
+    let start = || {
+        hub.http
+            .post(hub.url(&format!("/v1/agents/{agent}/start?wait=false")))
+            .bearer_auth(TOKEN)
+            .header("idempotency-key", "start-42")
+            .send()
+    };
+    let first: Value = start().await.unwrap().json().await.unwrap();
+    // The agent moves on (as if the broker had started it)...
+    hub.store
+        .apply_agent_status(
+            broker.parse().unwrap(),
+            agent.parse().unwrap(),
+            switchyard_store::Phase::Running,
+            1,
+        )
+        .await
+        .unwrap();
+    // ...yet the retry is answered from the original dispatch, not with 409.
+    let resp = start().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let again: Value = resp.json().await.unwrap();
+    assert_eq!(again["dispatch_id"], first["dispatch_id"]);
+    // Without the key, starting a running agent is refused.
+    let (status, body) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/start?wait=false"),
+            None,
+        )
+        .await;
+    assert_eq!((status, error_code(&body)), (409, "invalid_phase"));
     hub.shutdown().await;
 }

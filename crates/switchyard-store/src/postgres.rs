@@ -659,6 +659,15 @@ impl Store for PgStore {
             .ok_or(StoreError::NotFound("dispatch"))
     }
 
+    async fn intent_by_key(&self, key: &str) -> StoreResult<Option<DispatchIntent>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM dispatch_intents WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     async fn list_intents(&self, filter: IntentFilter) -> StoreResult<Vec<DispatchIntent>> {
         Ok(sqlx::query_as(
             "SELECT * FROM dispatch_intents

@@ -184,6 +184,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     async fn intent(&self, id: IntentId) -> StoreResult<DispatchIntent>;
 
+    /// The intent created with this idempotency key, if any.
+    async fn intent_by_key(&self, key: &str) -> StoreResult<Option<DispatchIntent>>;
+
     async fn list_intents(&self, filter: IntentFilter) -> StoreResult<Vec<DispatchIntent>>;
 
     /// Fails every unfinished intent whose deadline has passed.

@@ -211,7 +211,15 @@ async fn lifecycle(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let agent = lookup::agent(&*state.store, &reference).await?;
-    check_phase(op, agent.phase)?;
+    // A retried call (same key) is answered from its original dispatch,
+    // even though the agent's phase has moved on since.
+    let retried = match &key {
+        Some(key) => state.store.intent_by_key(key).await?,
+        None => None,
+    };
+    if retried.is_none() {
+        check_phase(op, agent.phase)?;
+    }
     // Subscribe before the intent exists, so its outcome cannot slip by.
     let mut events = state.events.subscribe();
     let inserted = state
