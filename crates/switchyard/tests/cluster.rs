@@ -80,15 +80,7 @@ impl Cluster {
     }
 
     async fn wait_inbox(&self, agent: &str, n: usize, within: Duration) -> Vec<Value> {
-        let until = Instant::now() + within;
-        loop {
-            let lines = inbox(&self.workdir, agent);
-            if lines.len() >= n {
-                return lines;
-            }
-            assert!(Instant::now() < until, "inbox has {} of {n}", lines.len());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::wait_inbox(&self.workdir, agent, n, within).await
     }
 }
 

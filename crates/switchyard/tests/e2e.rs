@@ -9,7 +9,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{
-    Api, BrokerProcess, ECHO_AGENT, Server, TOKEN, assert_once_in_order, got_txt, inbox, switchyard,
+    Api, BrokerProcess, ECHO_AGENT, Server, TOKEN, assert_once_in_order, got_txt, inbox,
+    switchyard, wait_inbox,
 };
 use serde_json::{Value, json};
 use switchyard_testkit::TestDb;
@@ -113,19 +114,7 @@ impl Setup {
 
     /// Waits until the agent's inbox holds `n` lines, then returns them.
     async fn inbox_of(&self, agent: &str, n: usize, within: Duration) -> Vec<Value> {
-        let until = std::time::Instant::now() + within;
-        loop {
-            let lines = inbox(&self.workdir, agent);
-            if lines.len() >= n {
-                return lines;
-            }
-            assert!(
-                std::time::Instant::now() < until,
-                "inbox has {} of {n} lines",
-                lines.len()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_inbox(&self.workdir, agent, n, within).await
     }
 }
 

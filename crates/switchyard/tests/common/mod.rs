@@ -239,3 +239,20 @@ pub fn assert_once_in_order(lines: &[Value], n: usize) {
     let bodies: Vec<u64> = lines.iter().map(|l| l["body"].as_u64().unwrap()).collect();
     assert_eq!(bodies, (0..n as u64).collect::<Vec<_>>(), "all, in order");
 }
+
+/// Waits until the agent's inbox holds `n` lines, then returns them.
+pub async fn wait_inbox(workdir: &Path, agent: &str, n: usize, within: Duration) -> Vec<Value> {
+    let until = Instant::now() + within;
+    loop {
+        let lines = inbox(workdir, agent);
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            Instant::now() < until,
+            "inbox has {} of {n} lines",
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
