@@ -189,16 +189,16 @@ async fn replica_registry_tracks_liveness(f: Fixture) {
     assert_eq!(again.address, "127.0.0.1:3");
     assert_eq!(s.live_replicas(LONG).await.unwrap().len(), 2);
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(s.heartbeat_replica(a).await.unwrap());
-    let live = s.live_replicas(Duration::from_millis(200)).await.unwrap();
+    let live = s.live_replicas(Duration::from_millis(500)).await.unwrap();
     assert_eq!(
         live.iter().map(|r| r.instance_id).collect::<Vec<_>>(),
         vec![a]
     );
 
     let reaped = s
-        .reap_dead_replicas(Duration::from_millis(200))
+        .reap_dead_replicas(Duration::from_millis(500))
         .await
         .unwrap();
     assert_eq!(reaped, vec![b]);
@@ -217,13 +217,13 @@ async fn reaping_a_dead_replica_releases_its_affinities(f: Fixture) {
     s.claim_affinity(b1.id, dead, SessionId::new())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     s.register_replica(live, "live").await.unwrap();
     let s2 = SessionId::new();
     s.claim_affinity(b2.id, live, s2).await.unwrap();
 
     assert_eq!(
-        s.reap_dead_replicas(Duration::from_millis(200))
+        s.reap_dead_replicas(Duration::from_millis(500))
             .await
             .unwrap(),
         vec![dead]

@@ -25,7 +25,7 @@ pub const TOKEN: &str = "test-admin-token-0123456789";
 pub fn fast_config() -> HubConfig {
     HubConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        heartbeat_interval: Duration::from_millis(300),
+        heartbeat_interval: Duration::from_secs(1),
         drain_backstop: Duration::from_millis(200),
         sweep_interval: Duration::from_millis(200),
         lifecycle_timeout: Duration::from_secs(10),
