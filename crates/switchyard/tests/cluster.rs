@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Api, BrokerProcess, ECHO_AGENT, Server, TOKEN, assert_once_in_order, inbox};
+use common::{Api, BrokerProcess, Server, TOKEN, assert_once_in_order, inbox};
 use serde_json::{Value, json};
 use switchyard_testkit::{TcpProxy, TestDb};
 
@@ -64,19 +64,7 @@ impl Cluster {
     }
 
     async fn echo_agent(&self, api: &Api, name: &str) -> String {
-        let (status, agent) = api
-            .call(
-                "POST",
-                "/v1/agents",
-                Some(json!({
-                    "name": name,
-                    "broker_id": self.broker_id,
-                    "command": ["sh", "-c", ECHO_AGENT],
-                })),
-            )
-            .await;
-        assert_eq!(status, 201, "{agent}");
-        agent["id"].as_str().unwrap().to_owned()
+        api.echo_agent(&self.broker_id, name).await
     }
 
     async fn wait_inbox(&self, agent: &str, n: usize, within: Duration) -> Vec<Value> {
@@ -84,28 +72,10 @@ impl Cluster {
     }
 }
 
-async fn lifecycle(api: &Api, op: &str, agent: &str) -> Value {
-    let (method, path) = match op {
-        "delete" => ("DELETE", format!("/v1/agents/{agent}")),
-        _ => ("POST", format!("/v1/agents/{agent}/{op}")),
-    };
-    let (status, body) = api.call(method, &path, None).await;
-    assert_eq!(status, 200, "{op}: {body}");
-    body
-}
-
 /// Sends bodies `range` to the agent, alternating between the given hubs.
 async fn send_range(apis: &[&Api], agent: &str, range: std::ops::Range<u64>) {
     for i in range {
-        let api = apis[i as usize % apis.len()];
-        let (status, body) = api
-            .call(
-                "POST",
-                &format!("/v1/agents/{agent}/messages"),
-                Some(json!({ "body": i })),
-            )
-            .await;
-        assert_eq!(status, 202, "{body}");
+        apis[i as usize % apis.len()].send(agent, json!(i)).await;
     }
 }
 
@@ -129,20 +99,14 @@ async fn every_call_on_a_works_for_a_broker_on_b() {
     c.online_at(&api_a, &b).await;
 
     let agent = c.echo_agent(&api_a, "remote").await;
-    let started = lifecycle(&api_a, "start", &agent).await;
+    let started = api_a.lifecycle("start", &agent).await;
     assert_eq!(started["phase"], "running");
     send_range(&[&api_a], &agent, 0..1000).await;
     let lines = c.wait_inbox(&agent, 1000, Duration::from_secs(60)).await;
     assert_once_in_order(&lines, 1000);
-    assert_eq!(lifecycle(&api_a, "stop", &agent).await["phase"], "stopped");
-    assert_eq!(
-        lifecycle(&api_a, "restart", &agent).await["phase"],
-        "running"
-    );
-    assert_eq!(
-        lifecycle(&api_a, "delete", &agent).await["phase"],
-        "deleted"
-    );
+    assert_eq!(api_a.lifecycle("stop", &agent).await["phase"], "stopped");
+    assert_eq!(api_a.lifecycle("restart", &agent).await["phase"], "running");
+    assert_eq!(api_a.lifecycle("delete", &agent).await["phase"], "deleted");
 
     // A forwarded everything, and coalesced its wake-ups.
     assert!(metric(&a, "switchyard_routes_total{route=\"forward\"}").await >= 1000.0);
@@ -177,7 +141,7 @@ async fn broker_moves_from_b_to_a_mid_stream_and_b_is_killed() {
     let _broker = c.broker(&[&b.base, &a.base]);
     c.online_at(&api_a, &b).await;
     let agent = c.echo_agent(&api_a, "mover").await;
-    lifecycle(&api_b, "start", &agent).await;
+    api_b.lifecycle("start", &agent).await;
 
     send_range(&[&api_a, &api_b], &agent, 0..200).await;
     c.wait_inbox(&agent, 50, Duration::from_secs(30)).await;
@@ -231,7 +195,7 @@ async fn killed_listeners_and_a_cut_database_connection_lose_nothing() {
     let _broker = c.broker(&[&b.base]);
     c.online_at(&api_a, &b).await;
     let agent = c.echo_agent(&api_a, "resilient").await;
-    lifecycle(&api_a, "start", &agent).await;
+    api_a.lifecycle("start", &agent).await;
     send_range(&[&api_a], &agent, 0..100).await;
     c.wait_inbox(&agent, 100, Duration::from_secs(30)).await;
 

@@ -72,44 +72,15 @@ impl Setup {
     }
 
     async fn echo_agent(&self, name: &str) -> String {
-        let (status, agent) = self
-            .api
-            .call(
-                "POST",
-                "/v1/agents",
-                Some(json!({
-                    "name": name,
-                    "broker_id": self.broker_id,
-                    "command": ["sh", "-c", ECHO_AGENT],
-                    "env": {"AGENT_NAME": name},
-                })),
-            )
-            .await;
-        assert_eq!(status, 201, "{agent}");
-        agent["id"].as_str().unwrap().to_owned()
+        self.api.echo_agent(&self.broker_id, name).await
     }
 
     async fn lifecycle(&self, op: &str, agent: &str) -> Value {
-        let (method, path) = match op {
-            "delete" => ("DELETE", format!("/v1/agents/{agent}")),
-            _ => ("POST", format!("/v1/agents/{agent}/{op}")),
-        };
-        let (status, body) = self.api.call(method, &path, None).await;
-        assert_eq!(status, 200, "{op}: {body}");
-        body
+        self.api.lifecycle(op, agent).await
     }
 
     async fn send(&self, agent: &str, body: Value) -> String {
-        let (status, sent) = self
-            .api
-            .call(
-                "POST",
-                &format!("/v1/agents/{agent}/messages"),
-                Some(json!({ "body": body })),
-            )
-            .await;
-        assert_eq!(status, 202, "{sent}");
-        sent["id"].as_str().unwrap().to_owned()
+        self.api.send(agent, body).await
     }
 
     /// Waits until the agent's inbox holds `n` lines, then returns them.
@@ -220,14 +191,7 @@ async fn broker_killed_and_restarted_mid_stream_loses_and_duplicates_nothing(db:
     let target = agent.clone();
     let sender = tokio::spawn(async move {
         for i in 0..total {
-            let (status, body) = api
-                .call(
-                    "POST",
-                    &format!("/v1/agents/{target}/messages"),
-                    Some(json!({ "body": i })),
-                )
-                .await;
-            assert_eq!(status, 202, "{body}");
+            api.send(&target, json!(i)).await;
         }
     });
     s.inbox_of(&agent, 150, Duration::from_secs(30)).await;

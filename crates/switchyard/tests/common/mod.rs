@@ -192,6 +192,49 @@ impl Api {
         )
     }
 
+    /// Defines an agent running [`ECHO_AGENT`]; returns its id.
+    pub async fn echo_agent(&self, broker: &str, name: &str) -> String {
+        let (status, agent) = self
+            .call(
+                "POST",
+                "/v1/agents",
+                Some(serde_json::json!({
+                    "name": name,
+                    "broker_id": broker,
+                    "command": ["sh", "-c", ECHO_AGENT],
+                    "env": {"AGENT_NAME": name},
+                })),
+            )
+            .await;
+        assert_eq!(status, 201, "{agent}");
+        agent["id"].as_str().unwrap().to_owned()
+    }
+
+    /// A synchronous lifecycle op (`start`, `stop`, `restart`, `delete`)
+    /// that must succeed; returns the agent it answers with.
+    pub async fn lifecycle(&self, op: &str, agent: &str) -> Value {
+        let (method, path) = match op {
+            "delete" => ("DELETE", format!("/v1/agents/{agent}")),
+            _ => ("POST", format!("/v1/agents/{agent}/{op}")),
+        };
+        let (status, body) = self.call(method, &path, None).await;
+        assert_eq!(status, 200, "{op}: {body}");
+        body
+    }
+
+    /// Sends one message that must be accepted; returns its id.
+    pub async fn send(&self, agent: &str, body: Value) -> String {
+        let (status, sent) = self
+            .call(
+                "POST",
+                &format!("/v1/agents/{agent}/messages"),
+                Some(serde_json::json!({ "body": body })),
+            )
+            .await;
+        assert_eq!(status, 202, "{sent}");
+        sent["id"].as_str().unwrap().to_owned()
+    }
+
     /// Polls `check` on `path` until it holds or `within` passes.
     pub async fn wait_until(
         &self,
