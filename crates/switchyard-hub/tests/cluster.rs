@@ -101,15 +101,8 @@ async fn flapping_100_times_while_work_is_written_loses_nothing() {
         "per-agent order kept"
     );
     for id in &sent {
-        let until = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let (_, m) = b.call("GET", &format!("/v1/messages/{id}"), None).await;
-            if m["state"] == "delivered" {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < until, "{m}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        b.wait_until(&format!("/v1/messages/{id}"), |m| m["state"] == "delivered")
+            .await;
     }
     b.shutdown().await;
     a.shutdown().await;
@@ -152,15 +145,10 @@ async fn a_takeover_during_a_drain_delivers_the_backlog_once_each() {
     // (An ack still on the wire when B takes over would be resent, which is
     // at-least-once delivery; the broker drops such duplicates.)
     for m in &acked_first {
-        let until = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let (_, row) = a.call("GET", &format!("/v1/messages/{m}"), None).await;
-            if row["state"] == "delivered" {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < until, "{row}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        a.wait_until(&format!("/v1/messages/{m}"), |row| {
+            row["state"] == "delivered"
+        })
+        .await;
     }
     let mut second = RawBroker::connect(&b, &id, &secret).await;
     let mut from_b = Vec::new();

@@ -149,21 +149,15 @@ async fn queued_work_is_drained_in_order_when_the_broker_connects(db: TestDb) {
     assert_eq!(bodies, vec!["m0", "m1", "m2"]);
 
     let dispatch = started["dispatch_id"].as_str().unwrap();
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let (_, d) = hub
-            .call("GET", &format!("/v1/dispatches/{dispatch}"), None)
-            .await;
-        let mut delivered = 0;
-        for m in &sent {
-            let (_, row) = hub.call("GET", &format!("/v1/messages/{m}"), None).await;
-            delivered += usize::from(row["state"] == "delivered");
-        }
-        if d["state"] == "done" && delivered == 3 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < until, "not settled: {d}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    hub.wait_until(&format!("/v1/dispatches/{dispatch}"), |d| {
+        d["state"] == "done"
+    })
+    .await;
+    for m in &sent {
+        hub.wait_until(&format!("/v1/messages/{m}"), |row| {
+            row["state"] == "delivered"
+        })
+        .await;
     }
     hub.shutdown().await;
 }

@@ -80,6 +80,19 @@ impl TestHub {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// Polls `GET path` until `check` holds; fails the test after 5 s.
+    pub async fn wait_until(&self, path: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, body) = self.call("GET", path, None).await;
+            if check(&body) {
+                return body;
+            }
+            assert!(tokio::time::Instant::now() < until, "{path}: {body}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Registers a broker; returns (id, secret).
     pub async fn broker(&self, name: &str) -> (String, String) {
         let (status, body) = self
