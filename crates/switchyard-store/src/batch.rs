@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use uuid::Uuid;
 
 use crate::error::{StoreError, StoreResult};
-use crate::ids::AgentId;
+use crate::ids::{BrokerId, ReplicaId};
 use crate::model::{DispatchIntent, Inserted, Message, NewIntent, NewMessage};
 
 /// Rejects empty batches, empty keys, and a key repeated within one batch.
@@ -35,7 +35,6 @@ pub(crate) fn check_batch<'a>(
 /// An item of an idempotent batch insert.
 pub(crate) trait NewRow {
     fn id(&self) -> Uuid;
-    fn agent(&self) -> AgentId;
     fn key(&self) -> Option<&str>;
 }
 
@@ -43,6 +42,7 @@ pub(crate) trait NewRow {
 pub(crate) trait StoredRow: Clone {
     fn id(&self) -> Uuid;
     fn key(&self) -> Option<&str>;
+    fn broker(&self) -> BrokerId;
 }
 
 macro_rules! rows {
@@ -50,9 +50,6 @@ macro_rules! rows {
         impl NewRow for $new {
             fn id(&self) -> Uuid {
                 self.id.0
-            }
-            fn agent(&self) -> AgentId {
-                self.agent_id
             }
             fn key(&self) -> Option<&str> {
                 self.idempotency_key.as_deref()
@@ -65,17 +62,22 @@ macro_rules! rows {
             fn key(&self) -> Option<&str> {
                 self.idempotency_key.as_deref()
             }
+            fn broker(&self) -> BrokerId {
+                self.broker_id
+            }
         }
     )+};
 }
 rows!(NewIntent => DispatchIntent, NewMessage => Message);
 
-/// Answers each requested item with the row inserted for it, or with the
-/// existing row its idempotency key named.
+/// Answers each requested item with the row inserted for it (and the
+/// holder of its broker's session, from `holders`), or with the existing
+/// row its idempotency key named.
 pub(crate) fn match_inserted<N: NewRow, R: StoredRow>(
     requested: &[N],
     inserted: Vec<R>,
     existing: Vec<R>,
+    holders: &BTreeMap<BrokerId, Option<ReplicaId>>,
 ) -> StoreResult<Vec<Inserted<R>>> {
     let inserted: BTreeMap<Uuid, R> = inserted.into_iter().map(|r| (r.id(), r)).collect();
     let existing: BTreeMap<String, R> = existing
@@ -89,6 +91,7 @@ pub(crate) fn match_inserted<N: NewRow, R: StoredRow>(
                 return Ok(Inserted {
                     row: row.clone(),
                     created: true,
+                    holder: holders.get(&row.broker()).copied().flatten(),
                 });
             }
             item.key()
@@ -96,6 +99,7 @@ pub(crate) fn match_inserted<N: NewRow, R: StoredRow>(
                 .map(|row| Inserted {
                     row: row.clone(),
                     created: false,
+                    holder: None,
                 })
                 .ok_or_else(|| StoreError::Conflict(format!("id {} exists already", item.id())))
         })

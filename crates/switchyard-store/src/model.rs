@@ -202,6 +202,13 @@ pub struct Inserted<T> {
     /// False when the idempotency key matched an existing row, which is
     /// returned unchanged.
     pub created: bool,
+    /// For a created row: the replica that held its broker's session, read
+    /// under a lock that `claim_affinity` must wait for until the insert
+    /// committed. So either this is the holder to wake, or a session
+    /// claimed later drains the row itself on connect; routing needs no
+    /// second read. `None` when no replica held it, and for rows not
+    /// created.
+    pub holder: Option<ReplicaId>,
 }
 
 /// How a dispatch intent ended, as reported by the broker (or decided by the hub).

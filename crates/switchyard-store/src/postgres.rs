@@ -1,15 +1,17 @@
 //! [`Store`] on PostgreSQL: the multi-replica backend.
 //!
 //! Time comes from the database clock (`now()`), so replicas with skewed
-//! clocks agree on liveness, leases and deadlines. Exactly-one claiming
-//! locks the candidate agents with `FOR UPDATE SKIP LOCKED` and then claims
-//! their rows in a second statement, whose fresh snapshot sees every claim
-//! committed before the lock was taken.
+//! clocks agree on liveness, leases and deadlines. A claim is one statement
+//! (see [`CLAIM_MESSAGES`]): it locks the live brokers and the candidate
+//! agents, and claims rows guarded by `state = 'pending'`, so each row goes
+//! to exactly one claimer.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -28,12 +30,33 @@ use crate::store::{Singleton, Store};
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    /// Connections with `synchronous_commit = off`, used only for claims.
+    /// A claim is a lease, not a promise to a caller: if PostgreSQL crashes
+    /// before the claim's commit record is flushed, the row is simply
+    /// `pending` again and is sent again, which the broker drops as a
+    /// duplicate by id (invariant 4), exactly as after a requeue. WAL is
+    /// flushed in order, so any later synchronous commit (an ack, an
+    /// outcome) makes the claim before it durable too. Not waiting for the
+    /// flush takes one fsync off the path from accept to broker.
+    claims: PgPool,
 }
 
+/// Connections in the claim pool: a replica claims from one drain task per
+/// session, and each claim is one statement.
+const CLAIM_CONNECTIONS: u32 = 4;
+
 impl PgStore {
-    /// Wraps a pool whose database is already migrated.
+    /// Wraps a pool whose database is already migrated. The claim pool
+    /// connects lazily, with the same options.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        let options = (*pool.connect_options())
+            .clone()
+            .options([("synchronous_commit", "off")]);
+        let claims = PgPoolOptions::new()
+            .max_connections(CLAIM_CONNECTIONS)
+            .acquire_timeout(pool.options().get_acquire_timeout())
+            .connect_lazy_with(options);
+        Self { pool, claims }
     }
 
     /// The underlying pool (the command bus listens on it).
@@ -46,200 +69,288 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-/// Whether any of the brokers has pending rows in `table`: one cheap
-/// autocommit read that spares the claim transaction (four round trips)
-/// when there is nothing to claim, the common case for one of the two
-/// tables on every drain pass. A row committed just after this read is not
-/// lost: its writer's wake-up (or the backstop) runs another pass.
-async fn any_pending(
+/// Claims up to `limit` pending rows of `table` for `claimer`, for the
+/// brokers whose live session is still the one given, in one autocommit
+/// statement (one round trip). The steps, as CTEs:
+///
+/// 1. `live`: the brokers whose session is still the given one *and* that
+///    have pending rows, locked `FOR KEY SHARE` until the claim commits.
+///    `claim_affinity` locks the broker row `FOR UPDATE`, so a new
+///    session's claim and an old session's claim cannot interleave: either
+///    the old claim commits first (and the new session's requeue returns its
+///    rows), or it waits, re-checks the session on the newest row version,
+///    and claims nothing. Brokers without pending rows are filtered out
+///    before locking, so an empty claim writes nothing (no transaction id,
+///    no WAL): the common case for one of the two tables on every drain.
+/// 2. `ready`: their agents with pending rows, locked `FOR UPDATE SKIP
+///    LOCKED`: an agent whose rows another transaction is inserting is
+///    skipped, and its writer's wake-up runs another drain.
+/// 3. The `UPDATE`, guarded by `state = 'pending'`, so a row changed after
+///    the statement's snapshot is re-checked on its newest version and
+///    never claimed twice; head-of-line: an agent with a row in flight at
+///    another claimer is skipped. That probe is three index range scans
+///    on (agent, claimer) (below, above, missing): `IS DISTINCT FROM` would
+///    be a filter that walks every row the claimer itself has in flight.
+///
+/// Rows committed after the statement's snapshot are not seen; their
+/// writer wakes the drain after committing, so they are claimed by the
+/// next pass (or the backstop).
+const CLAIM_MESSAGES: &str = "
+    WITH live AS MATERIALIZED (
+        SELECT b.id FROM brokers b
+        JOIN unnest($1::uuid[], $2::uuid[]) AS s(broker, session)
+          ON b.id = s.broker AND b.session_id = s.session
+        WHERE EXISTS (SELECT 1 FROM agents a JOIN messages m ON m.agent_id = a.id
+                      WHERE a.broker_id = b.id AND m.state = 'pending')
+        ORDER BY b.id
+        FOR KEY SHARE OF b
+    ), ready AS MATERIALIZED (
+        SELECT a.id FROM agents a
+        WHERE a.broker_id IN (SELECT id FROM live)
+          AND EXISTS (SELECT 1 FROM messages m WHERE m.agent_id = a.id AND m.state = 'pending')
+        ORDER BY a.id
+        FOR UPDATE OF a SKIP LOCKED
+    )
+    UPDATE messages SET state = 'dispatched', claimed_by = $3,
+           claimed_at = now(), attempts = attempts + 1, updated_at = now()
+    WHERE state = 'pending' AND id IN (
+        SELECT m.id FROM messages m
+        WHERE m.agent_id IN (SELECT id FROM ready) AND m.state = 'pending'
+          AND NOT EXISTS (SELECT 1 FROM messages o
+                          WHERE o.agent_id = m.agent_id AND o.state = 'dispatched'
+                            AND o.claimed_by < $3)
+          AND NOT EXISTS (SELECT 1 FROM messages o
+                          WHERE o.agent_id = m.agent_id AND o.state = 'dispatched'
+                            AND o.claimed_by > $3)
+          AND NOT EXISTS (SELECT 1 FROM messages o
+                          WHERE o.agent_id = m.agent_id AND o.state = 'dispatched'
+                            AND o.claimed_by IS NULL)
+        ORDER BY m.agent_id, m.seq
+        LIMIT $4)
+    RETURNING *";
+
+/// [`CLAIM_MESSAGES`] for dispatch intents (`pending -> in_progress`).
+const CLAIM_INTENTS: &str = "
+    WITH live AS MATERIALIZED (
+        SELECT b.id FROM brokers b
+        JOIN unnest($1::uuid[], $2::uuid[]) AS s(broker, session)
+          ON b.id = s.broker AND b.session_id = s.session
+        WHERE EXISTS (SELECT 1 FROM agents a JOIN dispatch_intents i ON i.agent_id = a.id
+                      WHERE a.broker_id = b.id AND i.state = 'pending')
+        ORDER BY b.id
+        FOR KEY SHARE OF b
+    ), ready AS MATERIALIZED (
+        SELECT a.id FROM agents a
+        WHERE a.broker_id IN (SELECT id FROM live)
+          AND EXISTS (SELECT 1 FROM dispatch_intents i
+                      WHERE i.agent_id = a.id AND i.state = 'pending')
+        ORDER BY a.id
+        FOR UPDATE OF a SKIP LOCKED
+    )
+    UPDATE dispatch_intents SET state = 'in_progress', claimed_by = $3,
+           claimed_at = now(), attempts = attempts + 1, updated_at = now()
+    WHERE state = 'pending' AND id IN (
+        SELECT i.id FROM dispatch_intents i
+        WHERE i.agent_id IN (SELECT id FROM ready) AND i.state = 'pending'
+          AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
+                          WHERE o.agent_id = i.agent_id AND o.state = 'in_progress'
+                            AND o.claimed_by < $3)
+          AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
+                          WHERE o.agent_id = i.agent_id AND o.state = 'in_progress'
+                            AND o.claimed_by > $3)
+          AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
+                          WHERE o.agent_id = i.agent_id AND o.state = 'in_progress'
+                            AND o.claimed_by IS NULL)
+        ORDER BY i.agent_id, i.seq
+        LIMIT $4)
+    RETURNING *";
+
+/// Runs [`CLAIM_MESSAGES`] or [`CLAIM_INTENTS`]; rows ordered by (agent, seq).
+async fn claim<R>(
     pool: &PgPool,
-    table: Table,
+    sql: &'static str,
     sessions: &[(BrokerId, SessionId)],
-) -> StoreResult<bool> {
-    let brokers: Vec<Uuid> = sessions.iter().map(|(b, _)| b.0).collect();
-    let sql = match table {
-        Table::Intents => {
-            "SELECT EXISTS (SELECT 1 FROM dispatch_intents
-                            WHERE broker_id = ANY($1) AND state = 'pending')"
-        }
-        Table::Messages => {
-            "SELECT EXISTS (SELECT 1 FROM messages WHERE broker_id = ANY($1) AND state = 'pending')"
-        }
-    };
-    Ok(sqlx::query_scalar(sql)
-        .bind(&brokers)
-        .fetch_one(pool)
-        .await?)
-}
-
-/// Of the given (broker, session) pairs, keeps the brokers whose live
-/// session is still the given one, and holds a KEY SHARE lock on their rows
-/// until the claim commits. `claim_affinity` locks the row FOR UPDATE, so a
-/// new session's claim and an old session's claim cannot interleave: either
-/// the old claim commits first (and the new session's requeue returns its
-/// rows), or it waits, re-checks the session, and claims nothing.
-async fn lock_live_sessions(
-    tx: &mut Transaction<'static, Postgres>,
-    sessions: &[(BrokerId, SessionId)],
-) -> StoreResult<Vec<Uuid>> {
-    let brokers: Vec<Uuid> = sessions.iter().map(|(b, _)| b.0).collect();
-    let ids: Vec<Uuid> = sessions.iter().map(|(_, s)| s.0).collect();
-    Ok(sqlx::query_scalar(
-        "SELECT b.id FROM brokers b
-         JOIN unnest($1::uuid[], $2::uuid[]) AS s(broker, session)
-           ON b.id = s.broker AND b.session_id = s.session
-         ORDER BY b.id
-         FOR KEY SHARE OF b",
-    )
-    .bind(&brokers)
-    .bind(&ids)
-    .fetch_all(&mut **tx)
-    .await?)
-}
-
-/// Locks the given agents (in id order, so concurrent batches cannot
-/// deadlock), checks that all exist and are not deleted, and reserves `n`
-/// sequence numbers per agent from the counter of `table`. Returns, per
-/// agent, its broker and the first reserved sequence number.
-async fn reserve_seqs(
-    tx: &mut Transaction<'static, Postgres>,
-    counts: &BTreeMap<AgentId, i64>,
-    table: Table,
-) -> StoreResult<BTreeMap<AgentId, (BrokerId, i64)>> {
-    let ids: Vec<Uuid> = counts.keys().map(|a| a.0).collect();
-    let locked: Vec<(AgentId,)> = sqlx::query_as(
-        "SELECT id FROM agents WHERE id = ANY($1) AND phase <> 'deleted' ORDER BY id FOR UPDATE",
-    )
-    .bind(&ids)
-    .fetch_all(&mut **tx)
-    .await?;
-    if locked.len() != counts.len() {
-        return Err(StoreError::NotFound("agent"));
-    }
-    let ns: Vec<i64> = counts.values().copied().collect();
-    let sql = match table {
-        Table::Messages => {
-            "UPDATE agents a SET message_seq = a.message_seq + c.n, updated_at = a.updated_at
-             FROM unnest($1::uuid[], $2::bigint[]) AS c(id, n)
-             WHERE a.id = c.id
-             RETURNING a.id, a.broker_id, a.message_seq - c.n + 1"
-        }
-        Table::Intents => {
-            "UPDATE agents a SET intent_seq = a.intent_seq + c.n, updated_at = a.updated_at
-             FROM unnest($1::uuid[], $2::bigint[]) AS c(id, n)
-             WHERE a.id = c.id
-             RETURNING a.id, a.broker_id, a.intent_seq - c.n + 1"
-        }
-    };
-    let rows: Vec<(AgentId, BrokerId, i64)> = sqlx::query_as(sql)
-        .bind(&ids)
-        .bind(&ns)
-        .fetch_all(&mut **tx)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(a, b, first)| (a, (b, first)))
-        .collect())
-}
-
-/// The part of an idempotent batch insert that intents and messages share.
-/// Items whose key names an existing row are answered with that row and
-/// take no sequence numbers; the others (`fresh`) get their broker and the
-/// next sequence numbers of their agent, in batch order.
-struct BatchPlan<'a, N, R> {
-    keys: Vec<String>,
-    existing: Vec<R>,
-    fresh: Vec<(&'a N, BrokerId, i64)>,
-}
-
-impl<'a, N, R> BatchPlan<'a, N, R>
-where
-    N: NewRow,
-    R: StoredRow + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
-{
-    async fn new(
-        tx: &mut Transaction<'static, Postgres>,
-        items: &'a [N],
-        table: Table,
-    ) -> StoreResult<Self> {
-        check_batch(items.iter().map(NewRow::key), items.len())?;
-        let keys: Vec<String> = items
-            .iter()
-            .filter_map(|i| i.key().map(str::to_owned))
-            .collect();
-        let existing: Vec<R> = rows_with_keys(tx, table, &keys).await?;
-        let known: std::collections::HashSet<&str> =
-            existing.iter().filter_map(StoredRow::key).collect();
-        let fresh: Vec<&N> = items
-            .iter()
-            .filter(|i| i.key().is_none_or(|k| !known.contains(k)))
-            .collect();
-        let mut counts: BTreeMap<AgentId, i64> = BTreeMap::new();
-        for item in &fresh {
-            *counts.entry(item.agent()).or_default() += 1;
-        }
-        let mut next = if fresh.is_empty() {
-            BTreeMap::new()
-        } else {
-            reserve_seqs(tx, &counts, table).await?
-        };
-        let mut planned = Vec::with_capacity(fresh.len());
-        for item in fresh {
-            let (broker, seq) = next
-                .get_mut(&item.agent())
-                .ok_or(StoreError::NotFound("agent"))?;
-            planned.push((item, *broker, *seq));
-            *seq += 1;
-        }
-        Ok(Self {
-            keys,
-            existing,
-            fresh: planned,
-        })
-    }
-
-    /// Pairs every item with its row, after the fresh ones were inserted
-    /// with `ON CONFLICT (idempotency_key) DO NOTHING`.
-    async fn finish(
-        self,
-        tx: &mut Transaction<'static, Postgres>,
-        items: &[N],
-        inserted: Vec<R>,
-        table: Table,
-    ) -> StoreResult<Vec<Inserted<R>>> {
-        let existing = if inserted.len() < self.fresh.len() {
-            // A concurrent insert won the race for a key: read the winner.
-            rows_with_keys(tx, table, &self.keys).await?
-        } else {
-            self.existing
-        };
-        match_inserted(items, inserted, existing)
-    }
-}
-
-async fn rows_with_keys<R>(
-    tx: &mut Transaction<'static, Postgres>,
-    table: Table,
-    keys: &[String],
+    claimer: ReplicaId,
+    limit: u32,
 ) -> StoreResult<Vec<R>>
 where
     R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
 {
-    if keys.is_empty() {
-        return Ok(Vec::new());
-    }
-    let sql = match table {
-        Table::Intents => "SELECT * FROM dispatch_intents WHERE idempotency_key = ANY($1)",
-        Table::Messages => "SELECT * FROM messages WHERE idempotency_key = ANY($1)",
-    };
-    Ok(sqlx::query_as(sql).bind(keys).fetch_all(&mut **tx).await?)
+    let brokers: Vec<Uuid> = sessions.iter().map(|(b, _)| b.0).collect();
+    let ids: Vec<Uuid> = sessions.iter().map(|(_, s)| s.0).collect();
+    Ok(sqlx::query_as(sql)
+        .bind(&brokers)
+        .bind(&ids)
+        .bind(claimer)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?)
 }
 
-#[derive(Clone, Copy)]
-/// The two tables of per-agent sequenced work.
-enum Table {
-    Messages,
-    Intents,
+/// A table of per-agent sequenced work (messages, dispatch intents), as
+/// [`insert_sequenced`] writes it.
+struct Sequenced {
+    table: &'static str,
+    /// Reads the rows with the keys in `$1`.
+    by_keys: &'static str,
+    /// The `agents` column holding the last sequence number handed out.
+    counter: &'static str,
+    /// The table's own columns, with their types, bound as arrays after
+    /// ids, agents and idempotency keys (`$4`, `$5`, ...).
+    payload: &'static [(&'static str, &'static str)],
+}
+
+const MESSAGES: Sequenced = Sequenced {
+    table: "messages",
+    by_keys: "SELECT * FROM messages WHERE idempotency_key = ANY($1)",
+    counter: "message_seq",
+    payload: &[("body", "jsonb"), ("expires_at", "timestamptz")],
+};
+
+const INTENTS: Sequenced = Sequenced {
+    table: "dispatch_intents",
+    by_keys: "SELECT * FROM dispatch_intents WHERE idempotency_key = ANY($1)",
+    counter: "intent_seq",
+    payload: &[
+        ("op", "text"),
+        ("args", "jsonb"),
+        ("deadline", "timestamptz"),
+    ],
+};
+
+static INSERT_MESSAGES: LazyLock<String> = LazyLock::new(|| MESSAGES.insert_sql());
+static INSERT_INTENTS: LazyLock<String> = LazyLock::new(|| INTENTS.insert_sql());
+
+impl Sequenced {
+    /// The idempotent, all-or-none batch insert as one autocommit
+    /// statement (one round trip, one commit). The steps, as CTEs:
+    ///
+    /// 1. `existing`: rows whose idempotency key an item names; those items
+    ///    are answered with them and take no sequence numbers (`fresh` are
+    ///    the others).
+    /// 2. `locked`: the items' agents, in id order (concurrent batches
+    ///    cannot deadlock), `FOR UPDATE`, skipping deleted ones; and their
+    ///    brokers `FOR KEY SHARE`, reading which replica holds the session.
+    ///    `claim_affinity` locks the broker `FOR UPDATE`, so no new session
+    ///    can be claimed between this read and the commit: either the
+    ///    holder read here is woken, or the new session's first drain runs
+    ///    after this commit and finds the rows.
+    /// 3. `reserved`: takes `n` sequence numbers per agent. It sees each
+    ///    agent row's newest version (READ COMMITTED re-checks rows changed
+    ///    since the statement's snapshot), so no number is handed out twice.
+    /// 4. `inserted`: the fresh items, numbered per agent in batch order.
+    ///    An item whose agent was not reserved (missing or deleted) gets a
+    ///    NULL broker, so the NOT NULL constraint fails the whole statement
+    ///    and nothing is written: that error is the all-or-none "agent not
+    ///    found".
+    ///
+    /// A concurrent insert can win the race for a key after `existing` was
+    /// read; `ON CONFLICT DO NOTHING` skips the item (its reserved number
+    /// stays unused: sequence numbers order rows, gaps are harmless) and
+    /// [`insert_sequenced`] reads the winner afterwards.
+    fn insert_sql(&self) -> String {
+        let table = self.table;
+        let counter = self.counter;
+        let columns: Vec<&str> = self.payload.iter().map(|(c, _)| *c).collect();
+        let arrays: Vec<String> = self
+            .payload
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ty))| format!("${}::{ty}[]", i + 4))
+            .collect();
+        let from_fresh: Vec<String> = columns.iter().map(|c| format!("f.{c}")).collect();
+        let (columns, arrays, from_fresh) =
+            (columns.join(", "), arrays.join(", "), from_fresh.join(", "));
+        format!(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], {arrays})
+                     WITH ORDINALITY AS t(id, agent_id, idempotency_key, {columns}, ord)
+             ), existing AS (
+                 SELECT * FROM {table}
+                 WHERE idempotency_key IN (SELECT idempotency_key FROM input)
+             ), fresh AS (
+                 SELECT * FROM input
+                 WHERE idempotency_key IS NULL
+                    OR idempotency_key NOT IN (SELECT idempotency_key FROM existing)
+             ), counts AS (
+                 SELECT agent_id, count(*) AS n FROM fresh GROUP BY agent_id
+             ), locked AS MATERIALIZED (
+                 SELECT a.id, b.connected_replica
+                 FROM agents a JOIN brokers b ON b.id = a.broker_id
+                 WHERE a.id IN (SELECT agent_id FROM counts) AND a.phase <> 'deleted'
+                 ORDER BY a.id
+                 FOR UPDATE OF a FOR KEY SHARE OF b
+             ), reserved AS (
+                 UPDATE agents a SET {counter} = a.{counter} + c.n
+                 FROM counts c
+                 WHERE a.id = c.agent_id AND a.id IN (SELECT id FROM locked)
+                 RETURNING a.id, a.broker_id, a.{counter} - c.n AS before
+             ), inserted AS (
+                 INSERT INTO {table} (id, agent_id, broker_id, seq, idempotency_key, {columns})
+                 SELECT f.id, f.agent_id, r.broker_id,
+                        r.before + row_number() OVER (PARTITION BY f.agent_id ORDER BY f.ord),
+                        f.idempotency_key, {from_fresh}
+                 FROM fresh f LEFT JOIN reserved r ON r.id = f.agent_id
+                 ORDER BY f.ord
+                 ON CONFLICT (idempotency_key) DO NOTHING
+                 RETURNING *
+             )
+             SELECT true AS created, l.connected_replica AS holder, i.*
+             FROM inserted i JOIN locked l ON l.id = i.agent_id
+             UNION ALL
+             SELECT false, NULL::uuid, e.* FROM existing e"
+        )
+    }
+}
+
+/// A row of the insert statement's answer.
+#[derive(sqlx::FromRow)]
+struct Written<T> {
+    created: bool,
+    holder: Option<ReplicaId>,
+    #[sqlx(flatten)]
+    row: T,
+}
+
+/// Runs a [`Sequenced::insert_sql`] statement that `bind` has bound the
+/// payload arrays to, and answers each item (see [`match_inserted`]).
+async fn insert_sequenced<'q, N, R>(
+    pool: &PgPool,
+    table: &Sequenced,
+    items: &[N],
+    query: sqlx::query::QueryAs<'q, Postgres, Written<R>, sqlx::postgres::PgArguments>,
+) -> StoreResult<Vec<Inserted<R>>>
+where
+    N: NewRow,
+    R: StoredRow + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let written: Vec<Written<R>> = match query.fetch_all(pool).await {
+        Ok(written) => written,
+        Err(sqlx::Error::Database(db)) if db.kind() == sqlx::error::ErrorKind::NotNullViolation => {
+            // Only the broker of an unreserved agent can be NULL here.
+            return Err(StoreError::NotFound("agent"));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let mut holders = BTreeMap::new();
+    let (mut inserted, mut existing) = (Vec::new(), Vec::new());
+    for w in written {
+        if w.created {
+            holders.insert(w.row.broker(), w.holder);
+            inserted.push(w.row);
+        } else {
+            existing.push(w.row);
+        }
+    }
+    if inserted.len() + existing.len() < items.len() {
+        // A concurrent insert won the race for a key: read the winner.
+        let keys: Vec<&str> = items.iter().filter_map(NewRow::key).collect();
+        existing = sqlx::query_as(table.by_keys)
+            .bind(keys)
+            .fetch_all(pool)
+            .await?;
+    }
+    match_inserted(items, inserted, existing, &holders)
 }
 
 #[async_trait]
@@ -569,43 +680,15 @@ impl Store for PgStore {
         &self,
         intents: Vec<NewIntent>,
     ) -> StoreResult<Vec<Inserted<DispatchIntent>>> {
-        let mut tx = self.pool.begin().await?;
-        let plan =
-            BatchPlan::<NewIntent, DispatchIntent>::new(&mut tx, &intents, Table::Intents).await?;
-        let mut cols = IntentColumns::default();
-        for (i, broker, seq) in &plan.fresh {
-            cols.id.push(i.id.0);
-            cols.broker.push(broker.0);
-            cols.agent.push(i.agent_id.0);
-            cols.seq.push(*seq);
-            cols.op.push(i.op.as_str());
-            cols.args.push(Json(i.args.clone()));
-            cols.deadline.push(i.deadline);
-            cols.key.push(i.idempotency_key.clone());
-        }
-        let inserted: Vec<DispatchIntent> = sqlx::query_as(
-            "INSERT INTO dispatch_intents
-                 (id, broker_id, agent_id, seq, op, args, deadline, idempotency_key)
-             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[],
-                                  $6::jsonb[], $7::timestamptz[], $8::text[])
-             ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING *",
-        )
-        .bind(&cols.id)
-        .bind(&cols.broker)
-        .bind(&cols.agent)
-        .bind(&cols.seq)
-        .bind(&cols.op)
-        .bind(&cols.args)
-        .bind(&cols.deadline)
-        .bind(&cols.key)
-        .fetch_all(&mut *tx)
-        .await?;
-        let rows = plan
-            .finish(&mut tx, &intents, inserted, Table::Intents)
-            .await?;
-        tx.commit().await?;
-        Ok(rows)
+        check_batch(intents.iter().map(NewRow::key), intents.len())?;
+        let query = sqlx::query_as(INSERT_INTENTS.as_str())
+            .bind(intents.iter().map(|i| i.id.0).collect::<Vec<_>>())
+            .bind(intents.iter().map(|i| i.agent_id.0).collect::<Vec<_>>())
+            .bind(intents.iter().map(NewRow::key).collect::<Vec<_>>())
+            .bind(intents.iter().map(|i| i.op.as_str()).collect::<Vec<_>>())
+            .bind(intents.iter().map(|i| Json(&i.args)).collect::<Vec<_>>())
+            .bind(intents.iter().map(|i| i.deadline).collect::<Vec<_>>());
+        insert_sequenced(&self.pool, &INTENTS, &intents, query).await
     }
 
     async fn claim_intents(
@@ -614,47 +697,8 @@ impl Store for PgStore {
         claimer: ReplicaId,
         limit: u32,
     ) -> StoreResult<Vec<DispatchIntent>> {
-        if !any_pending(&self.pool, Table::Intents, sessions).await? {
-            return Ok(Vec::new());
-        }
-        let mut tx = self.pool.begin().await?;
-        let brokers = lock_live_sessions(&mut tx, sessions).await?;
-        if brokers.is_empty() {
-            return Ok(Vec::new());
-        }
-        let agents: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT a.id FROM agents a
-             WHERE a.broker_id = ANY($1)
-               AND EXISTS (SELECT 1 FROM dispatch_intents i
-                           WHERE i.agent_id = a.id AND i.state = 'pending')
-             ORDER BY a.id
-             FOR UPDATE OF a SKIP LOCKED",
-        )
-        .bind(&brokers)
-        .fetch_all(&mut *tx)
-        .await?;
-        if agents.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut rows: Vec<DispatchIntent> = sqlx::query_as(
-            "UPDATE dispatch_intents SET state = 'in_progress', claimed_by = $2,
-                    claimed_at = now(), attempts = attempts + 1, updated_at = now()
-             WHERE state = 'pending' AND id IN (
-                 SELECT i.id FROM dispatch_intents i
-                 WHERE i.agent_id = ANY($1) AND i.state = 'pending'
-                   AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
-                                   WHERE o.agent_id = i.agent_id AND o.state = 'in_progress'
-                                     AND o.claimed_by IS DISTINCT FROM $2)
-                 ORDER BY i.agent_id, i.seq
-                 LIMIT $3)
-             RETURNING *",
-        )
-        .bind(&agents)
-        .bind(claimer)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let mut rows: Vec<DispatchIntent> =
+            claim(&self.claims, CLAIM_INTENTS, sessions, claimer, limit).await?;
         rows.sort_by_key(|r| (r.agent_id, r.seq));
         Ok(rows)
     }
@@ -725,40 +769,14 @@ impl Store for PgStore {
         &self,
         messages: Vec<NewMessage>,
     ) -> StoreResult<Vec<Inserted<Message>>> {
-        let mut tx = self.pool.begin().await?;
-        let plan =
-            BatchPlan::<NewMessage, Message>::new(&mut tx, &messages, Table::Messages).await?;
-        let mut cols = MessageColumns::default();
-        for (m, broker, seq) in &plan.fresh {
-            cols.id.push(m.id.0);
-            cols.agent.push(m.agent_id.0);
-            cols.broker.push(broker.0);
-            cols.seq.push(*seq);
-            cols.body.push(Json(m.body.clone()));
-            cols.expires_at.push(m.expires_at);
-            cols.key.push(m.idempotency_key.clone());
-        }
-        let inserted: Vec<Message> = sqlx::query_as(
-            "INSERT INTO messages (id, agent_id, broker_id, seq, body, expires_at, idempotency_key)
-             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::jsonb[],
-                                  $6::timestamptz[], $7::text[])
-             ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING *",
-        )
-        .bind(&cols.id)
-        .bind(&cols.agent)
-        .bind(&cols.broker)
-        .bind(&cols.seq)
-        .bind(&cols.body)
-        .bind(&cols.expires_at)
-        .bind(&cols.key)
-        .fetch_all(&mut *tx)
-        .await?;
-        let rows = plan
-            .finish(&mut tx, &messages, inserted, Table::Messages)
-            .await?;
-        tx.commit().await?;
-        Ok(rows)
+        check_batch(messages.iter().map(NewRow::key), messages.len())?;
+        let query = sqlx::query_as(INSERT_MESSAGES.as_str())
+            .bind(messages.iter().map(|m| m.id.0).collect::<Vec<_>>())
+            .bind(messages.iter().map(|m| m.agent_id.0).collect::<Vec<_>>())
+            .bind(messages.iter().map(NewRow::key).collect::<Vec<_>>())
+            .bind(messages.iter().map(|m| Json(&m.body)).collect::<Vec<_>>())
+            .bind(messages.iter().map(|m| m.expires_at).collect::<Vec<_>>());
+        insert_sequenced(&self.pool, &MESSAGES, &messages, query).await
     }
 
     async fn claim_messages(
@@ -767,46 +785,8 @@ impl Store for PgStore {
         claimer: ReplicaId,
         limit: u32,
     ) -> StoreResult<Vec<Message>> {
-        if !any_pending(&self.pool, Table::Messages, sessions).await? {
-            return Ok(Vec::new());
-        }
-        let mut tx = self.pool.begin().await?;
-        let brokers = lock_live_sessions(&mut tx, sessions).await?;
-        if brokers.is_empty() {
-            return Ok(Vec::new());
-        }
-        let agents: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT a.id FROM agents a
-             WHERE a.broker_id = ANY($1)
-               AND EXISTS (SELECT 1 FROM messages m WHERE m.agent_id = a.id AND m.state = 'pending')
-             ORDER BY a.id
-             FOR UPDATE OF a SKIP LOCKED",
-        )
-        .bind(&brokers)
-        .fetch_all(&mut *tx)
-        .await?;
-        if agents.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut rows: Vec<Message> = sqlx::query_as(
-            "UPDATE messages SET state = 'dispatched', claimed_by = $2,
-                    claimed_at = now(), attempts = attempts + 1, updated_at = now()
-             WHERE state = 'pending' AND id IN (
-                 SELECT m.id FROM messages m
-                 WHERE m.agent_id = ANY($1) AND m.state = 'pending'
-                   AND NOT EXISTS (SELECT 1 FROM messages o
-                                   WHERE o.agent_id = m.agent_id AND o.state = 'dispatched'
-                                     AND o.claimed_by IS DISTINCT FROM $2)
-                 ORDER BY m.agent_id, m.seq
-                 LIMIT $3)
-             RETURNING *",
-        )
-        .bind(&agents)
-        .bind(claimer)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let mut rows: Vec<Message> =
+            claim(&self.claims, CLAIM_MESSAGES, sessions, claimer, limit).await?;
         rows.sort_by_key(|r| (r.agent_id, r.seq));
         Ok(rows)
     }
@@ -1087,29 +1067,4 @@ async fn release_all(
     .bind(replica)
     .fetch_all(&mut **tx)
     .await?)
-}
-
-/// Column arrays for one `unnest` insert of intents.
-#[derive(Default)]
-struct IntentColumns {
-    id: Vec<Uuid>,
-    broker: Vec<Uuid>,
-    agent: Vec<Uuid>,
-    seq: Vec<i64>,
-    op: Vec<&'static str>,
-    args: Vec<Json<serde_json::Value>>,
-    deadline: Vec<chrono::DateTime<chrono::Utc>>,
-    key: Vec<Option<String>>,
-}
-
-/// Column arrays for one `unnest` insert of messages.
-#[derive(Default)]
-struct MessageColumns {
-    id: Vec<Uuid>,
-    agent: Vec<Uuid>,
-    broker: Vec<Uuid>,
-    seq: Vec<i64>,
-    body: Vec<Json<serde_json::Value>>,
-    expires_at: Vec<chrono::DateTime<chrono::Utc>>,
-    key: Vec<Option<String>>,
 }

@@ -93,11 +93,15 @@ fn claim_query(
 
 /// Reserves the next per-agent sequence number from `column`, checking that
 /// the agent exists and is not deleted. Returns the agent's broker and the seq.
+/// Takes the agent's next sequence number from the counter `sql` bumps,
+/// and answers with the agent's broker and the replica holding its session
+/// (read in the same write transaction, so no session can be claimed
+/// before this row commits; see [`Inserted::holder`]).
 async fn next_seq(
     tx: &mut Transaction<'static, Sqlite>,
     agent: AgentId,
     sql: &'static str,
-) -> StoreResult<(BrokerId, i64)> {
+) -> StoreResult<(BrokerId, i64, Option<ReplicaId>)> {
     sqlx::query_as(sql)
         .bind(agent)
         .fetch_optional(&mut **tx)
@@ -106,9 +110,13 @@ async fn next_seq(
 }
 
 const NEXT_MESSAGE_SEQ: &str = "UPDATE agents SET message_seq = message_seq + 1
-     WHERE id = ?1 AND phase <> 'deleted' RETURNING broker_id, message_seq";
+     WHERE id = ?1 AND phase <> 'deleted'
+     RETURNING broker_id, message_seq,
+               (SELECT connected_replica FROM brokers WHERE brokers.id = agents.broker_id)";
 const NEXT_INTENT_SEQ: &str = "UPDATE agents SET intent_seq = intent_seq + 1
-     WHERE id = ?1 AND phase <> 'deleted' RETURNING broker_id, intent_seq";
+     WHERE id = ?1 AND phase <> 'deleted'
+     RETURNING broker_id, intent_seq,
+               (SELECT connected_replica FROM brokers WHERE brokers.id = agents.broker_id)";
 
 async fn release_all(
     tx: &mut Transaction<'static, Sqlite>,
@@ -471,10 +479,11 @@ impl Store for SqliteStore {
                 rows.push(Inserted {
                     row: existing,
                     created: false,
+                    holder: None,
                 });
                 continue;
             }
-            let (broker, seq) = next_seq(&mut tx, i.agent_id, NEXT_INTENT_SEQ).await?;
+            let (broker, seq, holder) = next_seq(&mut tx, i.agent_id, NEXT_INTENT_SEQ).await?;
             let row: DispatchIntent = sqlx::query_as(
                 "INSERT INTO dispatch_intents
                      (id, broker_id, agent_id, seq, op, args, deadline, idempotency_key,
@@ -492,7 +501,11 @@ impl Store for SqliteStore {
             .bind(now())
             .fetch_one(&mut *tx)
             .await?;
-            rows.push(Inserted { row, created: true });
+            rows.push(Inserted {
+                row,
+                created: true,
+                holder,
+            });
         }
         tx.commit().await?;
         Ok(rows)
@@ -594,10 +607,11 @@ impl Store for SqliteStore {
                 rows.push(Inserted {
                     row: existing,
                     created: false,
+                    holder: None,
                 });
                 continue;
             }
-            let (broker, seq) = next_seq(&mut tx, m.agent_id, NEXT_MESSAGE_SEQ).await?;
+            let (broker, seq, holder) = next_seq(&mut tx, m.agent_id, NEXT_MESSAGE_SEQ).await?;
             let row: Message = sqlx::query_as(
                 "INSERT INTO messages
                      (id, agent_id, broker_id, seq, body, expires_at, idempotency_key,
@@ -614,7 +628,11 @@ impl Store for SqliteStore {
             .bind(now())
             .fetch_one(&mut *tx)
             .await?;
-            rows.push(Inserted { row, created: true });
+            rows.push(Inserted {
+                row,
+                created: true,
+                holder,
+            });
         }
         tx.commit().await?;
         Ok(rows)

@@ -69,6 +69,8 @@ conformance!(
     agent_status_applies_only_newer_reports_from_its_own_broker,
     intent_idempotency_key_returns_the_original_row,
     concurrent_inserts_with_one_key_create_one_row,
+    inserts_name_the_replica_holding_the_brokers_session,
+    no_session_is_claimed_between_reading_the_holder_and_the_commit,
     intent_batch_with_one_invalid_item_inserts_nothing,
     intents_are_claimed_in_per_agent_order_in_batches,
     claim_skips_an_agent_with_work_in_flight_elsewhere,
@@ -1393,4 +1395,88 @@ async fn batch_acks_deliver_their_own_and_report_the_rest(f: Fixture) {
         s.message(theirs[0].row.id).await.unwrap().state,
         MessageState::Pending
     );
+}
+
+async fn inserts_name_the_replica_holding_the_brokers_session(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let alone = s.insert_messages(vec![message(a, json!(1))]).await.unwrap();
+    assert_eq!(alone[0].holder, None, "no session yet");
+
+    let replica = ReplicaId::new();
+    s.claim_affinity(b.id, replica, SessionId::new())
+        .await
+        .unwrap();
+    let mut keyed = message(a, json!(2));
+    keyed.idempotency_key = Some("k".into());
+    let held = s.insert_messages(vec![keyed.clone()]).await.unwrap();
+    assert_eq!(held[0].holder, Some(replica));
+    let intents = s.insert_intents(vec![intent(a, Op::Start)]).await.unwrap();
+    assert_eq!(intents[0].holder, Some(replica));
+
+    let mut retry = keyed;
+    retry.id = MessageId::new();
+    let replayed = s.insert_messages(vec![retry]).await.unwrap();
+    assert!(!replayed[0].created);
+    assert_eq!(replayed[0].holder, None, "only created rows are routed");
+}
+
+/// The routing argument of `Inserted::holder`: a row whose insert read an
+/// older holder (or none) committed before the new session's claim did, so
+/// the new session's first drain sees it. Checked by listing the intents
+/// right after the claim returns: every row that did not name the new
+/// holder must already be there.
+async fn no_session_is_claimed_between_reading_the_holder_and_the_commit(f: Fixture) {
+    let s = f.store.clone();
+    let b = broker(&*s, "b").await;
+    let a = agent(&*s, b.id, "w").await;
+    s.claim_affinity(b.id, ReplicaId::new(), SessionId::new())
+        .await
+        .unwrap();
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let store = f.replica().await;
+        writers.spawn(async move {
+            let mut rows = Vec::new();
+            for i in 0..25 {
+                let mut item = intent(a, Op::Restart);
+                item.idempotency_key = Some(format!("{w}-{i}"));
+                rows.extend(store.insert_intents(vec![item]).await.unwrap());
+            }
+            rows
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let newcomer = ReplicaId::new();
+    s.claim_affinity(b.id, newcomer, SessionId::new())
+        .await
+        .unwrap();
+    let visible: HashSet<IntentId> = s
+        .list_intents(IntentFilter {
+            broker_id: Some(b.id),
+            state: None,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    let mut written = Vec::new();
+    while let Some(rows) = writers.join_next().await {
+        written.extend(rows.unwrap());
+    }
+    assert_eq!(written.len(), 200);
+    for row in &written {
+        assert!(row.created);
+        if row.holder != Some(newcomer) {
+            assert!(
+                visible.contains(&row.row.id),
+                "intent {} named {:?}, yet committed after {newcomer} claimed the session",
+                row.row.id,
+                row.holder
+            );
+        }
+    }
 }
