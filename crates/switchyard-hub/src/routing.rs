@@ -9,14 +9,17 @@
 //!   session, whose first drain picks it up.
 //!
 //! Why nothing is stranded when affinity moves while work is written: the
-//! work is committed *before* affinity is read here, and a new session
-//! claims affinity *before* its first drain. Either this read sees the new
-//! owner (and wakes it), or the new owner's claim came later, so its first
-//! drain runs after the commit and finds the work. A wake-up lost on the
-//! way is covered by the drain backstop (1 s by default).
+//! insert reads the holder of the broker's session under a lock that
+//! `claim_affinity` has to wait for (see `Inserted::holder`), and a new
+//! session claims affinity *before* its first drain. Either the insert saw
+//! the new holder (and wakes it), or the new claim came after the commit,
+//! so that session's first drain finds the work. Work that was not just
+//! inserted (a retried call) is routed by reading affinity from storage
+//! after its commit, with the same argument. A wake-up lost on the way is
+//! covered by the drain backstop (1 s by default).
 
 use serde::Serialize;
-use switchyard_store::BrokerId;
+use switchyard_store::{BrokerId, ReplicaId};
 
 use crate::HubState;
 
@@ -38,28 +41,46 @@ impl Route {
     }
 }
 
-/// Wakes whoever must send the broker's new work, and says how. `urgent`
-/// when the caller waits for the outcome: its wake-up skips the debounce.
+/// Wakes whoever must send the broker's work, reading from storage which
+/// replica holds its session. `urgent` when the caller waits for the
+/// outcome: its wake-up skips the debounce.
 pub(crate) async fn route_work(state: &HubState, broker: BrokerId, urgent: bool) -> Route {
-    let route = if state.sessions.wake(broker) {
-        Route::Local
-    } else {
-        // Read affinity from storage every time: a cached owner could be
-        // a replica that lost the session a moment ago.
-        match state.store.broker(broker).await {
-            Ok(row) => match (row.connected_replica, &state.notifier) {
-                (Some(owner), Some(notifier)) if owner != state.replica_id => {
-                    notifier.wake(owner, broker, urgent);
-                    Route::Forward
-                }
-                _ => Route::Queued,
-            },
-            Err(err) => {
-                tracing::warn!(%broker, %err, "cannot read affinity; the work waits for a drain");
-                Route::Queued
-            }
+    if state.sessions.wake(broker) {
+        return counted(state, Route::Local);
+    }
+    // Never cached: a cached holder could be a replica that lost the
+    // session a moment ago.
+    match state.store.broker(broker).await {
+        Ok(row) => route_to_holder(state, broker, row.connected_replica, urgent),
+        Err(err) => {
+            tracing::warn!(%broker, %err, "cannot read affinity; the work waits for a drain");
+            counted(state, Route::Queued)
         }
+    }
+}
+
+/// Wakes whoever must send work just inserted, given the holder its insert
+/// read (`Inserted::holder`): no second read of storage.
+pub(crate) fn route_to_holder(
+    state: &HubState,
+    broker: BrokerId,
+    holder: Option<ReplicaId>,
+    urgent: bool,
+) -> Route {
+    if state.sessions.wake(broker) {
+        return counted(state, Route::Local);
+    }
+    let route = match (holder, &state.notifier) {
+        (Some(owner), Some(notifier)) if owner != state.replica_id => {
+            notifier.wake(owner, broker, urgent);
+            Route::Forward
+        }
+        _ => Route::Queued,
     };
+    counted(state, route)
+}
+
+fn counted(state: &HubState, route: Route) -> Route {
     state
         .metrics
         .routes

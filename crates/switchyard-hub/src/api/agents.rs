@@ -27,7 +27,7 @@ use crate::HubState;
 use crate::api_error::ApiError;
 use crate::events::HubEvent;
 use crate::lookup;
-use crate::routing::route_work;
+use crate::routing::{route_to_holder, route_work};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,7 +75,7 @@ pub(crate) async fn create(
         })
         .await?;
     // The broker prepares the agent when it next drains; nobody waits.
-    state
+    let inserted = state
         .store
         .insert_intent(new_intent(&state, agent.id, Op::Create, None))
         .await?;
@@ -84,7 +84,7 @@ pub(crate) async fn create(
         .intents_published
         .with_label_values(&[Op::Create.as_str()])
         .inc();
-    route_work(&state, broker.id, false).await;
+    route_to_holder(&state, broker.id, inserted.holder, false);
     Ok((StatusCode::CREATED, Json(agent)))
 }
 
@@ -226,15 +226,19 @@ async fn lifecycle(
         .store
         .insert_intent(new_intent(&state, agent.id, op, key))
         .await?;
-    let intent = inserted.row;
-    if inserted.created {
+    let route = if inserted.created {
         state
             .metrics
             .intents_published
             .with_label_values(&[op.as_str()])
             .inc();
-    }
-    let route = route_work(&state, agent.broker_id, query.wait).await;
+        route_to_holder(&state, agent.broker_id, inserted.holder, query.wait)
+    } else {
+        // A retry: its intent may still be waiting; wake whoever holds the
+        // session now.
+        route_work(&state, agent.broker_id, query.wait).await
+    };
+    let intent = inserted.row;
     if !query.wait {
         return Ok((
             StatusCode::ACCEPTED,

@@ -15,7 +15,7 @@ use super::{ApiJson, idempotency_key};
 use crate::HubState;
 use crate::api_error::ApiError;
 use crate::lookup;
-use crate::routing::route_work;
+use crate::routing::route_to_holder;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,7 +48,12 @@ pub(crate) async fn send(
         .await?;
     let route = if inserted.created {
         state.metrics.messages_accepted.inc();
-        Some(route_work(&state, inserted.row.broker_id, false).await)
+        Some(route_to_holder(
+            &state,
+            inserted.row.broker_id,
+            inserted.holder,
+            false,
+        ))
     } else {
         None
     };
@@ -125,15 +130,15 @@ pub(crate) async fn send_batch(
     let rows = state.store.insert_messages(batch).await?;
     let created = rows.iter().filter(|r| r.created).count();
     state.metrics.messages_accepted.inc_by(created as u64);
-    let brokers: std::collections::BTreeSet<_> = rows
+    let holders: std::collections::BTreeMap<_, _> = rows
         .iter()
         .filter(|r| r.created)
-        .map(|r| r.row.broker_id)
+        .map(|r| (r.row.broker_id, r.holder))
         .collect();
-    let mut routes = std::collections::HashMap::new();
-    for broker in brokers {
-        routes.insert(broker, route_work(&state, broker, false).await);
-    }
+    let routes: std::collections::HashMap<_, _> = holders
+        .into_iter()
+        .map(|(broker, holder)| (broker, route_to_holder(&state, broker, holder, false)))
+        .collect();
     let answers: Vec<Value> = rows
         .iter()
         .map(|r| {
