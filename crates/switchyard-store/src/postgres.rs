@@ -2,9 +2,8 @@
 //!
 //! Time comes from the database clock (`now()`), so replicas with skewed
 //! clocks agree on liveness, leases and deadlines. A claim is one statement
-//! (see [`CLAIM_MESSAGES`]): it locks the live brokers and the candidate
-//! agents, and claims rows guarded by `state = 'pending'`, so each row goes
-//! to exactly one claimer.
+//! (see [`CLAIM_MESSAGES`]): it locks the live brokers, and claims rows
+//! guarded by `state = 'pending'`, so each row goes to exactly one claimer.
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -73,30 +72,45 @@ fn secs(d: Duration) -> f64 {
 /// brokers whose live session is still the one given, in one autocommit
 /// statement (one round trip). The steps, as CTEs:
 ///
-/// 1. `live`: the brokers whose session is still the given one *and* that
-///    have pending rows, locked `FOR KEY SHARE` until the claim commits.
-///    `claim_affinity` locks the broker row `FOR UPDATE`, so a new
+/// 1. `candidates`: the brokers whose session is still the given one *and*
+///    that have pending rows, locked `FOR KEY SHARE` until the claim
+///    commits. `claim_affinity` locks the broker row `FOR UPDATE`, so a new
 ///    session's claim and an old session's claim cannot interleave: either
 ///    the old claim commits first (and the new session's requeue returns its
 ///    rows), or it waits, re-checks the session on the newest row version,
 ///    and claims nothing. Brokers without pending rows are filtered out
 ///    before locking, so an empty claim writes nothing (no transaction id,
 ///    no WAL): the common case for one of the two tables on every drain.
-/// 2. `ready`: their agents with pending rows, locked `FOR UPDATE SKIP
-///    LOCKED`: an agent whose rows another transaction is inserting is
-///    skipped, and its writer's wake-up runs another drain.
-/// 3. The `UPDATE`, guarded by `state = 'pending'`, so a row changed after
-///    the statement's snapshot is re-checked on its newest version and
-///    never claimed twice; head-of-line: an agent with a row in flight at
-///    another claimer is skipped. That probe is three index range scans
-///    on (agent, claimer) (below, above, missing): `IS DISTINCT FROM` would
-///    be a filter that walks every row the claimer itself has in flight.
+///    `KEY SHARE` does not conflict with the insert's lock on the broker.
+/// 2. `live`: of those, the brokers no other claim is working on, by a
+///    transaction-scoped advisory try-lock per broker (released at commit).
+///    Concurrent claims for one broker therefore never update the same
+///    rows in different orders (which deadlocked); the one that loses
+///    claims nothing for that broker. The hub runs one drain per session,
+///    so this only matters to callers that claim concurrently.
+/// 3. `ready`: their agents with pending rows and none in flight at
+///    another claimer (head-of-line: work never overtakes an earlier row
+///    another replica holds). The in-flight probe is checked once per
+///    agent, not per row, as three index range scans on (agent, claimer)
+///    (below, above, missing): `IS DISTINCT FROM` would be a filter that
+///    walks every row the claimer itself has in flight. Agents are not
+///    locked: only claims for the agent's broker touch its rows, and they
+///    are serialized by steps 1 and 2; per-agent order needs no lock
+///    either, because sequence numbers are taken under the agent's row
+///    lock until the insert commits, so any snapshot sees a prefix of each
+///    agent's rows. (Locking agents `SKIP LOCKED`, as an earlier version
+///    did, made a claim skip every agent an insert was writing to, and
+///    under load the drain lost that race most of the time.)
+/// 4. The `UPDATE` of the first `limit` pending rows of those agents in
+///    (agent, seq) order, guarded by `state = 'pending'`, so a row changed
+///    after the statement's snapshot is re-checked on its newest version
+///    and never claimed twice.
 ///
 /// Rows committed after the statement's snapshot are not seen; their
 /// writer wakes the drain after committing, so they are claimed by the
 /// next pass (or the backstop).
 const CLAIM_MESSAGES: &str = "
-    WITH live AS MATERIALIZED (
+    WITH candidates AS MATERIALIZED (
         SELECT b.id FROM brokers b
         JOIN unnest($1::uuid[], $2::uuid[]) AS s(broker, session)
           ON b.id = s.broker AND b.session_id = s.session
@@ -104,34 +118,32 @@ const CLAIM_MESSAGES: &str = "
                       WHERE a.broker_id = b.id AND m.state = 'pending')
         ORDER BY b.id
         FOR KEY SHARE OF b
-    ), ready AS MATERIALIZED (
+    ), live AS MATERIALIZED (
+        SELECT id FROM candidates
+        WHERE pg_try_advisory_xact_lock(hashtextextended('switchyard-claim:' || id::text, 0))
+    ), ready AS (
         SELECT a.id FROM agents a
         WHERE a.broker_id IN (SELECT id FROM live)
           AND EXISTS (SELECT 1 FROM messages m WHERE m.agent_id = a.id AND m.state = 'pending')
-        ORDER BY a.id
-        FOR UPDATE OF a SKIP LOCKED
+          AND NOT EXISTS (SELECT 1 FROM messages o
+                          WHERE o.agent_id = a.id AND o.state = 'dispatched' AND o.claimed_by < $3)
+          AND NOT EXISTS (SELECT 1 FROM messages o
+                          WHERE o.agent_id = a.id AND o.state = 'dispatched' AND o.claimed_by > $3)
+          AND NOT EXISTS (SELECT 1 FROM messages o
+                          WHERE o.agent_id = a.id AND o.state = 'dispatched' AND o.claimed_by IS NULL)
     )
     UPDATE messages SET state = 'dispatched', claimed_by = $3,
            claimed_at = now(), attempts = attempts + 1, updated_at = now()
     WHERE state = 'pending' AND id IN (
         SELECT m.id FROM messages m
         WHERE m.agent_id IN (SELECT id FROM ready) AND m.state = 'pending'
-          AND NOT EXISTS (SELECT 1 FROM messages o
-                          WHERE o.agent_id = m.agent_id AND o.state = 'dispatched'
-                            AND o.claimed_by < $3)
-          AND NOT EXISTS (SELECT 1 FROM messages o
-                          WHERE o.agent_id = m.agent_id AND o.state = 'dispatched'
-                            AND o.claimed_by > $3)
-          AND NOT EXISTS (SELECT 1 FROM messages o
-                          WHERE o.agent_id = m.agent_id AND o.state = 'dispatched'
-                            AND o.claimed_by IS NULL)
         ORDER BY m.agent_id, m.seq
         LIMIT $4)
     RETURNING *";
 
 /// [`CLAIM_MESSAGES`] for dispatch intents (`pending -> in_progress`).
 const CLAIM_INTENTS: &str = "
-    WITH live AS MATERIALIZED (
+    WITH candidates AS MATERIALIZED (
         SELECT b.id FROM brokers b
         JOIN unnest($1::uuid[], $2::uuid[]) AS s(broker, session)
           ON b.id = s.broker AND b.session_id = s.session
@@ -139,28 +151,26 @@ const CLAIM_INTENTS: &str = "
                       WHERE a.broker_id = b.id AND i.state = 'pending')
         ORDER BY b.id
         FOR KEY SHARE OF b
-    ), ready AS MATERIALIZED (
+    ), live AS MATERIALIZED (
+        SELECT id FROM candidates
+        WHERE pg_try_advisory_xact_lock(hashtextextended('switchyard-claim:' || id::text, 0))
+    ), ready AS (
         SELECT a.id FROM agents a
         WHERE a.broker_id IN (SELECT id FROM live)
           AND EXISTS (SELECT 1 FROM dispatch_intents i
                       WHERE i.agent_id = a.id AND i.state = 'pending')
-        ORDER BY a.id
-        FOR UPDATE OF a SKIP LOCKED
+          AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
+                          WHERE o.agent_id = a.id AND o.state = 'in_progress' AND o.claimed_by < $3)
+          AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
+                          WHERE o.agent_id = a.id AND o.state = 'in_progress' AND o.claimed_by > $3)
+          AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
+                          WHERE o.agent_id = a.id AND o.state = 'in_progress' AND o.claimed_by IS NULL)
     )
     UPDATE dispatch_intents SET state = 'in_progress', claimed_by = $3,
            claimed_at = now(), attempts = attempts + 1, updated_at = now()
     WHERE state = 'pending' AND id IN (
         SELECT i.id FROM dispatch_intents i
         WHERE i.agent_id IN (SELECT id FROM ready) AND i.state = 'pending'
-          AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
-                          WHERE o.agent_id = i.agent_id AND o.state = 'in_progress'
-                            AND o.claimed_by < $3)
-          AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
-                          WHERE o.agent_id = i.agent_id AND o.state = 'in_progress'
-                            AND o.claimed_by > $3)
-          AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
-                          WHERE o.agent_id = i.agent_id AND o.state = 'in_progress'
-                            AND o.claimed_by IS NULL)
         ORDER BY i.agent_id, i.seq
         LIMIT $4)
     RETURNING *";

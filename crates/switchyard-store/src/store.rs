@@ -170,7 +170,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// work requeued for a new session cannot be taken back by the old one.
     /// Exactly one concurrent caller gets each row; per agent, rows come in
     /// `seq` order and an agent with an intent in flight at another replica
-    /// is skipped. The result is ordered by (agent, seq).
+    /// is skipped. Calls for one broker are meant to run one at a time (the
+    /// hub runs one drain per session); one that overlaps another call for
+    /// the same broker may claim nothing for it. The result is ordered by
+    /// (agent, seq).
     async fn claim_intents(
         &self,
         sessions: &[(BrokerId, SessionId)],
