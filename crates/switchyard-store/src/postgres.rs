@@ -212,14 +212,15 @@ struct Sequenced {
 
 const MESSAGES: Sequenced = Sequenced {
     table: "messages",
-    by_keys: "SELECT * FROM messages WHERE idempotency_key = ANY($1)",
+    by_keys: "SELECT * FROM messages WHERE idempotency_key = ANY($1) AND idempotency_key IS NOT NULL",
     counter: "message_seq",
     payload: &[("body", "jsonb"), ("expires_at", "timestamptz")],
 };
 
 const INTENTS: Sequenced = Sequenced {
     table: "dispatch_intents",
-    by_keys: "SELECT * FROM dispatch_intents WHERE idempotency_key = ANY($1)",
+    by_keys: "SELECT * FROM dispatch_intents
+              WHERE idempotency_key = ANY($1) AND idempotency_key IS NOT NULL",
     counter: "intent_seq",
     payload: &[
         ("op", "text"),
@@ -278,6 +279,7 @@ impl Sequenced {
              ), existing AS (
                  SELECT * FROM {table}
                  WHERE idempotency_key IN (SELECT idempotency_key FROM input)
+                   AND idempotency_key IS NOT NULL
              ), fresh AS (
                  SELECT * FROM input
                  WHERE idempotency_key IS NULL
@@ -302,7 +304,7 @@ impl Sequenced {
                         f.idempotency_key, {from_fresh}
                  FROM fresh f LEFT JOIN reserved r ON r.id = f.agent_id
                  ORDER BY f.ord
-                 ON CONFLICT (idempotency_key) DO NOTHING
+                 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                  RETURNING *
              )
              SELECT true AS created, l.connected_replica AS holder, i.*
@@ -744,7 +746,9 @@ impl Store for PgStore {
 
     async fn intent_by_key(&self, key: &str) -> StoreResult<Option<DispatchIntent>> {
         Ok(
-            sqlx::query_as("SELECT * FROM dispatch_intents WHERE idempotency_key = $1")
+            sqlx::query_as(
+                "SELECT * FROM dispatch_intents WHERE idempotency_key = $1 AND idempotency_key IS NOT NULL",
+            )
                 .bind(key)
                 .fetch_optional(&self.pool)
                 .await?,

@@ -91,10 +91,8 @@ fn claim_query(
     q
 }
 
-/// Reserves the next per-agent sequence number from `column`, checking that
-/// the agent exists and is not deleted. Returns the agent's broker and the seq.
-/// Takes the agent's next sequence number from the counter `sql` bumps,
-/// and answers with the agent's broker and the replica holding its session
+/// Takes the agent's next sequence number from the counter `sql` bumps
+/// (refusing a missing or deleted agent), and answers with the agent's broker and the replica holding its session
 /// (read in the same write transaction, so no session can be claimed
 /// before this row commits; see [`Inserted::holder`]).
 async fn next_seq(

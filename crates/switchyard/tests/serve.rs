@@ -155,7 +155,7 @@ async fn db_migrate_is_idempotent_on_both_backends() {
                 "{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 4"));
+            assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 5"));
         }
     }
 }
