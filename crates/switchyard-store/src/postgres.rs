@@ -2,7 +2,7 @@
 //!
 //! Time comes from the database clock (`now()`), so replicas with skewed
 //! clocks agree on liveness, leases and deadlines. A claim is one statement
-//! (see [`CLAIM_MESSAGES`]): it locks the live brokers, and claims rows
+//! (see [`Sequenced::claim_sql`]): it locks the live brokers, and claims rows
 //! guarded by `state = 'pending'`, so each row goes to exactly one claimer.
 
 use std::collections::BTreeMap;
@@ -68,114 +68,7 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-/// Claims up to `limit` pending rows of `table` for `claimer`, for the
-/// brokers whose live session is still the one given, in one autocommit
-/// statement (one round trip). The steps, as CTEs:
-///
-/// 1. `candidates`: the brokers whose session is still the given one *and*
-///    that have pending rows, locked `FOR KEY SHARE` until the claim
-///    commits. `claim_affinity` locks the broker row `FOR UPDATE`, so a new
-///    session's claim and an old session's claim cannot interleave: either
-///    the old claim commits first (and the new session's requeue returns its
-///    rows), or it waits, re-checks the session on the newest row version,
-///    and claims nothing. Brokers without pending rows are filtered out
-///    before locking, so an empty claim writes nothing (no transaction id,
-///    no WAL): the common case for one of the two tables on every drain.
-///    `KEY SHARE` does not conflict with the insert's lock on the broker.
-/// 2. `live`: of those, the brokers no other claim is working on, by a
-///    transaction-scoped advisory try-lock per broker (released at commit).
-///    Concurrent claims for one broker therefore never update the same
-///    rows in different orders (which deadlocked); the one that loses
-///    claims nothing for that broker. The hub runs one drain per session,
-///    so this only matters to callers that claim concurrently.
-/// 3. `ready`: their agents with pending rows and none in flight at
-///    another claimer (head-of-line: work never overtakes an earlier row
-///    another replica holds). The in-flight probe is checked once per
-///    agent, not per row, as three index range scans on (agent, claimer)
-///    (below, above, missing): `IS DISTINCT FROM` would be a filter that
-///    walks every row the claimer itself has in flight. Agents are not
-///    locked: only claims for the agent's broker touch its rows, and they
-///    are serialized by steps 1 and 2; per-agent order needs no lock
-///    either, because sequence numbers are taken under the agent's row
-///    lock until the insert commits, so any snapshot sees a prefix of each
-///    agent's rows. (Locking agents `SKIP LOCKED`, as an earlier version
-///    did, made a claim skip every agent an insert was writing to, and
-///    under load the drain lost that race most of the time.)
-/// 4. The `UPDATE` of the first `limit` pending rows of those agents in
-///    (agent, seq) order, guarded by `state = 'pending'`, so a row changed
-///    after the statement's snapshot is re-checked on its newest version
-///    and never claimed twice.
-///
-/// Rows committed after the statement's snapshot are not seen; their
-/// writer wakes the drain after committing, so they are claimed by the
-/// next pass (or the backstop).
-const CLAIM_MESSAGES: &str = "
-    WITH candidates AS MATERIALIZED (
-        SELECT b.id FROM brokers b
-        JOIN unnest($1::uuid[], $2::uuid[]) AS s(broker, session)
-          ON b.id = s.broker AND b.session_id = s.session
-        WHERE EXISTS (SELECT 1 FROM agents a JOIN messages m ON m.agent_id = a.id
-                      WHERE a.broker_id = b.id AND m.state = 'pending')
-        ORDER BY b.id
-        FOR KEY SHARE OF b
-    ), live AS MATERIALIZED (
-        SELECT id FROM candidates
-        WHERE pg_try_advisory_xact_lock(hashtextextended('switchyard-claim:' || id::text, 0))
-    ), ready AS (
-        SELECT a.id FROM agents a
-        WHERE a.broker_id IN (SELECT id FROM live)
-          AND EXISTS (SELECT 1 FROM messages m WHERE m.agent_id = a.id AND m.state = 'pending')
-          AND NOT EXISTS (SELECT 1 FROM messages o
-                          WHERE o.agent_id = a.id AND o.state = 'dispatched' AND o.claimed_by < $3)
-          AND NOT EXISTS (SELECT 1 FROM messages o
-                          WHERE o.agent_id = a.id AND o.state = 'dispatched' AND o.claimed_by > $3)
-          AND NOT EXISTS (SELECT 1 FROM messages o
-                          WHERE o.agent_id = a.id AND o.state = 'dispatched' AND o.claimed_by IS NULL)
-    )
-    UPDATE messages SET state = 'dispatched', claimed_by = $3,
-           claimed_at = now(), attempts = attempts + 1, updated_at = now()
-    WHERE state = 'pending' AND id IN (
-        SELECT m.id FROM messages m
-        WHERE m.agent_id IN (SELECT id FROM ready) AND m.state = 'pending'
-        ORDER BY m.agent_id, m.seq
-        LIMIT $4)
-    RETURNING *";
-
-/// [`CLAIM_MESSAGES`] for dispatch intents (`pending -> in_progress`).
-const CLAIM_INTENTS: &str = "
-    WITH candidates AS MATERIALIZED (
-        SELECT b.id FROM brokers b
-        JOIN unnest($1::uuid[], $2::uuid[]) AS s(broker, session)
-          ON b.id = s.broker AND b.session_id = s.session
-        WHERE EXISTS (SELECT 1 FROM agents a JOIN dispatch_intents i ON i.agent_id = a.id
-                      WHERE a.broker_id = b.id AND i.state = 'pending')
-        ORDER BY b.id
-        FOR KEY SHARE OF b
-    ), live AS MATERIALIZED (
-        SELECT id FROM candidates
-        WHERE pg_try_advisory_xact_lock(hashtextextended('switchyard-claim:' || id::text, 0))
-    ), ready AS (
-        SELECT a.id FROM agents a
-        WHERE a.broker_id IN (SELECT id FROM live)
-          AND EXISTS (SELECT 1 FROM dispatch_intents i
-                      WHERE i.agent_id = a.id AND i.state = 'pending')
-          AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
-                          WHERE o.agent_id = a.id AND o.state = 'in_progress' AND o.claimed_by < $3)
-          AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
-                          WHERE o.agent_id = a.id AND o.state = 'in_progress' AND o.claimed_by > $3)
-          AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
-                          WHERE o.agent_id = a.id AND o.state = 'in_progress' AND o.claimed_by IS NULL)
-    )
-    UPDATE dispatch_intents SET state = 'in_progress', claimed_by = $3,
-           claimed_at = now(), attempts = attempts + 1, updated_at = now()
-    WHERE state = 'pending' AND id IN (
-        SELECT i.id FROM dispatch_intents i
-        WHERE i.agent_id IN (SELECT id FROM ready) AND i.state = 'pending'
-        ORDER BY i.agent_id, i.seq
-        LIMIT $4)
-    RETURNING *";
-
-/// Runs [`CLAIM_MESSAGES`] or [`CLAIM_INTENTS`]; rows ordered by (agent, seq).
+/// Runs a [`Sequenced::claim_sql`] statement; rows ordered by (agent, seq).
 async fn claim<R>(
     pool: &PgPool,
     sql: &'static str,
@@ -203,6 +96,8 @@ struct Sequenced {
     table: &'static str,
     /// Reads the rows with the keys in `$1`.
     by_keys: &'static str,
+    /// The state of a claimed row.
+    in_flight: &'static str,
     /// The `agents` column holding the last sequence number handed out.
     counter: &'static str,
     /// The table's own columns, with their types, bound as arrays after
@@ -212,6 +107,7 @@ struct Sequenced {
 
 const MESSAGES: Sequenced = Sequenced {
     table: "messages",
+    in_flight: "dispatched",
     by_keys: "SELECT * FROM messages WHERE idempotency_key = ANY($1) AND idempotency_key IS NOT NULL",
     counter: "message_seq",
     payload: &[("body", "jsonb"), ("expires_at", "timestamptz")],
@@ -219,6 +115,7 @@ const MESSAGES: Sequenced = Sequenced {
 
 const INTENTS: Sequenced = Sequenced {
     table: "dispatch_intents",
+    in_flight: "in_progress",
     by_keys: "SELECT * FROM dispatch_intents
               WHERE idempotency_key = ANY($1) AND idempotency_key IS NOT NULL",
     counter: "intent_seq",
@@ -231,6 +128,8 @@ const INTENTS: Sequenced = Sequenced {
 
 static INSERT_MESSAGES: LazyLock<String> = LazyLock::new(|| MESSAGES.insert_sql());
 static INSERT_INTENTS: LazyLock<String> = LazyLock::new(|| INTENTS.insert_sql());
+static CLAIM_MESSAGES: LazyLock<String> = LazyLock::new(|| MESSAGES.claim_sql());
+static CLAIM_INTENTS: LazyLock<String> = LazyLock::new(|| INTENTS.claim_sql());
 
 impl Sequenced {
     /// The idempotent, all-or-none batch insert as one autocommit
@@ -311,6 +210,87 @@ impl Sequenced {
              FROM inserted i JOIN locked l ON l.id = i.agent_id
              UNION ALL
              SELECT false, NULL::uuid, e.* FROM existing e"
+        )
+    }
+
+    /// The claim: up to `$4` pending rows of the table for claimer `$3`,
+    /// for the brokers whose live session is still the one given (`$1`,
+    /// `$2`), in one autocommit statement (one round trip). The steps, as
+    /// CTEs:
+    ///
+    /// 1. `candidates`: the brokers whose session is still the given one *and*
+    ///    that have pending rows, locked `FOR KEY SHARE` until the claim
+    ///    commits. `claim_affinity` locks the broker row `FOR UPDATE`, so a new
+    ///    session's claim and an old session's claim cannot interleave: either
+    ///    the old claim commits first (and the new session's requeue returns its
+    ///    rows), or it waits, re-checks the session on the newest row version,
+    ///    and claims nothing. Brokers without pending rows are filtered out
+    ///    before locking, so an empty claim writes nothing (no transaction id,
+    ///    no WAL): the common case for one of the two tables on every drain.
+    ///    `KEY SHARE` does not conflict with the insert's lock on the broker.
+    /// 2. `live`: of those, the brokers no other claim is working on, by a
+    ///    transaction-scoped advisory try-lock per broker (released at commit).
+    ///    Concurrent claims for one broker therefore never update the same
+    ///    rows in different orders (which deadlocked); the one that loses
+    ///    claims nothing for that broker. The hub runs one drain per session,
+    ///    so this only matters to callers that claim concurrently.
+    /// 3. `ready`: their agents with pending rows and none in flight at
+    ///    another claimer (head-of-line: work never overtakes an earlier row
+    ///    another replica holds). The in-flight probe is checked once per
+    ///    agent, not per row, as three index range scans on (agent, claimer)
+    ///    (below, above, missing): `IS DISTINCT FROM` would be a filter that
+    ///    walks every row the claimer itself has in flight. Agents are not
+    ///    locked: only claims for the agent's broker touch its rows, and they
+    ///    are serialized by steps 1 and 2; per-agent order needs no lock
+    ///    either, because sequence numbers are taken under the agent's row
+    ///    lock until the insert commits, so any snapshot sees a prefix of each
+    ///    agent's rows. (Locking agents `SKIP LOCKED`, as an earlier version
+    ///    did, made a claim skip every agent an insert was writing to, and
+    ///    under load the drain lost that race most of the time.)
+    /// 4. The `UPDATE` of the first `$4` pending rows of those agents in
+    ///    (agent, seq) order, guarded by `state = 'pending'`, so a row changed
+    ///    after the statement's snapshot is re-checked on its newest version
+    ///    and never claimed twice.
+    ///
+    /// Rows committed after the statement's snapshot are not seen; their
+    /// writer wakes the drain after committing, so they are claimed by the
+    /// next pass (or the backstop).
+    fn claim_sql(&self) -> String {
+        let (table, in_flight) = (self.table, self.in_flight);
+        format!(
+            "WITH candidates AS MATERIALIZED (
+                 SELECT b.id FROM brokers b
+                 JOIN unnest($1::uuid[], $2::uuid[]) AS s(broker, session)
+                   ON b.id = s.broker AND b.session_id = s.session
+                 WHERE EXISTS (SELECT 1 FROM agents a JOIN {table} w ON w.agent_id = a.id
+                               WHERE a.broker_id = b.id AND w.state = 'pending')
+                 ORDER BY b.id
+                 FOR KEY SHARE OF b
+             ), live AS MATERIALIZED (
+                 SELECT id FROM candidates
+                 WHERE pg_try_advisory_xact_lock(hashtextextended('switchyard-claim:' || id::text, 0))
+             ), ready AS (
+                 SELECT a.id FROM agents a
+                 WHERE a.broker_id IN (SELECT id FROM live)
+                   AND EXISTS (SELECT 1 FROM {table} w WHERE w.agent_id = a.id AND w.state = 'pending')
+                   AND NOT EXISTS (SELECT 1 FROM {table} o
+                                   WHERE o.agent_id = a.id AND o.state = '{in_flight}'
+                                     AND o.claimed_by < $3)
+                   AND NOT EXISTS (SELECT 1 FROM {table} o
+                                   WHERE o.agent_id = a.id AND o.state = '{in_flight}'
+                                     AND o.claimed_by > $3)
+                   AND NOT EXISTS (SELECT 1 FROM {table} o
+                                   WHERE o.agent_id = a.id AND o.state = '{in_flight}'
+                                     AND o.claimed_by IS NULL)
+             )
+             UPDATE {table} SET state = '{in_flight}', claimed_by = $3,
+                    claimed_at = now(), attempts = attempts + 1, updated_at = now()
+             WHERE state = 'pending' AND id IN (
+                 SELECT w.id FROM {table} w
+                 WHERE w.agent_id IN (SELECT id FROM ready) AND w.state = 'pending'
+                 ORDER BY w.agent_id, w.seq
+                 LIMIT $4)
+             RETURNING *"
         )
     }
 }
@@ -709,8 +689,14 @@ impl Store for PgStore {
         claimer: ReplicaId,
         limit: u32,
     ) -> StoreResult<Vec<DispatchIntent>> {
-        let mut rows: Vec<DispatchIntent> =
-            claim(&self.claims, CLAIM_INTENTS, sessions, claimer, limit).await?;
+        let mut rows: Vec<DispatchIntent> = claim(
+            &self.claims,
+            CLAIM_INTENTS.as_str(),
+            sessions,
+            claimer,
+            limit,
+        )
+        .await?;
         rows.sort_by_key(|r| (r.agent_id, r.seq));
         Ok(rows)
     }
@@ -799,8 +785,14 @@ impl Store for PgStore {
         claimer: ReplicaId,
         limit: u32,
     ) -> StoreResult<Vec<Message>> {
-        let mut rows: Vec<Message> =
-            claim(&self.claims, CLAIM_MESSAGES, sessions, claimer, limit).await?;
+        let mut rows: Vec<Message> = claim(
+            &self.claims,
+            CLAIM_MESSAGES.as_str(),
+            sessions,
+            claimer,
+            limit,
+        )
+        .await?;
         rows.sort_by_key(|r| (r.agent_id, r.seq));
         Ok(rows)
     }
