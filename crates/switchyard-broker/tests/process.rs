@@ -196,13 +196,19 @@ async fn restart_and_delete_follow_the_lifecycle_and_deleted_agents_refuse_ops()
         .apply(&dispatch(agent_id, Op::Start, &spec))
         .await
         .unwrap();
+    let starts = agent_file(workdir.path(), agent_id, "starts.txt");
+    // A restart may stop the first process before its shell ran `echo`
+    // (seen on a loaded machine): let it write its line first.
+    eventually("the first start", LIMIT, || async {
+        lines(&starts).len() == 1
+    })
+    .await;
     let second = rt
         .apply(&dispatch(agent_id, Op::Restart, &spec))
         .await
         .unwrap();
     assert_eq!(second["phase"], "running");
     assert_ne!(first["pid"], second["pid"]);
-    let starts = agent_file(workdir.path(), agent_id, "starts.txt");
     eventually("two starts", LIMIT, || async { lines(&starts).len() == 2 }).await;
 
     let deleted = rt
