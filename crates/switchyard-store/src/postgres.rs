@@ -10,7 +10,6 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -29,33 +28,12 @@ use crate::store::{Singleton, Store};
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
-    /// Connections with `synchronous_commit = off`, used only for claims.
-    /// A claim is a lease, not a promise to a caller: if PostgreSQL crashes
-    /// before the claim's commit record is flushed, the row is simply
-    /// `pending` again and is sent again, which the broker drops as a
-    /// duplicate by id (invariant 4), exactly as after a requeue. WAL is
-    /// flushed in order, so any later synchronous commit (an ack, an
-    /// outcome) makes the claim before it durable too. Not waiting for the
-    /// flush takes one fsync off the path from accept to broker.
-    claims: PgPool,
 }
 
-/// Connections in the claim pool: a replica claims from one drain task per
-/// session, and each claim is one statement.
-const CLAIM_CONNECTIONS: u32 = 4;
-
 impl PgStore {
-    /// Wraps a pool whose database is already migrated. The claim pool
-    /// connects lazily, with the same options.
+    /// Wraps a pool whose database is already migrated.
     pub fn new(pool: PgPool) -> Self {
-        let options = (*pool.connect_options())
-            .clone()
-            .options([("synchronous_commit", "off")]);
-        let claims = PgPoolOptions::new()
-            .max_connections(CLAIM_CONNECTIONS)
-            .acquire_timeout(pool.options().get_acquire_timeout())
-            .connect_lazy_with(options);
-        Self { pool, claims }
+        Self { pool }
     }
 
     /// The underlying pool (the command bus listens on it).
@@ -218,6 +196,18 @@ impl Sequenced {
     /// `$2`), in one autocommit statement (one round trip). The steps, as
     /// CTEs:
     ///
+    /// 0. `relaxed`: `synchronous_commit = off` for this statement's own
+    ///    transaction only (`set_config(..., true)` is `SET LOCAL`, so it
+    ///    also holds behind a transaction-pooling PgBouncer and never leaks
+    ///    to the connection's next user). A claim is a lease, not a promise
+    ///    to a caller: if PostgreSQL crashes before the claim's commit
+    ///    record is flushed, the row is simply `pending` again and is sent
+    ///    again, which the broker drops as a duplicate by id (invariant 4),
+    ///    exactly as after a requeue. WAL is flushed in order, so any later
+    ///    synchronous commit (an ack, an outcome) makes the claim durable
+    ///    too. Not waiting for the flush takes one fsync off the path from
+    ///    accept to broker. Every candidate row is joined with `relaxed`,
+    ///    so it is evaluated whenever the claim writes anything.
     /// 1. `candidates`: the brokers whose session is still the given one *and*
     ///    that have pending rows, locked `FOR KEY SHARE` until the claim
     ///    commits. `claim_affinity` locks the broker row `FOR UPDATE`, so a new
@@ -258,8 +248,10 @@ impl Sequenced {
     fn claim_sql(&self) -> String {
         let (table, in_flight) = (self.table, self.in_flight);
         format!(
-            "WITH candidates AS MATERIALIZED (
-                 SELECT b.id FROM brokers b
+            "WITH relaxed AS MATERIALIZED (
+                 SELECT set_config('synchronous_commit', 'off', true)
+             ), candidates AS MATERIALIZED (
+                 SELECT b.id FROM relaxed, brokers b
                  JOIN unnest($1::uuid[], $2::uuid[]) AS s(broker, session)
                    ON b.id = s.broker AND b.session_id = s.session
                  WHERE EXISTS (SELECT 1 FROM agents a JOIN {table} w ON w.agent_id = a.id
@@ -689,14 +681,8 @@ impl Store for PgStore {
         claimer: ReplicaId,
         limit: u32,
     ) -> StoreResult<Vec<DispatchIntent>> {
-        let mut rows: Vec<DispatchIntent> = claim(
-            &self.claims,
-            CLAIM_INTENTS.as_str(),
-            sessions,
-            claimer,
-            limit,
-        )
-        .await?;
+        let mut rows: Vec<DispatchIntent> =
+            claim(&self.pool, CLAIM_INTENTS.as_str(), sessions, claimer, limit).await?;
         rows.sort_by_key(|r| (r.agent_id, r.seq));
         Ok(rows)
     }
@@ -786,7 +772,7 @@ impl Store for PgStore {
         limit: u32,
     ) -> StoreResult<Vec<Message>> {
         let mut rows: Vec<Message> = claim(
-            &self.claims,
+            &self.pool,
             CLAIM_MESSAGES.as_str(),
             sessions,
             claimer,
