@@ -296,8 +296,9 @@ struct Written<T> {
     row: T,
 }
 
-/// Runs a [`Sequenced::insert_sql`] statement that `bind` has bound the
-/// payload arrays to, and answers each item (see [`match_inserted`]).
+/// Runs a [`Sequenced::insert_sql`] statement (`query`, with the ids,
+/// agents, keys and payload arrays already bound) and answers each item
+/// (see [`match_inserted`]).
 async fn insert_sequenced<'q, N, R>(
     pool: &PgPool,
     table: &Sequenced,
