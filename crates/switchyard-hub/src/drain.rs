@@ -68,11 +68,15 @@ impl Drain {
     /// Claims and sends until the broker has no pending work left.
     async fn drain_once(&self) -> Result<(), DrainError> {
         let mut specs: HashMap<AgentId, AgentSpec> = HashMap::new();
+        let session = [(self.broker, self.session)];
         loop {
-            let intents = self
-                .store
-                .claim_intents(&[(self.broker, self.session)], self.replica, BATCH)
-                .await?;
+            // Both claims at once, on two connections: a pass costs one
+            // round trip of waiting instead of two. Intents still go out
+            // before the messages claimed with them.
+            let (intents, messages) = tokio::try_join!(
+                self.store.claim_intents(&session, self.replica, BATCH),
+                self.store.claim_messages(&session, self.replica, BATCH),
+            )?;
             for intent in &intents {
                 self.metrics
                     .intents_claimed
@@ -100,10 +104,6 @@ impl Drain {
                 }))
                 .await?;
             }
-            let messages = self
-                .store
-                .claim_messages(&[(self.broker, self.session)], self.replica, BATCH)
-                .await?;
             for message in &messages {
                 self.send(HubFrame::Message(AgentMessage {
                     id: message.id.0,
