@@ -72,11 +72,16 @@ impl Drain {
         loop {
             // Both claims at once, on two connections: a pass costs one
             // round trip of waiting instead of two. Intents still go out
-            // before the messages claimed with them.
-            let (intents, messages) = tokio::try_join!(
+            // before the messages claimed with them. What one claim got is
+            // sent even if the other failed: a claimed row left unsent
+            // would wait in flight until its lease ran out.
+            let (intents, messages) = tokio::join!(
                 self.store.claim_intents(&session, self.replica, BATCH),
                 self.store.claim_messages(&session, self.replica, BATCH),
-            )?;
+            );
+            let (intents, intents_failed) = claimed(intents);
+            let (messages, messages_failed) = claimed(messages);
+            let mut failed = intents_failed.or(messages_failed);
             for intent in &intents {
                 self.metrics
                     .intents_claimed
@@ -84,16 +89,21 @@ impl Drain {
                     .inc();
                 let agent = match specs.get(&intent.agent_id) {
                     Some(spec) => spec.clone(),
-                    None => {
-                        let row = self.store.agent(intent.agent_id).await?;
-                        let spec = AgentSpec {
-                            name: row.name,
-                            command: row.command.0,
-                            env: row.env.0,
-                        };
-                        specs.insert(intent.agent_id, spec.clone());
-                        spec
-                    }
+                    None => match self.store.agent(intent.agent_id).await {
+                        Ok(row) => {
+                            let spec = AgentSpec {
+                                name: row.name,
+                                command: row.command.0,
+                                env: row.env.0,
+                            };
+                            specs.insert(intent.agent_id, spec.clone());
+                            spec
+                        }
+                        Err(err) => {
+                            failed = failed.or(Some(err));
+                            break;
+                        }
+                    },
                 };
                 self.send(HubFrame::Dispatch(Dispatch {
                     id: intent.id.0,
@@ -113,6 +123,9 @@ impl Drain {
                 }))
                 .await?;
             }
+            if let Some(err) = failed {
+                return Err(err.into());
+            }
             if intents.len() < BATCH as usize && messages.len() < BATCH as usize {
                 return Ok(());
             }
@@ -124,5 +137,14 @@ impl Drain {
             .send(Outbound::Frame(frame))
             .await
             .map_err(|_| DrainError::SessionClosed)
+    }
+}
+
+/// Splits a claim's outcome into the rows it got (none on failure) and its
+/// error.
+fn claimed<T>(outcome: Result<Vec<T>, StoreError>) -> (Vec<T>, Option<StoreError>) {
+    match outcome {
+        Ok(rows) => (rows, None),
+        Err(err) => (Vec::new(), Some(err)),
     }
 }
