@@ -364,3 +364,60 @@ async fn protocol_violations_get_an_error_frame_and_a_close(db: TestDb) {
     assert_eq!(broker["status"], "offline");
     hub.shutdown().await;
 }
+
+/// A drain claims intents and messages at once. When the intents claim
+/// fails (here: its table is renamed away), the messages the other claim
+/// got must still go out now, not wait in flight for their lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_messages_go_out_when_the_intents_claim_fails() {
+    use sqlx::Connection;
+
+    let hub = TestHub::start(TestDb::postgres().await).await;
+    let (id, secret) = hub.broker("edge").await;
+    let agent = hub.agent(&id, "worker").await;
+    let mut broker = RawBroker::connect(&hub, &id, &secret).await;
+    // The create intent goes out first; answer it so no intent is pending.
+    let create = match broker.recv().await.expect("frame") {
+        HubFrame::Dispatch(d) => d.id,
+        other => panic!("expected the create dispatch, got {other:?}"),
+    };
+    broker
+        .send(&BrokerFrame::Result(DispatchResult {
+            dispatch_id: create,
+            ok: true,
+            result: Some(json!({ "phase": "stopped" })),
+            error: None,
+        }))
+        .await;
+    hub.wait_until(&format!("/v1/dispatches/{create}"), |d| {
+        d["state"] == "done"
+    })
+    .await;
+
+    let mut admin = sqlx::PgConnection::connect(hub.db.url()).await.unwrap();
+    sqlx::raw_sql("ALTER TABLE dispatch_intents RENAME TO dispatch_intents_away")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let (status, body) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/messages"),
+            Some(json!({ "body": "through" })),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let got = tokio::time::timeout(Duration::from_secs(5), broker.recv())
+        .await
+        .expect("the message must go out while the intents claim fails");
+    let Some(HubFrame::Message(got)) = got else {
+        panic!("expected the message, got {got:?}");
+    };
+    assert_eq!(got.body, json!("through"));
+    sqlx::raw_sql("ALTER TABLE dispatch_intents_away RENAME TO dispatch_intents")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    hub.shutdown().await;
+}
