@@ -51,7 +51,7 @@ pub(crate) async fn route_work(state: &HubState, broker: BrokerId, urgent: bool)
     // Never cached: a cached holder could be a replica that lost the
     // session a moment ago.
     match state.store.broker(broker).await {
-        Ok(row) => route_to_holder(state, broker, row.connected_replica, urgent),
+        Ok(row) => forward_or_queue(state, broker, row.connected_replica, urgent),
         Err(err) => {
             tracing::warn!(%broker, %err, "cannot read affinity; the work waits for a drain");
             counted(state, Route::Queued)
@@ -70,6 +70,17 @@ pub(crate) fn route_to_holder(
     if state.sessions.wake(broker) {
         return counted(state, Route::Local);
     }
+    forward_or_queue(state, broker, holder, urgent)
+}
+
+/// The broker has no session here: wake its holder over the command bus,
+/// or leave the work for its next session.
+fn forward_or_queue(
+    state: &HubState,
+    broker: BrokerId,
+    holder: Option<ReplicaId>,
+    urgent: bool,
+) -> Route {
     let route = match (holder, &state.notifier) {
         (Some(owner), Some(notifier)) if owner != state.replica_id => {
             notifier.wake(owner, broker, urgent);

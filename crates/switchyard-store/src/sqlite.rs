@@ -92,9 +92,10 @@ fn claim_query(
 }
 
 /// Takes the agent's next sequence number from the counter `sql` bumps
-/// (refusing a missing or deleted agent), and answers with the agent's broker and the replica holding its session
-/// (read in the same write transaction, so no session can be claimed
-/// before this row commits; see [`Inserted::holder`]).
+/// (refusing a missing or deleted agent), and answers with the agent's
+/// broker and the replica holding its session (read in the same write
+/// transaction, so no session can be claimed before this row commits; see
+/// [`Inserted::holder`]).
 async fn next_seq(
     tx: &mut Transaction<'static, Sqlite>,
     agent: AgentId,
