@@ -23,4 +23,4 @@ pub use connection::{BrokerConfig, BrokerError, run};
 pub use inbox::inbox_line;
 pub use layout::agent_dir;
 pub use process::{ProcessConfig, ProcessError, ProcessRuntime};
-pub use runtime::{Runtime, next_seq};
+pub use runtime::{Runtime, RuntimeError, next_seq};
