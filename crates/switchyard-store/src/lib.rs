@@ -2,21 +2,27 @@
 //!
 //! Everything a replica needs to survive another replica's death lives
 //! here: the replica registry, broker affinity, agents, dispatch intents and
-//! messages. [`Store`] is the one interface; [`PgStore`] (multi-replica) and
-//! [`SqliteStore`] (single node) implement it with the same semantics, and
-//! [`open`] picks one from a database URL and migrates it.
+//! messages. [`Store`] is the one interface, the sum of one trait per
+//! aggregate ([`ReplicaStore`], [`BrokerStore`], [`AffinityStore`],
+//! [`AgentStore`], [`WorkStore`], [`AuthStore`], [`Housekeeping`]).
+//! [`PgStore`] (multi-replica) and [`SqliteStore`] (single node) implement
+//! it with the same semantics: each rule is written once in `store/`, and a
+//! backend writes only the statements its dialect needs. [`open`] picks one
+//! from a database URL and migrates it.
 
 mod batch;
 mod connect;
+mod dialect;
 mod error;
 mod ids;
 mod model;
 mod postgres;
+mod rules;
 mod sqlite;
 mod store;
 
 pub use connect::{Database, OpenError, open, open_database};
-pub use error::{StoreError, StoreResult};
+pub use error::{Conflict, Entity, Invalid, StoreError, StoreResult};
 pub use ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 pub use model::{
     Acked, Affinity, Agent, Broker, BrokerStatus, DispatchIntent, Inserted, IntentFilter,
@@ -25,4 +31,17 @@ pub use model::{
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
-pub use store::{Singleton, Store};
+pub use store::{
+    AffinityStore, AgentStore, AuthStore, BrokerStore, Housekeeping, ReplicaStore, Singleton,
+    Store, WorkStore,
+};
+
+/// The aggregate traits, for calling store methods on a concrete
+/// [`PgStore`] or [`SqliteStore`] or through a generic `S: Store`
+/// (`dyn Store` needs no import).
+pub mod prelude {
+    pub use crate::store::{
+        AffinityStore, AgentStore, AuthStore, BrokerStore, Housekeeping, ReplicaStore, Singleton,
+        Store, WorkStore,
+    };
+}
