@@ -44,7 +44,10 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         let (status, code) = match &err {
-            StoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            // Another broker's row is as invisible to the API as a missing one.
+            StoreError::NotFound(_) | StoreError::NotOwned(_) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
             StoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             StoreError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             _ if err.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),

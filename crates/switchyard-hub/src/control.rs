@@ -28,7 +28,8 @@ use switchyard_proto::{
     MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, decode, encode,
 };
 use switchyard_store::{
-    AgentId, Broker, IntentId, IntentOutcome, MessageId, SessionHeartbeat, SessionId, StoreError,
+    AgentId, Broker, Entity, IntentId, IntentOutcome, MessageId, SessionHeartbeat, SessionId,
+    StoreError,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite;
@@ -176,7 +177,7 @@ async fn start_session(
     for status in agents {
         if let Err(err) = apply_status(state, broker, status).await {
             match err {
-                StoreError::NotFound(_) => {}
+                StoreError::NotFound(_) | StoreError::NotOwned(_) => {}
                 other => return Err(other),
             }
         }
@@ -415,7 +416,7 @@ async fn handle_frame(
             if acked.not_found.is_empty() {
                 Ok(())
             } else {
-                Err(StoreError::NotFound("message"))
+                Err(StoreError::NotOwned(Entity::Message))
             }
         }
         BrokerFrame::Error(error) => {
@@ -434,8 +435,8 @@ async fn handle_frame(
         }
     };
     match outcome {
-        Err(StoreError::NotFound(what)) => {
-            tracing::warn!(broker = %broker.id, what, "broker reported on something that is not its own; refused");
+        Err(StoreError::NotFound(what) | StoreError::NotOwned(what)) => {
+            tracing::warn!(broker = %broker.id, what = what.as_str(), "broker reported on something that is not its own; refused");
             let _ = handle
                 .outbound
                 .send(Outbound::Frame(error_frame(
@@ -477,7 +478,7 @@ async fn apply_result(
     let id = IntentId(result.dispatch_id);
     let intent = state.store.intent(id).await?;
     if intent.broker_id != broker.id {
-        return Err(StoreError::NotFound("dispatch"));
+        return Err(StoreError::NotOwned(Entity::Intent));
     }
     let outcome = if result.ok {
         IntentOutcome::Done(result.result.unwrap_or_default())

@@ -10,7 +10,7 @@
 //!
 //! Why nothing is stranded when affinity moves while work is written: the
 //! insert reads the holder of the broker's session under a lock that
-//! `claim_affinity` has to wait for (see `Inserted::holder`), and a new
+//! `claim_affinity` has to wait for (see `Inserted::owner`), and a new
 //! session claims affinity *before* its first drain. Either the insert saw
 //! the new holder (and wakes it), or the new claim came after the commit,
 //! so that session's first drain finds the work. Work that was not just
@@ -60,7 +60,7 @@ pub(crate) async fn route_work(state: &HubState, broker: BrokerId, urgent: bool)
 }
 
 /// Wakes whoever must send work just inserted, given the holder its insert
-/// read (`Inserted::holder`): no second read of storage.
+/// read (`Inserted::owner`): no second read of storage.
 pub(crate) fn route_to_holder(
     state: &HubState,
     broker: BrokerId,

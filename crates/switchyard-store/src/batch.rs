@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use uuid::Uuid;
 
-use crate::error::{StoreError, StoreResult};
+use crate::error::{Conflict, Invalid, StoreError, StoreResult};
 use crate::ids::{BrokerId, ReplicaId};
 use crate::model::{DispatchIntent, Inserted, Message, NewIntent, NewMessage};
 
@@ -16,17 +16,15 @@ pub(crate) fn check_batch<'a>(
     len: usize,
 ) -> StoreResult<()> {
     if len == 0 {
-        return Err(StoreError::Invalid("empty batch".into()));
+        return Err(StoreError::Invalid(Invalid::EmptyBatch));
     }
     let mut seen = HashSet::new();
     for key in keys.flatten() {
         if key.is_empty() {
-            return Err(StoreError::Invalid("empty idempotency key".into()));
+            return Err(StoreError::Invalid(Invalid::EmptyKey));
         }
         if !seen.insert(key) {
-            return Err(StoreError::Invalid(format!(
-                "idempotency key {key:?} appears twice in one batch"
-            )));
+            return Err(StoreError::Invalid(Invalid::RepeatedKey(key.to_owned())));
         }
     }
     Ok(())
@@ -71,13 +69,13 @@ macro_rules! rows {
 rows!(NewIntent => DispatchIntent, NewMessage => Message);
 
 /// Answers each requested item with the row inserted for it (and the
-/// holder of its broker's session, from `holders`), or with the existing
+/// owner of its broker's session, from `owners`), or with the existing
 /// row its idempotency key named.
 pub(crate) fn match_inserted<N: NewRow, R: StoredRow>(
     requested: &[N],
     inserted: Vec<R>,
     existing: Vec<R>,
-    holders: &BTreeMap<BrokerId, Option<ReplicaId>>,
+    owners: &BTreeMap<BrokerId, Option<ReplicaId>>,
 ) -> StoreResult<Vec<Inserted<R>>> {
     let inserted: BTreeMap<Uuid, R> = inserted.into_iter().map(|r| (r.id(), r)).collect();
     let existing: BTreeMap<String, R> = existing
@@ -91,7 +89,7 @@ pub(crate) fn match_inserted<N: NewRow, R: StoredRow>(
                 return Ok(Inserted {
                     row: row.clone(),
                     created: true,
-                    holder: holders.get(&row.broker()).copied().flatten(),
+                    owner: owners.get(&row.broker()).copied().flatten(),
                 });
             }
             item.key()
@@ -99,9 +97,9 @@ pub(crate) fn match_inserted<N: NewRow, R: StoredRow>(
                 .map(|row| Inserted {
                     row: row.clone(),
                     created: false,
-                    holder: None,
+                    owner: None,
                 })
-                .ok_or_else(|| StoreError::Conflict(format!("id {} exists already", item.id())))
+                .ok_or(StoreError::Conflict(Conflict::IdTaken(item.id())))
         })
         .collect()
 }

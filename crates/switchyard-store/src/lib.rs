@@ -2,15 +2,17 @@
 
 mod batch;
 mod connect;
+mod dialect;
 mod error;
 mod ids;
 mod model;
 mod postgres;
+mod rules;
 mod sqlite;
 mod store;
 
 pub use connect::{Database, OpenError, open, open_database};
-pub use error::{StoreError, StoreResult};
+pub use error::{Conflict, Entity, Invalid, StoreError, StoreResult};
 pub use ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 pub use model::{
     Acked, Affinity, Agent, Broker, BrokerStatus, DispatchIntent, Inserted, IntentFilter,
@@ -19,4 +21,17 @@ pub use model::{
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
-pub use store::{Singleton, Store};
+pub use store::{
+    AffinityStore, AgentStore, AuthStore, BrokerStore, Housekeeping, ReplicaStore, Singleton,
+    Store, WorkStore,
+};
+
+/// The aggregate traits, for calling store methods on a concrete
+/// [`PgStore`] or [`SqliteStore`] or through a generic `S: Store`
+/// (`dyn Store` needs no import).
+pub mod prelude {
+    pub use crate::store::{
+        AffinityStore, AgentStore, AuthStore, BrokerStore, Housekeeping, ReplicaStore, Singleton,
+        Store, WorkStore,
+    };
+}

@@ -119,7 +119,7 @@ pub struct Agent {
     pub updated_at: DateTime<Utc>,
 }
 
-/// Input of [`crate::Store::create_agent`].
+/// Input of [`crate::AgentStore::create_agent`].
 #[derive(Clone, Debug)]
 pub struct NewAgent {
     pub id: AgentId,
@@ -153,7 +153,7 @@ pub struct DispatchIntent {
     pub updated_at: DateTime<Utc>,
 }
 
-/// Input of [`crate::Store::insert_intents`]. The broker is the agent's.
+/// Input of [`crate::WorkStore::insert_intents`]. The broker is the agent's.
 #[derive(Clone, Debug)]
 pub struct NewIntent {
     pub id: IntentId,
@@ -185,7 +185,7 @@ pub struct Message {
     pub updated_at: DateTime<Utc>,
 }
 
-/// Input of [`crate::Store::insert_messages`]. The broker is the agent's.
+/// Input of [`crate::WorkStore::insert_messages`]. The broker is the agent's.
 #[derive(Clone, Debug)]
 pub struct NewMessage {
     pub id: MessageId,
@@ -202,13 +202,13 @@ pub struct Inserted<T> {
     /// False when the idempotency key matched an existing row, which is
     /// returned unchanged.
     pub created: bool,
-    /// For a created row: the replica that held its broker's session, read
+    /// For a created row: the replica that owned its broker's session, read
     /// under a lock that `claim_affinity` must wait for until the insert
-    /// committed. So either this is the holder to wake, or a session
+    /// committed. So either this is the owner to wake, or a session
     /// claimed later drains the row itself on connect; routing needs no
-    /// second read. `None` when no replica held it, and for rows not
+    /// second read. `None` when no replica owned it, and for rows not
     /// created.
-    pub holder: Option<ReplicaId>,
+    pub owner: Option<ReplicaId>,
 }
 
 /// How a dispatch intent ended, as reported by the broker (or decided by the hub).
@@ -218,7 +218,7 @@ pub enum IntentOutcome {
     Failed(String),
 }
 
-/// Filter for [`crate::Store::list_intents`].
+/// Filter for [`crate::WorkStore::list_intents`].
 #[derive(Clone, Debug, Default)]
 pub struct IntentFilter {
     pub broker_id: Option<BrokerId>,

@@ -266,7 +266,10 @@ async fn affinity_claim_is_newest_wins_and_returns_previous_holder(f: Fixture) {
         .claim_affinity(BrokerId::new(), ra, SessionId::new())
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::NotFound("broker")), "{err:?}");
+    assert!(
+        matches!(err, StoreError::NotFound(switchyard_store::Entity::Broker)),
+        "{err:?}"
+    );
 }
 
 async fn late_release_of_superseded_session_changes_nothing(f: Fixture) {
@@ -410,11 +413,11 @@ async fn broker_names_are_unique_and_delete_is_refused_while_agents_live(f: Fixt
     s.delete_broker(b.id).await.unwrap();
     assert!(matches!(
         s.broker(b.id).await,
-        Err(StoreError::NotFound("broker"))
+        Err(StoreError::NotFound(switchyard_store::Entity::Broker))
     ));
     assert!(matches!(
         s.delete_broker(b.id).await,
-        Err(StoreError::NotFound("broker"))
+        Err(StoreError::NotFound(switchyard_store::Entity::Broker))
     ));
 }
 
@@ -437,7 +440,10 @@ async fn agent_definitions_validate_broker_and_name(f: Fixture) {
         .create_agent(new(BrokerId::new(), "x", vec!["true".into()]))
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::NotFound("broker")), "{err:?}");
+    assert!(
+        matches!(err, StoreError::NotFound(switchyard_store::Entity::Broker)),
+        "{err:?}"
+    );
     let err = s
         .create_agent(new(b.id, "worker", vec!["true".into()]))
         .await
@@ -480,7 +486,10 @@ async fn agent_status_applies_only_newer_reports_from_its_own_broker(f: Fixture)
         .apply_agent_status(other.id, a, Phase::Error, 9)
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::NotFound("agent")), "{err:?}");
+    assert!(
+        matches!(err, StoreError::NotOwned(switchyard_store::Entity::Agent)),
+        "{err:?}"
+    );
     assert_eq!(s.agent(a).await.unwrap().phase, Phase::Running);
 }
 
@@ -550,7 +559,10 @@ async fn intent_batch_with_one_invalid_item_inserts_nothing(f: Fixture) {
         intent(a, Op::Stop),
     ];
     let err = s.insert_intents(batch).await.unwrap_err();
-    assert!(matches!(err, StoreError::NotFound("agent")), "{err:?}");
+    assert!(
+        matches!(err, StoreError::NotFound(switchyard_store::Entity::Agent)),
+        "{err:?}"
+    );
     let all = s
         .list_intents(IntentFilter {
             limit: 100,
@@ -776,7 +788,7 @@ async fn done_never_becomes_failed(f: Fixture) {
     assert!(matches!(
         s.finish_intent(IntentId::new(), IntentOutcome::Done(json!({})))
             .await,
-        Err(StoreError::NotFound("dispatch"))
+        Err(StoreError::NotFound(switchyard_store::Entity::Intent))
     ));
 }
 
@@ -978,7 +990,10 @@ async fn message_batch_with_one_invalid_item_inserts_nothing(f: Fixture) {
         ])
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::NotFound("agent")), "{err:?}");
+    assert!(
+        matches!(err, StoreError::NotFound(switchyard_store::Entity::Agent)),
+        "{err:?}"
+    );
     assert!(
         s.claim_messages(&[session_of(&*f.store, b.id).await], me, 10)
             .await
@@ -994,7 +1009,10 @@ async fn message_batch_with_one_invalid_item_inserts_nothing(f: Fixture) {
         .insert_messages(vec![message(a, json!(3))])
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::NotFound("agent")), "{err:?}");
+    assert!(
+        matches!(err, StoreError::NotFound(switchyard_store::Entity::Agent)),
+        "{err:?}"
+    );
 }
 
 async fn message_idempotency_and_idempotent_ack(f: Fixture) {
@@ -1029,7 +1047,7 @@ async fn message_idempotency_and_idempotent_ack(f: Fixture) {
     assert!(row.delivered_at.is_some());
     assert!(matches!(
         s.ack_message(b.id, MessageId::new()).await,
-        Err(StoreError::NotFound("message"))
+        Err(StoreError::NotFound(switchyard_store::Entity::Message))
     ));
 }
 
@@ -1045,7 +1063,10 @@ async fn ack_from_another_broker_changes_nothing(f: Fixture) {
         .remove(0)
         .row;
     let err = s.ack_message(intruder.id, m.id).await.unwrap_err();
-    assert!(matches!(err, StoreError::NotFound("message")), "{err:?}");
+    assert!(
+        matches!(err, StoreError::NotOwned(switchyard_store::Entity::Message)),
+        "{err:?}"
+    );
     assert_eq!(s.message(m.id).await.unwrap().state, MessageState::Pending);
 }
 
@@ -1244,7 +1265,7 @@ async fn agents_are_found_by_name_until_deleted(f: Fixture) {
     assert_eq!(deleted.phase, Phase::Deleted);
     assert!(matches!(
         s.agent_by_name("named").await,
-        Err(StoreError::NotFound("agent"))
+        Err(StoreError::NotFound(switchyard_store::Entity::Agent))
     ));
     assert_eq!(
         s.agent(a).await.unwrap().phase,
@@ -1259,7 +1280,7 @@ async fn agents_are_found_by_name_until_deleted(f: Fixture) {
     assert_eq!(row.phase, Phase::Deleted);
     assert!(matches!(
         s.mark_agent_deleted(AgentId::new()).await,
-        Err(StoreError::NotFound("agent"))
+        Err(StoreError::NotFound(switchyard_store::Entity::Agent))
     ));
 }
 
@@ -1402,7 +1423,7 @@ async fn inserts_name_the_replica_holding_the_brokers_session(f: Fixture) {
     let b = broker(s, "b").await;
     let a = agent(s, b.id, "w").await;
     let alone = s.insert_messages(vec![message(a, json!(1))]).await.unwrap();
-    assert_eq!(alone[0].holder, None, "no session yet");
+    assert_eq!(alone[0].owner, None, "no session yet");
 
     let replica = ReplicaId::new();
     s.claim_affinity(b.id, replica, SessionId::new())
@@ -1411,18 +1432,18 @@ async fn inserts_name_the_replica_holding_the_brokers_session(f: Fixture) {
     let mut keyed = message(a, json!(2));
     keyed.idempotency_key = Some("k".into());
     let held = s.insert_messages(vec![keyed.clone()]).await.unwrap();
-    assert_eq!(held[0].holder, Some(replica));
+    assert_eq!(held[0].owner, Some(replica));
     let intents = s.insert_intents(vec![intent(a, Op::Start)]).await.unwrap();
-    assert_eq!(intents[0].holder, Some(replica));
+    assert_eq!(intents[0].owner, Some(replica));
 
     let mut retry = keyed;
     retry.id = MessageId::new();
     let replayed = s.insert_messages(vec![retry]).await.unwrap();
     assert!(!replayed[0].created);
-    assert_eq!(replayed[0].holder, None, "only created rows are routed");
+    assert_eq!(replayed[0].owner, None, "only created rows are routed");
 }
 
-/// The routing argument of `Inserted::holder`: a row whose insert read an
+/// The routing argument of `Inserted::owner`: a row whose insert read an
 /// older holder (or none) committed before the new session's claim did, so
 /// the new session's first drain sees it. Checked by listing the intents
 /// right after the claim returns: every row that did not name the new
@@ -1470,12 +1491,12 @@ async fn no_session_is_claimed_between_reading_the_holder_and_the_commit(f: Fixt
     assert_eq!(written.len(), 200);
     for row in &written {
         assert!(row.created);
-        if row.holder != Some(newcomer) {
+        if row.owner != Some(newcomer) {
             assert!(
                 visible.contains(&row.row.id),
                 "intent {} named {:?}, yet committed after {newcomer} claimed the session",
                 row.row.id,
-                row.holder
+                row.owner
             );
         }
     }

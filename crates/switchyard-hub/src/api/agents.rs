@@ -84,7 +84,7 @@ pub(crate) async fn create(
         .intents_published
         .with_label_values(&[Op::Create.as_str()])
         .inc();
-    route_to_holder(&state, broker.id, inserted.holder, false);
+    route_to_holder(&state, broker.id, inserted.owner, false);
     Ok((StatusCode::CREATED, Json(agent)))
 }
 
@@ -232,7 +232,7 @@ async fn lifecycle(
             .intents_published
             .with_label_values(&[op.as_str()])
             .inc();
-        route_to_holder(&state, agent.broker_id, inserted.holder, query.wait)
+        route_to_holder(&state, agent.broker_id, inserted.owner, query.wait)
     } else {
         // A retry: its intent may still be waiting; wake whoever holds the
         // session now.

@@ -51,7 +51,7 @@ pub(crate) async fn send(
         Some(route_to_holder(
             &state,
             inserted.row.broker_id,
-            inserted.holder,
+            inserted.owner,
             false,
         ))
     } else {
@@ -133,7 +133,7 @@ pub(crate) async fn send_batch(
     let holders: std::collections::BTreeMap<_, _> = rows
         .iter()
         .filter(|r| r.created)
-        .map(|r| (r.row.broker_id, r.holder))
+        .map(|r| (r.row.broker_id, r.owner))
         .collect();
     let routes: std::collections::HashMap<_, _> = holders
         .into_iter()

@@ -1,0 +1,58 @@
+//! [`crate::Store`] on an embedded SQLite file: the single-node backend.
+//!
+//! Every writing transaction starts with `BEGIN IMMEDIATE`, which takes
+//! SQLite's one write lock up front. Writers are therefore serialized, which
+//! is what makes claims exactly-once here (and avoids the `SQLITE_BUSY` a
+//! deferred transaction gets when it upgrades from reading to writing).
+//! Time comes from this process's clock: there is only one replica. The
+//! shared statements live with their aggregates in `store/`; this module
+//! holds what only SQLite says: the row-by-row batch insert, the claim and
+//! the batch ack ([`work`]) and the singleton ([`housekeeping`]).
+
+mod housekeeping;
+mod work;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Sqlite, SqlitePool, Transaction};
+
+use crate::dialect::Dialect;
+use crate::error::StoreResult;
+
+/// SQLite implementation of [`crate::Store`].
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pub(crate) pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Wraps a pool whose database is already migrated.
+    pub fn new(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+
+    /// A transaction holding the write lock from its start.
+    pub(crate) async fn write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+impl Dialect for SqliteStore {
+    type Ago = DateTime<Utc>;
+    const NAME: &'static str = "sqlite";
+    /// The write lock covers every row.
+    const FOR_UPDATE: &'static str = "";
+
+    fn now(last: usize) -> String {
+        format!("${}", last + 1)
+    }
+
+    fn ago_sql(param: &str) -> String {
+        param.to_owned()
+    }
+
+    fn ago(d: Duration) -> DateTime<Utc> {
+        Utc::now() - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+    }
+}

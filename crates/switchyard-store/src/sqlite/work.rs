@@ -1,0 +1,251 @@
+//! The SQLite work statements: inside one write transaction, a batch is
+//! inserted row by row, a claim is one update over the claimable rows, and
+//! an ack checks each id.
+
+use chrono::Utc;
+use sqlx::types::Json;
+use sqlx::{QueryBuilder, Sqlite, Transaction};
+
+use crate::error::{Entity, StoreError, StoreResult};
+use crate::ids::{AgentId, BrokerId, MessageId, ReplicaId, SessionId};
+use crate::model::{Acked, DispatchIntent, Inserted, Message, MessageState, NewIntent, NewMessage};
+use crate::rules::{DELETED, DELIVERED, INTENT, MESSAGE, WorkStates};
+use crate::sqlite::SqliteStore;
+use crate::store::WorkDialect;
+
+/// `UPDATE <table> ... WHERE id IN (pending rows of these brokers, per-agent
+/// order, not behind another claimer's in-flight row) RETURNING *`.
+fn claim_query(
+    table: &str,
+    states: &WorkStates,
+    sessions: &[(BrokerId, SessionId)],
+    claimer: ReplicaId,
+    limit: u32,
+) -> QueryBuilder<Sqlite> {
+    let (pending, in_flight) = (states.pending, states.in_flight);
+    let now = Utc::now();
+    let mut q = QueryBuilder::new(format!(
+        "UPDATE {table} SET state = {in_flight}, claimed_by = "
+    ));
+    q.push_bind(claimer)
+        .push(", claimed_at = ")
+        .push_bind(now)
+        .push(", attempts = attempts + 1, updated_at = ")
+        .push_bind(now)
+        .push(format!(
+            " WHERE id IN (SELECT r.id FROM {table} r WHERE r.state = {pending} \
+             AND r.broker_id IN (SELECT b.id FROM brokers b WHERE "
+        ));
+    // Only brokers whose live session is the claimer's (see the trait).
+    for (i, (broker, session)) in sessions.iter().enumerate() {
+        if i > 0 {
+            q.push(" OR ");
+        }
+        q.push("(b.id = ")
+            .push_bind(*broker)
+            .push(" AND b.session_id = ")
+            .push_bind(*session)
+            .push(")");
+    }
+    q.push(format!(
+        ") AND NOT EXISTS (SELECT 1 FROM {table} o WHERE o.agent_id = r.agent_id \
+         AND o.state = {in_flight} AND o.claimed_by IS NOT "
+    ))
+    .push_bind(claimer)
+    .push(") ORDER BY r.agent_id, r.seq LIMIT ")
+    .push_bind(i64::from(limit))
+    .push(") RETURNING *");
+    q
+}
+
+/// Takes the agent's next sequence number from `counter` (refusing a
+/// missing or deleted agent), and answers with the agent's broker and the
+/// replica owning its session (read in the same write transaction, so no
+/// session can be claimed before this row commits; see
+/// [`Inserted::owner`]).
+async fn next_seq(
+    tx: &mut Transaction<'static, Sqlite>,
+    agent: AgentId,
+    counter: &str,
+) -> StoreResult<(BrokerId, i64, Option<ReplicaId>)> {
+    let sql = format!(
+        "UPDATE agents SET {counter} = {counter} + 1
+         WHERE id = $1 AND phase <> {deleted}
+         RETURNING broker_id, {counter},
+                   (SELECT connected_replica FROM brokers WHERE brokers.id = agents.broker_id)",
+        deleted = *DELETED
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(agent)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(StoreError::NotFound(Entity::Agent))
+}
+
+/// The row an idempotency key names, if any.
+async fn by_key<R>(
+    tx: &mut Transaction<'static, Sqlite>,
+    table: &str,
+    key: Option<&str>,
+) -> StoreResult<Option<R>>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+{
+    let Some(key) = key else { return Ok(None) };
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT * FROM {table} WHERE idempotency_key = $1"
+    )))
+    .bind(key)
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+impl WorkDialect for SqliteStore {
+    async fn insert_intent_batch(
+        &self,
+        intents: Vec<NewIntent>,
+    ) -> StoreResult<Vec<Inserted<DispatchIntent>>> {
+        let mut tx = self.write().await?;
+        let mut rows = Vec::with_capacity(intents.len());
+        for i in intents {
+            let key = i.idempotency_key.as_deref();
+            if let Some(existing) = by_key(&mut tx, "dispatch_intents", key).await? {
+                rows.push(Inserted {
+                    row: existing,
+                    created: false,
+                    owner: None,
+                });
+                continue;
+            }
+            let (broker, seq, owner) = next_seq(&mut tx, i.agent_id, "intent_seq").await?;
+            let row: DispatchIntent = sqlx::query_as(
+                "INSERT INTO dispatch_intents
+                     (id, broker_id, agent_id, seq, op, args, deadline, idempotency_key,
+                      created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING *",
+            )
+            .bind(i.id)
+            .bind(broker)
+            .bind(i.agent_id)
+            .bind(seq)
+            .bind(i.op.as_str())
+            .bind(Json(i.args))
+            .bind(i.deadline)
+            .bind(i.idempotency_key)
+            .bind(Utc::now())
+            .fetch_one(&mut *tx)
+            .await?;
+            rows.push(Inserted {
+                row,
+                created: true,
+                owner,
+            });
+        }
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    async fn insert_message_batch(
+        &self,
+        messages: Vec<NewMessage>,
+    ) -> StoreResult<Vec<Inserted<Message>>> {
+        let mut tx = self.write().await?;
+        let mut rows = Vec::with_capacity(messages.len());
+        for m in messages {
+            let key = m.idempotency_key.as_deref();
+            if let Some(existing) = by_key(&mut tx, "messages", key).await? {
+                rows.push(Inserted {
+                    row: existing,
+                    created: false,
+                    owner: None,
+                });
+                continue;
+            }
+            let (broker, seq, owner) = next_seq(&mut tx, m.agent_id, "message_seq").await?;
+            let row: Message = sqlx::query_as(
+                "INSERT INTO messages
+                     (id, agent_id, broker_id, seq, body, expires_at, idempotency_key,
+                      created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING *",
+            )
+            .bind(m.id)
+            .bind(m.agent_id)
+            .bind(broker)
+            .bind(seq)
+            .bind(Json(m.body))
+            .bind(m.expires_at)
+            .bind(m.idempotency_key)
+            .bind(Utc::now())
+            .fetch_one(&mut *tx)
+            .await?;
+            rows.push(Inserted {
+                row,
+                created: true,
+                owner,
+            });
+        }
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    async fn claim_intent_rows(
+        &self,
+        sessions: &[(BrokerId, SessionId)],
+        claimer: ReplicaId,
+        limit: u32,
+    ) -> StoreResult<Vec<DispatchIntent>> {
+        let mut tx = self.write().await?;
+        let mut q = claim_query("dispatch_intents", &INTENT, sessions, claimer, limit);
+        let rows = q.build_query_as().fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    async fn claim_message_rows(
+        &self,
+        sessions: &[(BrokerId, SessionId)],
+        claimer: ReplicaId,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>> {
+        let mut tx = self.write().await?;
+        let mut q = claim_query("messages", &MESSAGE, sessions, claimer, limit);
+        let rows = q.build_query_as().fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    async fn deliver(&self, broker: BrokerId, ids: &[MessageId]) -> StoreResult<Acked> {
+        let mut acked = Acked::default();
+        let mut tx = self.write().await?;
+        for id in ids {
+            let owner: Option<(BrokerId, String)> =
+                sqlx::query_as("SELECT broker_id, state FROM messages WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            match owner {
+                Some((owner, state)) if owner == broker => {
+                    let unfinished = state.parse().is_ok_and(|s| {
+                        matches!(s, MessageState::Pending | MessageState::Dispatched)
+                    });
+                    if unfinished {
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "UPDATE messages SET state = {delivered}, delivered_at = $2,
+                                    updated_at = $2
+                             WHERE id = $1",
+                            delivered = *DELIVERED
+                        )))
+                        .bind(id)
+                        .bind(Utc::now())
+                        .execute(&mut *tx)
+                        .await?;
+                        acked.delivered += 1;
+                    }
+                }
+                _ => acked.not_found.push(*id),
+            }
+        }
+        tx.commit().await?;
+        Ok(acked)
+    }
+}

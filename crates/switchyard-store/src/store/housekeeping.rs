@@ -1,0 +1,166 @@
+//! Upkeep of the whole store: readiness, the singleton role, returning
+//! abandoned work, and pruning finished rows.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::dialect::{BindNow, Dialect, for_each_backend, sql};
+use crate::error::StoreResult;
+use crate::model::{IntentState, MessageState, RequeuePolicy, RequeueReport};
+use crate::rules::{INTENT, MESSAGE};
+
+/// One replica's claim on the cluster-singleton role.
+#[async_trait]
+pub trait Singleton: Send + std::fmt::Debug {
+    /// Whether this contender holds the role now, acquiring it if it is
+    /// free. Call before each singleton duty.
+    async fn hold(&mut self) -> StoreResult<bool>;
+}
+
+/// Keeps the store in shape: the duties of the cluster singleton and the
+/// checks an operator watches.
+#[async_trait]
+pub trait Housekeeping: Send + Sync {
+    /// Which backend this is (`"postgres"` or `"sqlite"`), for logs and metrics.
+    fn backend(&self) -> &'static str;
+
+    /// Round trip to the database (readiness).
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// A contender for the cluster-singleton role (the sweeper). At most one
+    /// contender in the cluster holds it at a time; it is lost when its
+    /// database connection dies, and another contender takes over.
+    fn singleton(&self) -> Box<dyn Singleton>;
+
+    /// Puts claimed-but-unfinished intents and messages whose claimer is
+    /// dead or whose lease ran out back to `pending`, or fails them once
+    /// they have been tried `max_attempts` times.
+    async fn requeue_abandoned(&self, policy: RequeuePolicy) -> StoreResult<RequeueReport>;
+
+    /// Deletes finished intents (`done`, `failed`) and messages
+    /// (`delivered`, `expired`, `failed`) last changed before `older_than`
+    /// ago. Returns how many rows went.
+    async fn prune_finished(&self, older_than: Duration) -> StoreResult<u64>;
+
+    /// Intents and messages not finished although created more than
+    /// `older_than` ago: work that is stuck (e.g. its broker is offline).
+    async fn count_stuck(&self, older_than: Duration) -> StoreResult<u64>;
+}
+
+/// How a backend keeps the singleton role.
+pub(crate) trait HousekeepingDialect {
+    fn contender(&self) -> Box<dyn Singleton>;
+}
+
+for_each_backend! {
+    #[async_trait]
+    impl Housekeeping for Backend {
+        fn backend(&self) -> &'static str {
+            <Backend as Dialect>::NAME
+        }
+
+        async fn ping(&self) -> StoreResult<()> {
+            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            Ok(())
+        }
+
+        fn singleton(&self) -> Box<dyn Singleton> {
+            self.contender()
+        }
+
+        async fn requeue_abandoned(&self, policy: RequeuePolicy) -> StoreResult<RequeueReport> {
+            let mut tx = self.write().await?;
+            // `$3` is the attempt limit; at it, the row fails and keeps its
+            // last claim for the record.
+            let intents: Vec<String> = sqlx::query_scalar(sql!(
+                "UPDATE dispatch_intents SET
+                     state = CASE WHEN attempts >= $3 THEN {failed} ELSE {pending} END,
+                     error = CASE WHEN attempts >= $3
+                                  THEN 'abandoned after ' || attempts || ' attempt(s)' ELSE error END,
+                     claimed_by = CASE WHEN attempts >= $3 THEN claimed_by END,
+                     claimed_at = CASE WHEN attempts >= $3 THEN claimed_at END,
+                     updated_at = @now
+                 WHERE state = {in_flight}
+                   AND (claimed_at < @ago($1)
+                        OR NOT EXISTS (SELECT 1 FROM replicas r
+                                       WHERE r.instance_id = claimed_by AND r.last_seen >= @ago($2)))
+                 RETURNING state",
+                failed = INTENT.failed,
+                pending = INTENT.pending,
+                in_flight = INTENT.in_flight,
+            ))
+            .bind(Backend::ago(policy.lease))
+            .bind(Backend::ago(policy.replica_stale_after))
+            .bind(policy.max_attempts)
+            .bind_now()
+            .fetch_all(&mut *tx)
+            .await?;
+            let messages: Vec<String> = sqlx::query_scalar(sql!(
+                "UPDATE messages SET
+                     state = CASE WHEN attempts >= $3 THEN {failed} ELSE {pending} END,
+                     claimed_by = CASE WHEN attempts >= $3 THEN claimed_by END,
+                     claimed_at = CASE WHEN attempts >= $3 THEN claimed_at END,
+                     updated_at = @now
+                 WHERE state = {in_flight}
+                   AND (claimed_at < @ago($1)
+                        OR NOT EXISTS (SELECT 1 FROM replicas r
+                                       WHERE r.instance_id = claimed_by AND r.last_seen >= @ago($2)))
+                 RETURNING state",
+                failed = MESSAGE.failed,
+                pending = MESSAGE.pending,
+                in_flight = MESSAGE.in_flight,
+            ))
+            .bind(Backend::ago(policy.lease))
+            .bind(Backend::ago(policy.replica_stale_after))
+            .bind(policy.max_attempts)
+            .bind_now()
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            let count =
+                |rows: &[String], state: &str| rows.iter().filter(|s| *s == state).count() as u64;
+            Ok(RequeueReport {
+                intents_requeued: count(&intents, IntentState::Pending.as_str()),
+                intents_failed: count(&intents, IntentState::Failed.as_str()),
+                messages_requeued: count(&messages, MessageState::Pending.as_str()),
+                messages_failed: count(&messages, MessageState::Failed.as_str()),
+            })
+        }
+
+        async fn prune_finished(&self, older_than: Duration) -> StoreResult<u64> {
+            let mut tx = self.write().await?;
+            let intents = sqlx::query(sql!(
+                "DELETE FROM dispatch_intents WHERE state IN {finished} AND updated_at < @ago($1)",
+                finished = INTENT.finished
+            ))
+            .bind(Backend::ago(older_than))
+            .execute(&mut *tx)
+            .await?;
+            let messages = sqlx::query(sql!(
+                "DELETE FROM messages WHERE state IN {finished} AND updated_at < @ago($1)",
+                finished = MESSAGE.finished
+            ))
+            .bind(Backend::ago(older_than))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(intents.rows_affected() + messages.rows_affected())
+        }
+
+        async fn count_stuck(&self, older_than: Duration) -> StoreResult<u64> {
+            let n: i64 = sqlx::query_scalar(sql!(
+                "SELECT (SELECT count(*) FROM dispatch_intents
+                         WHERE state IN {intents} AND created_at < @ago($1))
+                      + (SELECT count(*) FROM messages
+                         WHERE state IN {messages} AND created_at < @ago($1))",
+                intents = INTENT.unfinished,
+                messages = MESSAGE.unfinished,
+            ))
+            .bind(Backend::ago(older_than))
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(n.max(0) as u64)
+        }
+    }
+}

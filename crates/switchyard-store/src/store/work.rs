@@ -1,0 +1,315 @@
+//! Sequenced work: dispatch intents and messages, each in a per-agent
+//! order, claimed by one replica at a time and ended exactly once.
+
+use async_trait::async_trait;
+use sqlx::types::Json;
+
+use crate::batch::{NewRow, check_batch};
+use crate::dialect::{BindNow, for_each_backend, sql};
+use crate::error::{Entity, Invalid, StoreError, StoreResult};
+use crate::ids::{BrokerId, IntentId, MessageId, ReplicaId, SessionId};
+use crate::model::{
+    Acked, DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState, Message, NewIntent,
+    NewMessage,
+};
+use crate::rules::{EXPIRED, INTENT, MESSAGE};
+
+/// Keeps dispatch intents and messages.
+#[async_trait]
+pub trait WorkStore: Send + Sync {
+    /// Inserts intents all-or-none. A row whose idempotency key exists
+    /// already is answered with the existing row (`created: false`).
+    /// `NotFound` if an agent is unknown or deleted; nothing is written then.
+    async fn insert_intents(
+        &self,
+        intents: Vec<NewIntent>,
+    ) -> StoreResult<Vec<Inserted<DispatchIntent>>>;
+
+    /// One-row form of [`WorkStore::insert_intents`].
+    async fn insert_intent(&self, intent: NewIntent) -> StoreResult<Inserted<DispatchIntent>> {
+        let mut rows = self.insert_intents(vec![intent]).await?;
+        rows.pop().ok_or(StoreError::Invalid(Invalid::EmptyInsert))
+    }
+
+    /// Claims up to `limit` pending intents for `claimer` (`pending ->
+    /// in_progress`, attempts + 1) of those brokers whose live session is
+    /// the one given: a session that has been superseded claims nothing, so
+    /// work requeued for a new session cannot be taken back by the old one.
+    /// Exactly one concurrent caller gets each row; per agent, rows come in
+    /// `seq` order and an agent with an intent in flight at another replica
+    /// is skipped. Calls for one broker are meant to run one at a time (the
+    /// hub runs one drain per session); one that overlaps another call for
+    /// the same broker may claim nothing for it. The result is ordered by
+    /// (agent, seq).
+    async fn claim_intents(
+        &self,
+        sessions: &[(BrokerId, SessionId)],
+        claimer: ReplicaId,
+        limit: u32,
+    ) -> StoreResult<Vec<DispatchIntent>>;
+
+    /// Ends an intent that is `pending` or `in_progress`. Returns false (and
+    /// changes nothing) if it had already ended.
+    async fn finish_intent(&self, id: IntentId, outcome: IntentOutcome) -> StoreResult<bool>;
+
+    async fn intent(&self, id: IntentId) -> StoreResult<DispatchIntent>;
+
+    /// The intent created with this idempotency key, if any.
+    async fn intent_by_key(&self, key: &str) -> StoreResult<Option<DispatchIntent>>;
+
+    async fn list_intents(&self, filter: IntentFilter) -> StoreResult<Vec<DispatchIntent>>;
+
+    /// Fails every unfinished intent whose deadline has passed.
+    async fn expire_intents(&self) -> StoreResult<Vec<IntentId>>;
+
+    /// Inserts messages all-or-none, each at the end of its agent's FIFO
+    /// (batch order kept within an agent). Idempotency keys as for intents.
+    async fn insert_messages(
+        &self,
+        messages: Vec<NewMessage>,
+    ) -> StoreResult<Vec<Inserted<Message>>>;
+
+    /// Claims up to `limit` pending messages of `brokers` for `claimer`
+    /// (`pending -> dispatched`), with the same exactly-one and per-agent
+    /// order rules as [`WorkStore::claim_intents`].
+    async fn claim_messages(
+        &self,
+        sessions: &[(BrokerId, SessionId)],
+        claimer: ReplicaId,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>>;
+
+    /// The broker confirms it handed these messages to their agents:
+    /// `pending`/`dispatched` rows of this broker become `delivered`, final
+    /// rows stay as they are (idempotent). Ids that are not this broker's
+    /// messages (missing or another broker's) change nothing and are
+    /// reported back.
+    async fn ack_messages(&self, broker: BrokerId, ids: &[MessageId]) -> StoreResult<Acked>;
+
+    /// One-message form of [`WorkStore::ack_messages`]: true when this call
+    /// made it `delivered`, false if it was already final; `NotOwned` if it
+    /// is another broker's, `NotFound` if there is none.
+    async fn ack_message(&self, broker: BrokerId, id: MessageId) -> StoreResult<bool> {
+        let acked = self.ack_messages(broker, &[id]).await?;
+        if !acked.not_found.is_empty() {
+            // A message never changes broker: if it exists now, it is not ours.
+            self.message(id).await?;
+            return Err(StoreError::NotOwned(Entity::Message));
+        }
+        Ok(acked.delivered == 1)
+    }
+
+    async fn message(&self, id: MessageId) -> StoreResult<Message>;
+
+    /// Expires every undelivered message whose TTL has passed.
+    async fn expire_messages(&self) -> StoreResult<Vec<MessageId>>;
+
+    /// Puts every claimed-but-unfinished intent and message of `broker`
+    /// back to `pending`. Called when a new session of the broker starts:
+    /// whatever was sent on an older socket may or may not have arrived, and
+    /// the broker drops duplicates, so resending is safe and keeps order.
+    async fn requeue_broker_in_flight(&self, broker: BrokerId) -> StoreResult<u64>;
+}
+
+/// The work statements whose text genuinely differs between backends: the
+/// batch insert, the claim and the batch ack. Callers have checked the
+/// batch ([`check_batch`]) and the sessions (not empty); the rows come back
+/// in any order.
+pub(crate) trait WorkDialect {
+    async fn insert_intent_batch(
+        &self,
+        intents: Vec<NewIntent>,
+    ) -> StoreResult<Vec<Inserted<DispatchIntent>>>;
+
+    async fn insert_message_batch(
+        &self,
+        messages: Vec<NewMessage>,
+    ) -> StoreResult<Vec<Inserted<Message>>>;
+
+    async fn claim_intent_rows(
+        &self,
+        sessions: &[(BrokerId, SessionId)],
+        claimer: ReplicaId,
+        limit: u32,
+    ) -> StoreResult<Vec<DispatchIntent>>;
+
+    async fn claim_message_rows(
+        &self,
+        sessions: &[(BrokerId, SessionId)],
+        claimer: ReplicaId,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>>;
+
+    async fn deliver(&self, broker: BrokerId, ids: &[MessageId]) -> StoreResult<Acked>;
+}
+
+for_each_backend! {
+    #[async_trait]
+    impl WorkStore for Backend {
+        async fn insert_intents(
+            &self,
+            intents: Vec<NewIntent>,
+        ) -> StoreResult<Vec<Inserted<DispatchIntent>>> {
+            check_batch(intents.iter().map(NewRow::key), intents.len())?;
+            self.insert_intent_batch(intents).await
+        }
+
+        async fn claim_intents(
+            &self,
+            sessions: &[(BrokerId, SessionId)],
+            claimer: ReplicaId,
+            limit: u32,
+        ) -> StoreResult<Vec<DispatchIntent>> {
+            if sessions.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut rows = self.claim_intent_rows(sessions, claimer, limit).await?;
+            rows.sort_by_key(|r| (r.agent_id, r.seq));
+            Ok(rows)
+        }
+
+        async fn finish_intent(&self, id: IntentId, outcome: IntentOutcome) -> StoreResult<bool> {
+            let (state, result, error) = match outcome {
+                IntentOutcome::Done(result) => (IntentState::Done, Some(Json(result)), None),
+                IntentOutcome::Failed(error) => (IntentState::Failed, None, Some(error)),
+            };
+            let done = sqlx::query(sql!(
+                "UPDATE dispatch_intents SET state = $2, result = $3, error = $4, updated_at = @now
+                 WHERE id = $1 AND state IN {unfinished}",
+                unfinished = INTENT.unfinished
+            ))
+            .bind(id)
+            .bind(state.as_str())
+            .bind(result)
+            .bind(error)
+            .bind_now()
+            .execute(&self.pool)
+            .await?;
+            if done.rows_affected() == 1 {
+                return Ok(true);
+            }
+            // False for a final row, NotFound for none.
+            self.intent(id).await.map(|_| false)
+        }
+
+        async fn intent(&self, id: IntentId) -> StoreResult<DispatchIntent> {
+            sqlx::query_as(sql!("SELECT * FROM dispatch_intents WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or(StoreError::NotFound(Entity::Intent))
+        }
+
+        async fn intent_by_key(&self, key: &str) -> StoreResult<Option<DispatchIntent>> {
+            Ok(sqlx::query_as(sql!(
+                "SELECT * FROM dispatch_intents
+                 WHERE idempotency_key = $1 AND idempotency_key IS NOT NULL"
+            ))
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?)
+        }
+
+        async fn list_intents(&self, filter: IntentFilter) -> StoreResult<Vec<DispatchIntent>> {
+            Ok(sqlx::query_as(sql!(
+                "SELECT * FROM dispatch_intents
+                 WHERE ($1 IS NULL OR broker_id = $1) AND ($2 IS NULL OR state = $2)
+                 ORDER BY created_at DESC, seq DESC LIMIT $3"
+            ))
+            .bind(filter.broker_id)
+            .bind(filter.state.map(IntentState::as_str))
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await?)
+        }
+
+        async fn expire_intents(&self) -> StoreResult<Vec<IntentId>> {
+            Ok(sqlx::query_scalar(sql!(
+                "UPDATE dispatch_intents SET state = {failed}, error = 'deadline exceeded',
+                        updated_at = @now
+                 WHERE state IN {unfinished} AND deadline < @now
+                 RETURNING id",
+                failed = INTENT.failed,
+                unfinished = INTENT.unfinished,
+            ))
+            .bind_now()
+            .fetch_all(&self.pool)
+            .await?)
+        }
+
+        async fn insert_messages(
+            &self,
+            messages: Vec<NewMessage>,
+        ) -> StoreResult<Vec<Inserted<Message>>> {
+            check_batch(messages.iter().map(NewRow::key), messages.len())?;
+            self.insert_message_batch(messages).await
+        }
+
+        async fn claim_messages(
+            &self,
+            sessions: &[(BrokerId, SessionId)],
+            claimer: ReplicaId,
+            limit: u32,
+        ) -> StoreResult<Vec<Message>> {
+            if sessions.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut rows = self.claim_message_rows(sessions, claimer, limit).await?;
+            rows.sort_by_key(|r| (r.agent_id, r.seq));
+            Ok(rows)
+        }
+
+        async fn ack_messages(&self, broker: BrokerId, ids: &[MessageId]) -> StoreResult<Acked> {
+            self.deliver(broker, ids).await
+        }
+
+        async fn message(&self, id: MessageId) -> StoreResult<Message> {
+            sqlx::query_as(sql!("SELECT * FROM messages WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or(StoreError::NotFound(Entity::Message))
+        }
+
+        async fn expire_messages(&self) -> StoreResult<Vec<MessageId>> {
+            Ok(sqlx::query_scalar(sql!(
+                "UPDATE messages SET state = {expired}, updated_at = @now
+                 WHERE state IN {unfinished} AND expires_at < @now
+                 RETURNING id",
+                expired = *EXPIRED,
+                unfinished = MESSAGE.unfinished,
+            ))
+            .bind_now()
+            .fetch_all(&self.pool)
+            .await?)
+        }
+
+        async fn requeue_broker_in_flight(&self, broker: BrokerId) -> StoreResult<u64> {
+            let mut tx = self.write().await?;
+            let intents = sqlx::query(sql!(
+                "UPDATE dispatch_intents SET state = {pending}, claimed_by = NULL, claimed_at = NULL,
+                        updated_at = @now
+                 WHERE broker_id = $1 AND state = {in_flight}",
+                pending = INTENT.pending,
+                in_flight = INTENT.in_flight,
+            ))
+            .bind(broker)
+            .bind_now()
+            .execute(&mut *tx)
+            .await?;
+            let messages = sqlx::query(sql!(
+                "UPDATE messages SET state = {pending}, claimed_by = NULL, claimed_at = NULL,
+                        updated_at = @now
+                 WHERE broker_id = $1 AND state = {in_flight}",
+                pending = MESSAGE.pending,
+                in_flight = MESSAGE.in_flight,
+            ))
+            .bind(broker)
+            .bind_now()
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(intents.rows_affected() + messages.rows_affected())
+        }
+    }
+}
