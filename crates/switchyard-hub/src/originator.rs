@@ -5,11 +5,11 @@
 //! 1. **Write durably.** A 2xx/202 means the row is committed (invariant
 //!    1). Single messages go through a group commit: concurrent calls on
 //!    this replica share transactions (see [`GroupCommit`]).
-//! 2. **Wake the owner** (the replica holding the broker's session), the
-//!    routes of `DESIGN.md`: `local` (the session is here: wake its drain
-//!    now, no NOTIFY on this path, invariant 7); `forward` (storage says
-//!    another replica owns it: a wake-up on the bus); `queued` (nobody owns
-//!    it: the broker's next session drains the work on connect).
+//! 2. **Wake the owner** (the replica holding the broker's session), by one
+//!    of three routes: `local` (the session is here: wake its drain now, no
+//!    NOTIFY on this path, invariant 7); `forward` (storage says another
+//!    replica owns it: a wake-up on the bus); `queued` (nobody owns it: the
+//!    broker's next session drains the work on connect).
 //! 3. **Wait** (synchronous lifecycle calls only): subscribed to events
 //!    *before* the write, with a rolling window that any status change of
 //!    the agent restarts, and a re-read of the row when the window ends, so
