@@ -29,6 +29,20 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a broker needs to reach its hub.
+///
+/// `Debug` leaves the secret out, so a config can be logged:
+///
+/// ```
+/// use switchyard_broker::BrokerConfig;
+///
+/// let config = BrokerConfig {
+///     hubs: vec!["http://hub-a:7700".to_owned(), "http://hub-b:7700".to_owned()],
+///     broker: "edge-1".to_owned(),
+///     secret: "s3cret".to_owned(),
+///     workdir: "/var/lib/switchyard-broker".into(),
+/// };
+/// assert!(!format!("{config:?}").contains("s3cret"));
+/// ```
 #[derive(Clone)]
 pub struct BrokerConfig {
     /// Hub base URLs (`http://host:port`, `https://...`, or `ws://`/`wss://`),
@@ -60,10 +74,13 @@ impl std::fmt::Debug for BrokerConfig {
 /// processes with the same credentials then take turns, loudly logged).
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// [`BrokerConfig::hubs`] is empty.
     #[error("no hub URL given")]
     NoHubs,
+    /// A hub URL cannot be turned into the control channel's WebSocket URL.
     #[error("hub URL {url:?} is not usable: {reason}")]
     HubUrl { url: String, reason: String },
+    /// [`BrokerConfig::broker`] is not a valid HTTP header value.
     #[error("broker id {0:?} cannot be sent in a header")]
     BrokerId(String),
 }
@@ -88,7 +105,40 @@ enum DialError {
 /// work finished); `Err` for a configuration that can never work, or when
 /// the hub reports that another process took over this broker's session.
 /// Running agents are left alone on return; stopping them is the caller's
-/// decision (see `ProcessRuntime::shutdown`).
+/// decision (see [`ProcessRuntime::shutdown`](crate::ProcessRuntime::shutdown)).
+///
+/// # Example
+///
+/// A configuration mistake ends `run` at once; a cancelled `shutdown` ends
+/// it after the queued work. The crate documentation shows a broker daemon
+/// that runs until Ctrl-C.
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// use switchyard_broker::{BrokerConfig, BrokerError, ProcessConfig, ProcessRuntime, run};
+/// use tokio_util::sync::CancellationToken;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let workdir = tempfile::tempdir()?;
+/// let runtime = Arc::new(ProcessRuntime::new(ProcessConfig::new(workdir.path())).await?);
+/// let config = BrokerConfig {
+///     hubs: vec!["ftp://127.0.0.1:7700".to_owned()],
+///     broker: "edge-1".to_owned(),
+///     secret: "s3cret".to_owned(),
+///     workdir: workdir.path().to_owned(),
+/// };
+/// let shutdown = CancellationToken::new();
+/// let refused = run(config.clone(), runtime.clone(), shutdown.clone()).await;
+/// assert!(matches!(refused, Err(BrokerError::HubUrl { .. })));
+///
+/// let config = BrokerConfig { hubs: vec!["http://127.0.0.1:7700".to_owned()], ..config };
+/// shutdown.cancel();
+/// run(config, runtime, shutdown).await?;
+/// # Ok(())
+/// # }
+/// ```
 pub async fn run(
     config: BrokerConfig,
     runtime: Arc<dyn Runtime>,

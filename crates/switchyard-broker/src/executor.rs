@@ -152,7 +152,7 @@ impl Worker {
                     dispatch_id: dispatch.id,
                     ok: false,
                     result: None,
-                    error: Some(error),
+                    error: Some(error.to_string()),
                 }
             }
         };

@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use crate::inbox::inbox_line;
 use crate::layout;
-use crate::runtime::{Runtime, next_seq};
+use crate::runtime::{Runtime, RuntimeError, next_seq};
 
 /// Status changes buffered per subscriber before it lags.
 const STATUS_FEED: usize = 1024;
@@ -58,6 +58,7 @@ impl ProcessConfig {
     }
 }
 
+/// Why [`ProcessRuntime::new`] could not load the agents of its workdir.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("cannot read the agents under {}: {source}", path.display())]
@@ -68,6 +69,37 @@ pub enum ProcessError {
 ///
 /// Status changes go to every [`Runtime::subscribe`] receiver; each carries
 /// a fresh [`next_seq`].
+///
+/// # Example
+///
+/// ```
+/// use serde_json::{Value, json};
+/// use switchyard_broker::{ProcessConfig, ProcessRuntime, Runtime};
+/// use switchyard_proto::{AgentMessage, AgentSpec, Dispatch, Op};
+/// use uuid::Uuid;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let workdir = tempfile::tempdir()?;
+/// let runtime = ProcessRuntime::new(ProcessConfig::new(workdir.path())).await?;
+/// let agent_id = Uuid::new_v4();
+/// let spec = AgentSpec {
+///     name: "sink".into(),
+///     command: vec!["cat".into()], // copies its stdin to `stdout.log`
+///     env: Default::default(),
+/// };
+/// let dispatch = |op| Dispatch { id: Uuid::new_v4(), agent_id, op, agent: spec.clone(), args: Value::Null };
+///
+/// let started = runtime.apply(&dispatch(Op::Start)).await?;
+/// assert_eq!(started["phase"], "running");
+/// let hello = AgentMessage { id: Uuid::new_v4(), agent_id, seq: 1, body: json!("hello") };
+/// runtime.deliver(&hello).await?; // one JSON line on the agent's stdin
+/// let stopped = runtime.apply(&dispatch(Op::Stop)).await?;
+/// assert_eq!(stopped, json!({ "phase": "stopped", "pid": null }));
+/// runtime.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct ProcessRuntime {
     inner: Arc<Inner>,
@@ -221,20 +253,20 @@ impl ProcessRuntime {
     }
 
     /// Records the agent (dir, `spec.json`) if new, with the latest spec.
-    async fn ensure(&self, agent_id: Uuid, spec: &AgentSpec) -> Result<(), String> {
+    async fn ensure(&self, agent_id: Uuid, spec: &AgentSpec) -> Result<(), RuntimeError> {
         let dir = self.dir(agent_id);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
-        let spec_json = serde_json::to_vec_pretty(spec).map_err(|err| err.to_string())?;
+        if let Err(source) = tokio::fs::create_dir_all(&dir).await {
+            return Err(RuntimeError::AgentDir { path: dir, source });
+        }
+        let spec_json = serde_json::to_vec_pretty(spec).map_err(RuntimeError::EncodeSpec)?;
         write_atomic(&dir.join(layout::SPEC), &spec_json)
             .await
-            .map_err(|err| format!("cannot write the agent's spec: {err}"))?;
+            .map_err(RuntimeError::WriteSpec)?;
         let created = {
             let mut agents = self.inner.lock();
             match agents.get_mut(&agent_id) {
                 Some(agent) if agent.status.phase == Phase::Deleted => {
-                    return Err(format!("agent {agent_id} is deleted"));
+                    return Err(RuntimeError::Deleted(agent_id));
                 }
                 Some(agent) => {
                     agent.spec = spec.clone();
@@ -265,18 +297,18 @@ impl ProcessRuntime {
     }
 
     /// Starts the agent unless it runs already.
-    async fn start(&self, agent_id: Uuid) -> Result<Value, String> {
-        let ops = self.ops_lock(agent_id).ok_or("unknown agent")?;
+    async fn start(&self, agent_id: Uuid) -> Result<Value, RuntimeError> {
+        let ops = self.ops_lock(agent_id).ok_or(RuntimeError::UnknownAgent)?;
         let _op = ops.lock().await;
         self.start_locked(agent_id).await
     }
 
-    async fn start_locked(&self, agent_id: Uuid) -> Result<Value, String> {
+    async fn start_locked(&self, agent_id: Uuid) -> Result<Value, RuntimeError> {
         let spec = {
             let agents = self.inner.lock();
-            let agent = agents.get(&agent_id).ok_or("unknown agent")?;
+            let agent = agents.get(&agent_id).ok_or(RuntimeError::UnknownAgent)?;
             if agent.status.phase == Phase::Deleted {
-                return Err(format!("agent {agent_id} is deleted"));
+                return Err(RuntimeError::Deleted(agent_id));
             }
             if let Some(process) = &agent.process {
                 return Ok(outcome(agent.status.phase, Some(process.pid)));
@@ -284,17 +316,20 @@ impl ProcessRuntime {
             agent.spec.clone()
         };
         let Some((program, args)) = spec.command.split_first() else {
-            return Err("the agent's command is empty".to_owned());
+            return Err(RuntimeError::EmptyCommand);
         };
         self.transition(agent_id, Phase::Starting, None, None);
 
         let child = match self.spawn(agent_id, program, args, &spec) {
             Ok(child) => child,
-            Err(err) => {
-                let detail = format!("cannot start {program:?}: {err}");
-                self.settle(agent_id, Phase::Error, None, Some(detail.clone()))
+            Err(source) => {
+                let err = RuntimeError::Spawn {
+                    program: program.clone(),
+                    source,
+                };
+                self.settle(agent_id, Phase::Error, None, Some(err.to_string()))
                     .await;
-                return Err(detail);
+                return Err(err);
             }
         };
         let pid = child.id().unwrap_or_default();
@@ -353,10 +388,12 @@ impl ProcessRuntime {
     }
 
     /// Stops the agent if it runs; otherwise leaves its phase as it is.
-    async fn stop_locked(&self, agent_id: Uuid) -> Result<Value, String> {
+    async fn stop_locked(&self, agent_id: Uuid) -> Result<Value, RuntimeError> {
         let target = {
             let mut agents = self.inner.lock();
-            let agent = agents.get_mut(&agent_id).ok_or("unknown agent")?;
+            let agent = agents
+                .get_mut(&agent_id)
+                .ok_or(RuntimeError::UnknownAgent)?;
             match agent.process.as_mut() {
                 None => return Ok(outcome(agent.status.phase, None)),
                 Some(process) => {
@@ -381,12 +418,12 @@ impl ProcessRuntime {
         Ok(outcome(Phase::Stopped, None))
     }
 
-    async fn delete_locked(&self, agent_id: Uuid) -> Result<Value, String> {
+    async fn delete_locked(&self, agent_id: Uuid) -> Result<Value, RuntimeError> {
         self.stop_locked(agent_id).await?;
         let marker = self.dir(agent_id).join(layout::DELETED);
         write_atomic(&marker, b"")
             .await
-            .map_err(|err| format!("cannot mark the agent deleted: {err}"))?;
+            .map_err(RuntimeError::MarkDeleted)?;
         self.settle(agent_id, Phase::Deleted, None, None).await;
         Ok(outcome(Phase::Deleted, None))
     }
@@ -478,7 +515,7 @@ impl Inner {
 
 #[async_trait::async_trait]
 impl Runtime for ProcessRuntime {
-    async fn apply(&self, dispatch: &Dispatch) -> Result<Value, String> {
+    async fn apply(&self, dispatch: &Dispatch) -> Result<Value, RuntimeError> {
         let agent_id = dispatch.agent_id;
         if dispatch.op == Op::Delete {
             let already = self
@@ -491,12 +528,12 @@ impl Runtime for ProcessRuntime {
             }
         }
         self.ensure(agent_id, &dispatch.agent).await?;
-        let ops = self.ops_lock(agent_id).ok_or("unknown agent")?;
+        let ops = self.ops_lock(agent_id).ok_or(RuntimeError::UnknownAgent)?;
         let _op = ops.lock().await;
         match dispatch.op {
             Op::Create => {
                 let agents = self.inner.lock();
-                let agent = agents.get(&agent_id).ok_or("unknown agent")?;
+                let agent = agents.get(&agent_id).ok_or(RuntimeError::UnknownAgent)?;
                 Ok(outcome(
                     agent.status.phase,
                     agent.process.as_ref().map(|p| p.pid),
@@ -512,18 +549,18 @@ impl Runtime for ProcessRuntime {
         }
     }
 
-    async fn deliver(&self, message: &AgentMessage) -> Result<(), String> {
+    async fn deliver(&self, message: &AgentMessage) -> Result<(), RuntimeError> {
         let agents = self.inner.lock();
         let process = agents
             .get(&message.agent_id)
             .and_then(|agent| agent.process.as_ref())
-            .ok_or("the agent is not running")?;
+            .ok_or(RuntimeError::NotRunning)?;
         let mut line = inbox_line(message);
         line.push('\n');
         process
             .stdin
             .send(line)
-            .map_err(|_| "the agent's stdin is closed".to_owned())
+            .map_err(|_| RuntimeError::StdinClosed)
     }
 
     fn statuses(&self) -> Vec<AgentStatus> {

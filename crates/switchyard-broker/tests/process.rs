@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{agent_file, alive, dispatch, eventually, lines, spec};
 use serde_json::json;
-use switchyard_broker::{ProcessConfig, ProcessRuntime, Runtime};
+use switchyard_broker::{ProcessConfig, ProcessRuntime, Runtime, RuntimeError};
 use switchyard_proto::{AgentMessage, AgentStatus, Op, Phase};
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -120,7 +120,13 @@ async fn start_deliver_stop_reports_every_phase_and_keeps_message_order() {
             Phase::Stopped
         ]
     );
-    assert!(rt.deliver(&messages[0]).await.is_err(), "not running");
+    assert!(
+        matches!(
+            rt.deliver(&messages[0]).await,
+            Err(RuntimeError::NotRunning)
+        ),
+        "not running"
+    );
     assert_eq!(rt.statuses().len(), 1);
     assert_eq!(rt.statuses()[0].phase, Phase::Stopped);
 }
@@ -220,8 +226,12 @@ async fn restart_and_delete_follow_the_lifecycle_and_deleted_agents_refuse_ops()
     assert!(!alive(pid));
     assert!(agent_file(workdir.path(), agent_id, "deleted").exists());
     assert!(rt.statuses().is_empty(), "deleted agents are not in hello");
-    let refused = rt.apply(&dispatch(agent_id, Op::Start, &spec)).await;
-    assert!(refused.unwrap_err().contains("deleted"));
+    let refused = rt
+        .apply(&dispatch(agent_id, Op::Start, &spec))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("deleted"));
+    assert!(matches!(refused, RuntimeError::Deleted(id) if id == agent_id));
     // Deleting twice is fine.
     rt.apply(&dispatch(agent_id, Op::Delete, &spec))
         .await
@@ -247,14 +257,15 @@ async fn a_command_that_cannot_start_is_an_error() {
         .apply(&dispatch(agent_id, Op::Start, &bad))
         .await
         .unwrap_err();
-    assert!(err.contains("cannot start"), "{err}");
+    assert!(err.to_string().contains("cannot start"), "{err}");
+    assert!(matches!(err, RuntimeError::Spawn { .. }), "{err:?}");
     assert_eq!(rt.statuses()[0].phase, Phase::Error);
     bad.command.clear();
-    assert!(
-        rt.apply(&dispatch(agent_id, Op::Start, &bad))
-            .await
-            .is_err()
-    );
+    let empty = rt
+        .apply(&dispatch(agent_id, Op::Start, &bad))
+        .await
+        .unwrap_err();
+    assert!(matches!(empty, RuntimeError::EmptyCommand), "{empty:?}");
 }
 
 #[tokio::test]

@@ -1,9 +1,4 @@
-//! A Switchyard hub replica.
-//!
-//! [`Hub::start`] binds the HTTP listener, registers the replica in the
-//! shared registry, starts its background tasks and serves until
-//! [`RunningHub::shutdown`] (or the process's shutdown signal) stops it.
-//! Tests start several hubs in one process this way.
+#![doc = include_str!("../README.md")]
 
 mod affinity;
 mod api;

@@ -1,10 +1,4 @@
-//! The broker control channel: what a broker and a hub say to each other
-//! over the WebSocket at [`CONNECT_PATH`]. `docs/protocol.md` is the
-//! language-neutral description of the same thing.
-//!
-//! Every frame is one JSON text message `{"v": 1, "type": "...", ...}`.
-//! Frames of an unknown `type`, or of another major version `v`, are
-//! answered with an [`ErrorCode::Protocol`] error frame and a close.
+#![doc = include_str!("../README.md")]
 
 pub mod auth;
 mod words;

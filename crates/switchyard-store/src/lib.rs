@@ -1,10 +1,4 @@
-//! Durable state of a Switchyard hub.
-//!
-//! Everything a replica needs to survive another replica's death lives
-//! here: the replica registry, broker affinity, agents, dispatch intents and
-//! messages. [`Store`] is the one interface; [`PgStore`] (multi-replica) and
-//! [`SqliteStore`] (single node) implement it with the same semantics, and
-//! [`open`] picks one from a database URL and migrates it.
+#![doc = include_str!("../README.md")]
 
 mod batch;
 mod connect;

@@ -1,12 +1,4 @@
-//! Throwaway databases for tests.
-//!
-//! Every test gets its own database, so tests run in parallel and never see
-//! each other's rows or notifications (NOTIFY reaches only listeners of the
-//! same database). PostgreSQL databases are created on the server named by
-//! `SWITCHYARD_TEST_DATABASE_URL` (or `DATABASE_URL`, or the local default
-//! below) and dropped when the [`TestDb`] is dropped; `scripts/test.sh`
-//! makes sure such a server is running. SQLite databases are files in a
-//! temporary directory removed on drop.
+#![doc = include_str!("../README.md")]
 
 pub mod proxy;
 

@@ -1,5 +1,4 @@
-//! The `switchyard` binary: runs a hub replica and administers its database.
-//! Every failure ends as one line on stderr and a non-zero exit code.
+#![doc = include_str!("../README.md")]
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
