@@ -1,15 +1,16 @@
-//! In-process event bus of one replica: agent status changes and finished
-//! dispatches, for callers waiting on a lifecycle outcome.
+//! Committed facts (agent status changes, finished dispatches) fanned out
+//! on this replica, for callers waiting on a lifecycle outcome and for
+//! `GET /v1/events`.
 //!
 //! Invariant 6: an event is published only after the transaction that made
-//! it true has committed (every publisher calls the store first). A waiter
-//! that misses events (it lagged, or the outcome happened elsewhere) falls
-//! back to re-reading the row, so events are never needed for correctness.
+//! it true has committed (every publisher calls the store first, then
+//! `Bus::publish`, which reaches this fan-out and the other replicas). A
+//! waiter that misses events (it lagged, or the outcome happened elsewhere)
+//! falls back to re-reading the row, so events are never needed for
+//! correctness.
 
-use switchyard_store::{Agent, DispatchIntent};
+use switchyard_store::{Agent, AgentId, DispatchIntent, IntentId, Store};
 use tokio::sync::broadcast;
-
-use crate::command_bus::Notifier;
 
 /// Something that became true in storage.
 #[derive(Clone, Debug)]
@@ -20,37 +21,50 @@ pub(crate) enum HubEvent {
     DispatchFinished(DispatchIntent),
 }
 
-/// Local fan-out of events, plus (on PostgreSQL) the command bus that
-/// carries them to the other replicas.
+/// The local fan-out. Cheap to clone.
 #[derive(Clone, Debug)]
-pub(crate) struct EventBus {
+pub(crate) struct Events {
     tx: broadcast::Sender<HubEvent>,
-    remote: Option<Notifier>,
 }
 
-impl EventBus {
-    pub(crate) fn new(remote: Option<Notifier>) -> Self {
+impl Default for Events {
+    fn default() -> Self {
         let (tx, _) = broadcast::channel(4096);
-        Self { tx, remote }
+        Self { tx }
     }
+}
 
+impl Events {
     /// Subscribe before writing whatever you then wait for.
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<HubEvent> {
         self.tx.subscribe()
     }
 
-    /// Publishes a fact this replica just committed, here and on every
-    /// other replica.
-    pub(crate) fn publish(&self, event: HubEvent) {
-        if let Some(remote) = &self.remote {
-            remote.event(&event);
-        }
-        self.publish_local(event);
-    }
-
-    /// Publishes on this replica only (for facts learnt from the bus).
+    /// Publishes a committed fact on this replica only.
     pub(crate) fn publish_local(&self, event: HubEvent) {
         // Having no subscriber is normal.
         let _ = self.tx.send(event);
+    }
+
+    /// Publishes facts another replica committed and named by id: the rows
+    /// are re-read here, so what is published is what storage holds.
+    pub(crate) async fn republish(
+        &self,
+        store: &dyn Store,
+        dispatches: Vec<IntentId>,
+        agents: Vec<AgentId>,
+    ) {
+        for id in dispatches {
+            match store.intent(id).await {
+                Ok(row) => self.publish_local(HubEvent::DispatchFinished(row)),
+                Err(err) => tracing::debug!(%err, "event names a dispatch that cannot be read"),
+            }
+        }
+        for id in agents {
+            match store.agent(id).await {
+                Ok(row) => self.publish_local(HubEvent::AgentStatus(row)),
+                Err(err) => tracing::debug!(%err, "event names an agent that cannot be read"),
+            }
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! The sweeper: cluster-wide housekeeping, run by one replica at a time.
 //!
-//! Every replica runs this loop, but only the holder of the singleton role
-//! (a PostgreSQL advisory lock; always this replica on SQLite) does the
-//! work: reap replicas whose heartbeat is stale and release their brokers'
+//! Every replica runs this loop, but only the replica that holds the
+//! singleton role (a PostgreSQL advisory lock; always this replica on
+//! SQLite) does the work: reap replicas whose heartbeat is stale and release their brokers'
 //! affinities; return claimed work whose claimer died or whose lease ran
 //! out (failing it after max attempts); fail intents past their deadline and
 //! expire messages past their TTL; prune old finished rows; and measure
@@ -15,7 +15,8 @@ use std::time::Duration;
 use switchyard_store::{IntentState, RequeuePolicy, Store, StoreResult};
 use tokio_util::sync::CancellationToken;
 
-use crate::events::{EventBus, HubEvent};
+use crate::bus::Bus;
+use crate::events::HubEvent;
 use crate::metrics::Metrics;
 
 /// Unfinished work older than this counts as stuck.
@@ -23,7 +24,7 @@ const STUCK_AFTER: Duration = Duration::from_secs(300);
 
 pub(crate) struct Sweeper {
     pub(crate) store: Arc<dyn Store>,
-    pub(crate) events: EventBus,
+    pub(crate) bus: Arc<dyn Bus>,
     pub(crate) metrics: Metrics,
     pub(crate) interval: Duration,
     pub(crate) policy: RequeuePolicy,
@@ -78,7 +79,7 @@ impl Sweeper {
             let row = self.store.intent(id).await?;
             if row.state == IntentState::Failed {
                 self.metrics.observe_finished(&row);
-                self.events.publish(HubEvent::DispatchFinished(row));
+                self.bus.publish(HubEvent::DispatchFinished(row));
             }
         }
         let expired = self.store.expire_messages().await?;

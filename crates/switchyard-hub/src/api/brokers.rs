@@ -7,11 +7,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use switchyard_store::{Broker, BrokerId};
 
+use super::error::ApiError;
+use super::random_secret;
 use super::{ApiJson, validate_name};
-use crate::HubState;
-use crate::api_error::ApiError;
-use crate::auth::random_secret;
 use crate::lookup;
+use crate::state::HubState;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,5 +1,5 @@
 //! `/v1/dispatches` (intents) and `/v1/cluster` (replicas and the brokers
-//! each holds).
+//! each owns).
 
 use std::collections::BTreeMap;
 
@@ -9,9 +9,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use switchyard_store::{DispatchIntent, IntentFilter, IntentId, IntentState};
 
-use crate::HubState;
-use crate::api_error::ApiError;
+use super::error::ApiError;
 use crate::lookup;
+use crate::state::HubState;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,16 +58,16 @@ pub(crate) async fn cluster(State(state): State<HubState>) -> Result<Json<Value>
         .store
         .live_replicas(state.config.replica_stale_after)
         .await?;
-    let mut held: BTreeMap<_, Vec<_>> = BTreeMap::new();
+    let mut owned: BTreeMap<_, Vec<_>> = BTreeMap::new();
     for broker in state.store.list_brokers().await? {
         if let Some(replica) = broker.connected_replica {
-            held.entry(replica).or_default().push(broker.id);
+            owned.entry(replica).or_default().push(broker.id);
         }
     }
     let replicas: Vec<Value> = replicas
         .into_iter()
         .map(|r| {
-            let brokers = held.remove(&r.instance_id).unwrap_or_default();
+            let brokers = owned.remove(&r.instance_id).unwrap_or_default();
             json!({
                 "instance_id": r.instance_id,
                 "address": r.address,

@@ -15,10 +15,10 @@ use serde_json::json;
 use switchyard_store::AgentId;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::HubState;
-use crate::api_error::ApiError;
+use super::error::ApiError;
 use crate::events::HubEvent;
 use crate::lookup;
+use crate::state::HubState;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,21 +1,21 @@
 //! `/v1/agents/{agent}/messages` and `/v1/messages/{id}`.
 //!
 //! A message is committed before the 202: the answer means it is durable.
-//! Delivery is the drain's job; a message becomes `delivered` only when the
-//! broker acks it.
+//! Writing and waking the owner are the originator's job, delivery the
+//! drain's; a message becomes `delivered` only when the broker acks it.
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchyard_store::{AgentId, Message, MessageId, NewMessage};
+use switchyard_store::{AgentId, Message, MessageId};
 
+use super::error::ApiError;
 use super::{ApiJson, idempotency_key};
-use crate::HubState;
-use crate::api_error::ApiError;
 use crate::lookup;
-use crate::routing::route_to_holder;
+use crate::originator::Sent;
+use crate::state::HubState;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,37 +36,14 @@ pub(crate) async fn send(
         Ok(id) => id,
         Err(_) => lookup::agent(&*state.store, &reference).await?.id,
     };
-    let inserted = state
-        .messages
-        .write(NewMessage {
-            id: MessageId::new(),
-            agent_id,
-            body: request.body,
-            expires_at: expires_at(&state),
-            idempotency_key: key,
-        })
-        .await?;
-    let route = if inserted.created {
-        state.metrics.messages_accepted.inc();
-        Some(route_to_holder(
-            &state,
-            inserted.row.broker_id,
-            inserted.owner,
-            false,
-        ))
-    } else {
-        None
-    };
-    let row = inserted.row;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "id": row.id, "state": row.state, "seq": row.seq, "route": route })),
-    ))
+    let message = state.originator.message(agent_id, request.body, key);
+    let sent = state.originator.send(message).await?;
+    Ok((StatusCode::ACCEPTED, Json(answer(&sent))))
 }
 
-fn expires_at(state: &HubState) -> chrono::DateTime<chrono::Utc> {
-    chrono::Utc::now()
-        + chrono::Duration::from_std(state.config.message_ttl).unwrap_or(chrono::Duration::MAX)
+fn answer(sent: &Sent) -> Value {
+    let row = &sent.row;
+    json!({ "id": row.id, "state": row.state, "seq": row.seq, "route": sent.route })
 }
 
 /// Most messages in one `POST /v1/messages`.
@@ -106,7 +83,6 @@ pub(crate) async fn send_batch(
         ));
     }
     let mut agents = std::collections::HashMap::new();
-    let expires_at = expires_at(&state);
     let mut batch = Vec::with_capacity(request.messages.len());
     for (i, item) in request.messages.into_iter().enumerate() {
         let agent = match agents.get(&item.agent) {
@@ -117,39 +93,13 @@ pub(crate) async fn send_batch(
                 (row.id, row.broker_id)
             }
         };
-        batch.push(NewMessage {
-            id: MessageId::new(),
-            agent_id: agent.0,
-            body: item.body,
-            expires_at,
-            idempotency_key: item
-                .idempotency_key
-                .or_else(|| key.as_ref().map(|k| format!("{k}/{i}"))),
-        });
+        let key = item
+            .idempotency_key
+            .or_else(|| key.as_ref().map(|k| format!("{k}/{i}")));
+        batch.push(state.originator.message(agent.0, item.body, key));
     }
-    let rows = state.store.insert_messages(batch).await?;
-    let created = rows.iter().filter(|r| r.created).count();
-    state.metrics.messages_accepted.inc_by(created as u64);
-    let holders: std::collections::BTreeMap<_, _> = rows
-        .iter()
-        .filter(|r| r.created)
-        .map(|r| (r.row.broker_id, r.owner))
-        .collect();
-    let routes: std::collections::HashMap<_, _> = holders
-        .into_iter()
-        .map(|(broker, holder)| (broker, route_to_holder(&state, broker, holder, false)))
-        .collect();
-    let answers: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            json!({
-                "id": r.row.id,
-                "state": r.row.state,
-                "seq": r.row.seq,
-                "route": routes.get(&r.row.broker_id),
-            })
-        })
-        .collect();
+    let sent = state.originator.send_batch(batch).await?;
+    let answers: Vec<Value> = sent.iter().map(answer).collect();
     Ok((StatusCode::ACCEPTED, Json(json!({ "messages": answers }))))
 }
 

@@ -1,69 +1,121 @@
-//! The `/v1` HTTP API (see `API.md`). Every route but the control channel
-//! requires the admin token; bodies are JSON with unknown fields refused,
-//! and every error is `{"error": {"code", "message"}}`.
+//! The `/v1` HTTP API (see `API.md`): one file per resource, and here what
+//! every call goes through before its handler: the admin token, the JSON
+//! body, the `Idempotency-Key` header, names. Bodies are JSON with unknown
+//! fields refused, and every error is `{"error": {"code", "message"}}`
+//! ([`error::ApiError`]). Handlers parse, call the originator or the store,
+//! and map the outcome to a response; the route table is `http_routes`.
 
-mod agents;
-mod brokers;
-mod dispatches;
-mod events;
-mod messages;
+pub(crate) mod agents;
+pub(crate) mod brokers;
+pub(crate) mod dispatches;
+pub(crate) mod error;
+pub(crate) mod events;
+pub(crate) mod messages;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
-use axum::http::HeaderMap;
-use axum::routing::{get, post};
-use axum::{Router, middleware};
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::Response;
 use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use switchyard_store::Store;
 
-use crate::HubState;
-use crate::api_error::ApiError;
-use crate::auth::require_admin;
+use error::ApiError;
 
 /// Largest request body the API reads; larger ones get 413 unread.
 pub(crate) const MAX_BODY_BYTES: usize = 512 * 1024;
 
-pub(crate) fn router(state: HubState) -> Router<HubState> {
-    Router::new()
-        .route("/v1/brokers", post(brokers::create).get(brokers::list))
-        .route(
-            "/v1/brokers/{broker}",
-            get(brokers::show).delete(brokers::remove),
-        )
-        .route("/v1/agents", post(agents::create).get(agents::list))
-        .route(
-            "/v1/agents/{agent}",
-            get(agents::show).delete(agents::remove),
-        )
-        .route("/v1/agents/{agent}/start", post(agents::start))
-        .route("/v1/agents/{agent}/stop", post(agents::stop))
-        .route("/v1/agents/{agent}/restart", post(agents::restart))
-        .route("/v1/agents/{agent}/messages", post(messages::send))
-        .route("/v1/messages", post(messages::send_batch))
-        .route("/v1/messages/{id}", get(messages::show))
-        .route("/v1/dispatches", get(dispatches::list))
-        .route("/v1/dispatches/{id}", get(dispatches::show))
-        .route("/v1/cluster", get(dispatches::cluster))
-        .route("/v1/events", get(events::stream))
-        .route_layer(middleware::from_fn_with_state(state, require_admin))
-        .route("/v1/brokers/connect", get(crate::control::connect))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+/// The stored form of an admin token.
+pub fn token_digest(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-async fn not_found() -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::NOT_FOUND,
-        "not_found",
-        "no such endpoint",
+/// A fresh random secret (admin token or broker secret): 256 bits, hex.
+pub fn random_secret() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
     )
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this endpoint does not take that method",
-    )
+/// Admin tokens: `Authorization: Bearer <token>`, checked against token
+/// digests stored in the database, so a token works on every replica that
+/// shares it.
+///
+/// Digests verified lately are remembered, so a busy client does not cost a
+/// database round trip per request. Only successes are kept, for
+/// [`TOKEN_CACHE_TTL`]: an unknown token is always checked, and a token
+/// removed from storage stops working within the TTL.
+#[derive(Clone, Debug)]
+pub(crate) struct AdminTokens {
+    store: Arc<dyn Store>,
+    verified: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+/// How long a verified token is trusted without asking storage again.
+const TOKEN_CACHE_TTL: Duration = Duration::from_secs(30);
+
+impl AdminTokens {
+    pub(crate) fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            verified: Arc::default(),
+        }
+    }
+
+    fn is_fresh(&self, digest: &str) -> bool {
+        let verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        verified
+            .get(digest)
+            .is_some_and(|at| at.elapsed() < TOKEN_CACHE_TTL)
+    }
+
+    fn remember(&self, digest: String) {
+        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        // Bounded: expired entries go whenever a new one is added.
+        verified.retain(|_, at| at.elapsed() < TOKEN_CACHE_TTL);
+        verified.insert(digest, Instant::now());
+    }
+}
+
+/// Middleware for the `/v1` API: refuses requests without a valid token.
+pub(crate) async fn require_admin(
+    State(tokens): State<AdminTokens>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let Some(token) = token else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing bearer token: send Authorization: Bearer <admin token>",
+        ));
+    };
+    let digest = token_digest(token);
+    if !tokens.is_fresh(&digest) {
+        if !tokens.store.admin_token_exists(&digest).await? {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "invalid admin token",
+            ));
+        }
+        tokens.remember(digest);
+    }
+    Ok(next.run(request).await)
 }
 
 /// `axum::Json` with errors in the API's error format.
@@ -119,7 +171,7 @@ pub(crate) fn validate_name(kind: &str, name: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "invalid",
             format!("{kind} name must be 1-64 characters of A-Z a-z 0-9 . _ - and not a UUID"),
         ))

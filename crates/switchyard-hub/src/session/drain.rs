@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use switchyard_proto::{AgentMessage, AgentSpec, Dispatch, HubFrame};
 use switchyard_store::{AgentId, BrokerId, ReplicaId, SessionId, Store, StoreError};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::writer::{Outbox, WriteError};
 use crate::metrics::Metrics;
-use crate::sessions::Outbound;
 
 /// Rows claimed per round trip.
 const BATCH: u32 = 256;
@@ -26,10 +26,8 @@ const BATCH: u32 = 256;
 pub(crate) enum DrainError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The socket's writer is gone: the session is ending. What was claimed
-    /// and not sent is requeued when the broker's next session starts.
-    #[error("session closed")]
-    SessionClosed,
+    #[error(transparent)]
+    Write(#[from] WriteError),
 }
 
 pub(crate) struct Drain {
@@ -37,7 +35,7 @@ pub(crate) struct Drain {
     pub(crate) replica: ReplicaId,
     pub(crate) broker: BrokerId,
     pub(crate) session: SessionId,
-    pub(crate) outbound: mpsc::Sender<Outbound>,
+    pub(crate) outbox: Outbox,
     pub(crate) wake: Arc<Notify>,
     pub(crate) backstop: Duration,
     pub(crate) cancel: CancellationToken,
@@ -52,7 +50,7 @@ impl Drain {
             timer.observe_duration();
             match drained {
                 Ok(()) => {}
-                Err(DrainError::SessionClosed) => return,
+                Err(DrainError::Write(WriteError::WriterGone)) => return,
                 Err(DrainError::Store(err)) => {
                     tracing::warn!(broker = %self.broker, %err, "drain failed; retrying");
                 }
@@ -133,10 +131,7 @@ impl Drain {
     }
 
     async fn send(&self, frame: HubFrame) -> Result<(), DrainError> {
-        self.outbound
-            .send(Outbound::Frame(frame))
-            .await
-            .map_err(|_| DrainError::SessionClosed)
+        Ok(self.outbox.send(frame).await?)
     }
 }
 

@@ -1,5 +1,6 @@
-//! The HTTP error body every endpoint uses:
+//! The API's refusal type: the HTTP error body every endpoint uses,
 //! `{"error": {"code": "...", "message": "..."}}` with a matching status.
+//! The errors of the modules behind the API are mapped to it here, once.
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -7,8 +8,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use switchyard_store::StoreError;
 
+use crate::originator::OriginatorError;
+
 /// An error answered to an HTTP client.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{status} {code}: {message}")]
 pub struct ApiError {
     status: StatusCode,
     code: &'static str,
@@ -57,6 +61,22 @@ impl From<StoreError> for ApiError {
             tracing::error!(%err, "storage error");
         }
         Self::new(status, code, err.to_string())
+    }
+}
+
+impl From<OriginatorError> for ApiError {
+    fn from(err: OriginatorError) -> Self {
+        match err {
+            OriginatorError::InvalidPhase { .. } => {
+                Self::new(StatusCode::CONFLICT, "invalid_phase", err.to_string())
+            }
+            OriginatorError::WriterGone => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                err.to_string(),
+            ),
+            OriginatorError::Store(err) => err.into(),
+        }
     }
 }
 

@@ -1,0 +1,285 @@
+//! The sending half of the PostgreSQL bus: queue, coalesce, encode, NOTIFY.
+//!
+//! A NOTIFY takes a cluster-wide lock at commit, so sending is coalesced:
+//! the queue is emptied into one statement with at most one payload per
+//! target replica (and per [`IDS_PER_PAYLOAD`] ids); message wake-ups are
+//! further debounced to one NOTIFY per [`DEBOUNCE`] under load, while
+//! lifecycle wake-ups and events, which a caller waits for, go at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use switchyard_store::{AgentId, BrokerId, IntentId, ReplicaId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Bus;
+use crate::events::{Events, HubEvent};
+use crate::metrics::Metrics;
+
+pub(crate) const WAKE_CHANNEL: &str = "switchyard_wake";
+pub(crate) const EVENT_CHANNEL: &str = "switchyard_event";
+
+/// Ids per notification: keeps every payload far below PostgreSQL's
+/// 8000-byte limit (a UUID takes 39 bytes in JSON).
+const IDS_PER_PAYLOAD: usize = 150;
+/// Most queued items folded into one NOTIFY transaction.
+const MAX_BATCH: usize = 8192;
+/// After a NOTIFY, a non-urgent one waits until this much time has passed,
+/// gathering whatever queues up meanwhile. An idle replica's first wake-up
+/// goes out at once; under load message wake-ups cost at most one NOTIFY
+/// per interval.
+const DEBOUNCE: Duration = Duration::from_millis(5);
+
+/// Payload on [`WAKE_CHANNEL`]: `{"r": replica, "b": [broker, ...]}`, "these
+/// brokers, whose sessions replica r owns, have new work".
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct WakePayload {
+    pub(crate) r: ReplicaId,
+    pub(crate) b: Vec<BrokerId>,
+}
+
+/// Payload on [`EVENT_CHANNEL`]: `{"o": origin, "d": [dispatch, ...], "a":
+/// [agent, ...]}`, "these dispatches finished / these agents changed
+/// phase", committed on replica o.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct EventPayload {
+    pub(crate) o: ReplicaId,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) d: Vec<IntentId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) a: Vec<AgentId>,
+}
+
+#[derive(Debug)]
+enum Outgoing {
+    Wake {
+        replica: ReplicaId,
+        broker: BrokerId,
+        urgent: bool,
+    },
+    Dispatch(IntentId),
+    Agent(AgentId),
+}
+
+impl Outgoing {
+    /// Someone is waiting on it: send without the debounce delay.
+    fn is_urgent(&self) -> bool {
+        match self {
+            Outgoing::Wake { urgent, .. } => *urgent,
+            Outgoing::Dispatch(_) | Outgoing::Agent(_) => true,
+        }
+    }
+}
+
+/// The bus of a replica on PostgreSQL. Queuing never blocks; the send loop
+/// does the NOTIFYs.
+#[derive(Debug)]
+pub(crate) struct PostgresBus {
+    queue: mpsc::UnboundedSender<Outgoing>,
+    events: Events,
+    /// Set by the listener while it is connected.
+    listening: Arc<AtomicBool>,
+}
+
+impl PostgresBus {
+    /// The bus and its send loop, which runs until `shutdown`.
+    pub(crate) fn new(
+        pool: PgPool,
+        me: ReplicaId,
+        events: Events,
+        listening: Arc<AtomicBool>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> (Self, impl Future<Output = ()>) {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let bus = Self {
+            queue,
+            events,
+            listening,
+        };
+        (bus, send_loop(pool, me, rx, metrics, shutdown))
+    }
+}
+
+impl Bus for PostgresBus {
+    fn wake(&self, owner: ReplicaId, broker: BrokerId, urgent: bool) -> bool {
+        let _ = self.queue.send(Outgoing::Wake {
+            replica: owner,
+            broker,
+            urgent,
+        });
+        true
+    }
+
+    fn publish(&self, event: HubEvent) {
+        let item = match &event {
+            HubEvent::DispatchFinished(row) => Outgoing::Dispatch(row.id),
+            HubEvent::AgentStatus(row) => Outgoing::Agent(row.id),
+        };
+        let _ = self.queue.send(item);
+        self.events.publish_local(event);
+    }
+
+    fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Relaxed)
+    }
+}
+
+async fn send_loop(
+    pool: PgPool,
+    me: ReplicaId,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let mut last_sent: Option<tokio::time::Instant> = None;
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return,
+            first = rx.recv() => match first {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        // Debounce non-urgent wake-ups that follow a recent NOTIFY, unless
+        // something urgent arrives meanwhile.
+        if let Some(at) = last_sent
+            && !batch[0].is_urgent()
+        {
+            let until = at + DEBOUNCE;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => break,
+                    item = rx.recv() => match item {
+                        Some(item) => {
+                            let urgent = item.is_urgent();
+                            batch.push(item);
+                            if urgent {
+                                break;
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+        }
+        // Everything else that queued up goes out together.
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let (channels, payloads) = payloads(me, batch);
+        let sent =
+            sqlx::query("SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)")
+                .bind(&channels)
+                .bind(&payloads)
+                .execute(&pool)
+                .await;
+        last_sent = Some(tokio::time::Instant::now());
+        match sent {
+            Ok(_) => metrics.notifications_sent.inc_by(payloads.len() as u64),
+            Err(err) => tracing::warn!(%err, "NOTIFY failed; the drain backstop covers it"),
+        }
+    }
+}
+
+/// Folds queued items into (channel, payload) pairs: one wake per target
+/// replica and one event payload, each split every [`IDS_PER_PAYLOAD`] ids.
+fn payloads(me: ReplicaId, batch: Vec<Outgoing>) -> (Vec<&'static str>, Vec<String>) {
+    let mut wakes: BTreeMap<ReplicaId, BTreeSet<BrokerId>> = BTreeMap::new();
+    let mut dispatches = BTreeSet::new();
+    let mut agents = BTreeSet::new();
+    for item in batch {
+        match item {
+            Outgoing::Wake {
+                replica, broker, ..
+            } => {
+                wakes.entry(replica).or_default().insert(broker);
+            }
+            Outgoing::Dispatch(id) => {
+                dispatches.insert(id);
+            }
+            Outgoing::Agent(id) => {
+                agents.insert(id);
+            }
+        }
+    }
+    let mut channels = Vec::new();
+    let mut payloads = Vec::new();
+    for (replica, brokers) in wakes {
+        let brokers: Vec<BrokerId> = brokers.into_iter().collect();
+        for chunk in brokers.chunks(IDS_PER_PAYLOAD) {
+            channels.push(WAKE_CHANNEL);
+            payloads.push(json(&WakePayload {
+                r: replica,
+                b: chunk.to_vec(),
+            }));
+        }
+    }
+    let dispatches: Vec<IntentId> = dispatches.into_iter().collect();
+    for chunk in dispatches.chunks(IDS_PER_PAYLOAD) {
+        channels.push(EVENT_CHANNEL);
+        payloads.push(json(&EventPayload {
+            o: me,
+            d: chunk.to_vec(),
+            ..Default::default()
+        }));
+    }
+    let agents: Vec<AgentId> = agents.into_iter().collect();
+    for chunk in agents.chunks(IDS_PER_PAYLOAD) {
+        channels.push(EVENT_CHANNEL);
+        payloads.push(json(&EventPayload {
+            o: me,
+            a: chunk.to_vec(),
+            ..Default::default()
+        }));
+    }
+    (channels, payloads)
+}
+
+fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("payloads serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wake_ups_are_coalesced_per_replica_and_payloads_stay_small() {
+        let me = ReplicaId::new();
+        let (a, b) = (ReplicaId::new(), ReplicaId::new());
+        let broker = BrokerId::new();
+        let mut batch = Vec::new();
+        for _ in 0..1000 {
+            batch.push(Outgoing::Wake {
+                replica: a,
+                broker,
+                urgent: false,
+            });
+        }
+        for _ in 0..400 {
+            batch.push(Outgoing::Wake {
+                replica: b,
+                broker: BrokerId::new(),
+                urgent: false,
+            });
+        }
+        for _ in 0..10 {
+            batch.push(Outgoing::Dispatch(IntentId::new()));
+        }
+        let (channels, payloads) = payloads(me, batch);
+        // a: one payload; b: 400 brokers in 3 chunks; one event payload.
+        assert_eq!(channels.iter().filter(|c| **c == WAKE_CHANNEL).count(), 4);
+        assert_eq!(channels.iter().filter(|c| **c == EVENT_CHANNEL).count(), 1);
+        assert!(payloads.iter().all(|p| p.len() < 8000), "NOTIFY limit");
+    }
+}

@@ -1,0 +1,62 @@
+//! Settings of one replica.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Settings of one replica.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// Address to bind; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Address other replicas and operators see in the registry; defaults
+    /// to `http://<bound address>`.
+    pub advertise: Option<String>,
+    /// How often the replica refreshes its registry row.
+    pub replica_heartbeat_interval: Duration,
+    /// A replica not seen for this long is dead.
+    pub replica_stale_after: Duration,
+    /// How often the hub pings each broker and heartbeats its session; a
+    /// broker silent for three intervals is disconnected.
+    pub heartbeat_interval: Duration,
+    /// Longest a broker's pending work waits for a missed wake-up.
+    pub drain_backstop: Duration,
+    /// Rolling window of a lifecycle call without progress before 504.
+    pub lifecycle_timeout: Duration,
+    /// How long a dispatch intent may wait for its broker before it fails.
+    pub intent_deadline: Duration,
+    /// How long an undelivered message lives.
+    pub message_ttl: Duration,
+    /// How often the sweeper runs.
+    pub sweep_interval: Duration,
+    /// A claim older than this is abandoned and requeued.
+    pub claim_lease: Duration,
+    /// Claims after which abandoned work fails instead of being requeued.
+    pub max_attempts: i32,
+    /// PostgreSQL only: where the command bus listener connects, when the
+    /// main URL goes through a transaction-pooling PgBouncer (which cannot
+    /// carry LISTEN). Defaults to the main database URL.
+    pub listener_database_url: Option<String>,
+    /// Finished intents and messages older than this are deleted.
+    pub retention: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            advertise: None,
+            replica_heartbeat_interval: Duration::from_secs(2),
+            replica_stale_after: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(10),
+            drain_backstop: Duration::from_secs(1),
+            lifecycle_timeout: Duration::from_secs(60),
+            intent_deadline: Duration::from_secs(600),
+            message_ttl: Duration::from_secs(24 * 3600),
+            sweep_interval: Duration::from_secs(5),
+            claim_lease: Duration::from_secs(300),
+            max_attempts: 10,
+            listener_database_url: None,
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}

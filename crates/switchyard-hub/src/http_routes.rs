@@ -1,0 +1,106 @@
+//! The HTTP route table of a replica, and the three operator endpoints
+//! (`/healthz`, `/readyz`, `/metrics`). Every `/v1` route but the control
+//! channel requires the admin token.
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router, middleware};
+use serde_json::{Value, json};
+
+use crate::api::error::ApiError;
+use crate::api::{
+    AdminTokens, MAX_BODY_BYTES, agents, brokers, dispatches, events, messages, require_admin,
+};
+use crate::session;
+use crate::state::HubState;
+
+/// How long readiness waits for the database before answering 503.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(crate) fn router(state: HubState) -> Router {
+    let admin = AdminTokens::new(state.store.clone());
+    let v1 = Router::new()
+        .route("/v1/brokers", post(brokers::create).get(brokers::list))
+        .route(
+            "/v1/brokers/{broker}",
+            get(brokers::show).delete(brokers::remove),
+        )
+        .route("/v1/agents", post(agents::create).get(agents::list))
+        .route(
+            "/v1/agents/{agent}",
+            get(agents::show).delete(agents::remove),
+        )
+        .route("/v1/agents/{agent}/start", post(agents::start))
+        .route("/v1/agents/{agent}/stop", post(agents::stop))
+        .route("/v1/agents/{agent}/restart", post(agents::restart))
+        .route("/v1/agents/{agent}/messages", post(messages::send))
+        .route("/v1/messages", post(messages::send_batch))
+        .route("/v1/messages/{id}", get(messages::show))
+        .route("/v1/dispatches", get(dispatches::list))
+        .route("/v1/dispatches/{id}", get(dispatches::show))
+        .route("/v1/cluster", get(dispatches::cluster))
+        .route("/v1/events", get(events::stream))
+        .route_layer(middleware::from_fn_with_state(admin, require_admin))
+        .route("/v1/brokers/connect", get(session::connect))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(v1)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
+}
+
+/// Liveness: the process is serving requests.
+async fn healthz(State(state): State<HubState>) -> Json<Value> {
+    Json(json!({"status": "ok", "instance_id": state.replica_id}))
+}
+
+/// Readiness: the database answers a round trip in time and the bus is
+/// listening (on PostgreSQL, the LISTEN connection is up).
+async fn readyz(State(state): State<HubState>) -> Result<Json<Value>, ApiError> {
+    let ping = tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await;
+    let outcome = match ping {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(format!("database unreachable: {err}")),
+        Err(_) => Err(format!(
+            "database did not answer within {}s",
+            READY_TIMEOUT.as_secs()
+        )),
+    };
+    state.metrics.database_up.set(i64::from(outcome.is_ok()));
+    outcome.map_err(ApiError::not_ready)?;
+    if !state.bus.is_listening() {
+        return Err(ApiError::not_ready("command bus listener is not connected"));
+    }
+    Ok(Json(json!({
+        "status": "ready",
+        "instance_id": state.replica_id,
+        "backend": state.store.backend(),
+    })))
+}
+
+async fn metrics(State(state): State<HubState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

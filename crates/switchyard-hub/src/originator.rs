@@ -1,0 +1,478 @@
+//! The originator: the replica whose API call created an intent or a
+//! message, and which answers the caller.
+//!
+//! Its steps, in order:
+//! 1. **Write durably.** A 2xx/202 means the row is committed (invariant
+//!    1). Single messages go through a group commit: concurrent calls on
+//!    this replica share transactions (see [`GroupCommit`]).
+//! 2. **Wake the owner** (the replica holding the broker's session), by one
+//!    of three routes: `local` (the session is here: wake its drain now, no
+//!    NOTIFY on this path, invariant 7); `forward` (storage says another
+//!    replica owns it: a wake-up on the bus); `queued` (nobody owns it: the
+//!    broker's next session drains the work on connect).
+//! 3. **Wait** (synchronous lifecycle calls only): subscribed to events
+//!    *before* the write, with a rolling window that any status change of
+//!    the agent restarts, and a re-read of the row when the window ends, so
+//!    a missed event never turns a success into a timeout.
+//!
+//! Why nothing is stranded when affinity moves while work is written: the
+//! insert reads the owner of the broker's session under a lock that
+//! `claim_affinity` has to wait for (see `Inserted::owner`), and a new
+//! session claims affinity *before* its first drain. Either the insert saw
+//! the new owner (and wakes it), or the new claim came after the commit, so
+//! that session's first drain finds the work. Work that was not just
+//! inserted (a retried call) is routed by reading affinity from storage
+//! after its commit, with the same argument. A wake-up lost on the way is
+//! covered by the drain backstop (1 s by default).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::json;
+use switchyard_store::{
+    Agent, AgentId, BrokerId, DispatchIntent, Inserted, IntentId, IntentState, Message, MessageId,
+    NewIntent, NewMessage, Op, Phase, ReplicaId, Store, StoreError, StoreResult,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::bus::Bus;
+use crate::config::HubConfig;
+use crate::events::{Events, HubEvent};
+use crate::metrics::Metrics;
+use crate::session::registry::Registry;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OriginatorError {
+    /// The operation makes no sense for the agent's phase; nothing was
+    /// written.
+    #[error("cannot {op} an agent that is {phase}")]
+    InvalidPhase { op: Op, phase: Phase },
+    /// The group-commit writer has stopped: the replica is shutting down.
+    #[error("this replica is shutting down")]
+    WriterGone,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How new work reaches the owner of its broker's session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Route {
+    Local,
+    Forward,
+    Queued,
+}
+
+impl Route {
+    fn as_str(self) -> &'static str {
+        match self {
+            Route::Local => "local",
+            Route::Forward => "forward",
+            Route::Queued => "queued",
+        }
+    }
+}
+
+/// A message written: the row (new, or the original one for a repeated
+/// idempotency key) and how its broker's owner was woken, if it was.
+#[derive(Debug)]
+pub(crate) struct Sent {
+    pub(crate) row: Message,
+    pub(crate) route: Option<Route>,
+}
+
+/// Whether a lifecycle call waits for its outcome, and how long without
+/// progress.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Wait {
+    No,
+    For(Duration),
+}
+
+/// The answer to a lifecycle call.
+#[derive(Debug)]
+pub(crate) enum Lifecycle {
+    /// Not waited for: the intent is durable and its owner woken.
+    Accepted { dispatch: IntentId, route: Route },
+    /// The broker did it; `agent` is the row after the dispatch.
+    Done {
+        agent: Agent,
+        dispatch: DispatchIntent,
+    },
+    /// The broker reported a failure.
+    Failed(DispatchIntent),
+    /// No outcome and no progress within the window; the row as re-read.
+    TimedOut {
+        dispatch: DispatchIntent,
+        window: Duration,
+    },
+}
+
+/// The originator's side of this replica. Cheap to clone.
+#[derive(Clone, Debug)]
+pub(crate) struct Originator {
+    pub(crate) me: ReplicaId,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) events: Events,
+    pub(crate) metrics: Metrics,
+    pub(crate) config: Arc<HubConfig>,
+    group_commit: GroupCommit,
+}
+
+impl Originator {
+    /// The originator and its group-commit writer task. The task stops once
+    /// every clone of the originator is gone, so calls still in flight
+    /// during a graceful shutdown complete.
+    pub(crate) fn new(
+        me: ReplicaId,
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        bus: Arc<dyn Bus>,
+        events: Events,
+        metrics: Metrics,
+        config: Arc<HubConfig>,
+    ) -> (Self, impl Future<Output = ()>) {
+        let (group_commit, writer) = GroupCommit::start(store.clone());
+        let originator = Self {
+            me,
+            store,
+            registry,
+            bus,
+            events,
+            metrics,
+            config,
+            group_commit,
+        };
+        (originator, writer)
+    }
+
+    /// A message to `agent` that lives for the configured TTL.
+    pub(crate) fn message(
+        &self,
+        agent: AgentId,
+        body: serde_json::Value,
+        key: Option<String>,
+    ) -> NewMessage {
+        NewMessage {
+            id: MessageId::new(),
+            agent_id: agent,
+            body,
+            expires_at: after(self.config.message_ttl),
+            idempotency_key: key,
+        }
+    }
+
+    /// Writes one message (through the group commit) and wakes its owner.
+    pub(crate) async fn send(&self, message: NewMessage) -> Result<Sent, OriginatorError> {
+        let inserted = self.group_commit.write(message).await?;
+        let route = if inserted.created {
+            self.metrics.messages_accepted.inc();
+            Some(self.route_to_owner(inserted.row.broker_id, owner(&inserted), false))
+        } else {
+            None
+        };
+        Ok(Sent {
+            row: inserted.row,
+            route,
+        })
+    }
+
+    /// Writes many messages in one all-or-none transaction and wakes each
+    /// broker's owner once. A row answers with its broker's route if any row
+    /// of that broker was created.
+    pub(crate) async fn send_batch(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Sent>, OriginatorError> {
+        let rows = self.store.insert_messages(batch).await?;
+        let created = rows.iter().filter(|r| r.created).count();
+        self.metrics.messages_accepted.inc_by(created as u64);
+        let owners: BTreeMap<_, _> = rows
+            .iter()
+            .filter(|r| r.created)
+            .map(|r| (r.row.broker_id, owner(r)))
+            .collect();
+        let routes: HashMap<_, _> = owners
+            .into_iter()
+            .map(|(broker, owner)| (broker, self.route_to_owner(broker, owner, false)))
+            .collect();
+        Ok(rows
+            .into_iter()
+            .map(|r| Sent {
+                route: routes.get(&r.row.broker_id).copied(),
+                row: r.row,
+            })
+            .collect())
+    }
+
+    /// Writes an intent nobody waits for (preparing a new agent) and wakes
+    /// its owner.
+    pub(crate) async fn dispatch(&self, agent: AgentId, op: Op) -> Result<Route, OriginatorError> {
+        let inserted = self
+            .store
+            .insert_intent(self.intent(agent, op, None))
+            .await?;
+        Ok(self.routed(&inserted, false).await)
+    }
+
+    /// A lifecycle call: refused if `op` makes no sense in the agent's phase
+    /// (unless it is a retry of an earlier call with the same key, answered
+    /// from its original dispatch), written, routed, and waited for.
+    pub(crate) async fn lifecycle(
+        &self,
+        agent: &Agent,
+        op: Op,
+        key: Option<String>,
+        wait: Wait,
+    ) -> Result<Lifecycle, OriginatorError> {
+        let retried = match &key {
+            Some(key) => self.store.intent_by_key(key).await?,
+            None => None,
+        };
+        if retried.is_none() {
+            check_phase(op, agent.phase)?;
+        }
+        // Subscribe before the intent exists, so its outcome cannot slip by.
+        let mut events = self.events.subscribe();
+        let inserted = self
+            .store
+            .insert_intent(self.intent(agent.id, op, key))
+            .await?;
+        let route = self.routed(&inserted, matches!(wait, Wait::For(_))).await;
+        let intent = inserted.row;
+        let Wait::For(window) = wait else {
+            return Ok(Lifecycle::Accepted {
+                dispatch: intent.id,
+                route,
+            });
+        };
+        let intent = self
+            .wait_for_outcome(&mut events, intent.id, agent.id, window)
+            .await?;
+        Ok(match intent.state {
+            IntentState::Done => {
+                let agent = if op == Op::Delete {
+                    self.store.mark_agent_deleted(agent.id).await?
+                } else {
+                    self.store.agent(agent.id).await?
+                };
+                Lifecycle::Done {
+                    agent,
+                    dispatch: intent,
+                }
+            }
+            IntentState::Failed => Lifecycle::Failed(intent),
+            IntentState::Pending | IntentState::InProgress => Lifecycle::TimedOut {
+                dispatch: intent,
+                window,
+            },
+        })
+    }
+
+    fn intent(&self, agent: AgentId, op: Op, key: Option<String>) -> NewIntent {
+        NewIntent {
+            id: IntentId::new(),
+            agent_id: agent,
+            op,
+            args: json!({}),
+            deadline: after(self.config.intent_deadline),
+            idempotency_key: key,
+        }
+    }
+
+    /// Counts and routes an intent just written: a created one to the owner
+    /// its insert read; a retried one (its row already existed and may
+    /// still wait) to whoever owns the session now.
+    async fn routed(&self, inserted: &Inserted<DispatchIntent>, urgent: bool) -> Route {
+        let broker = inserted.row.broker_id;
+        if inserted.created {
+            self.metrics
+                .intents_published
+                .with_label_values(&[inserted.row.op.as_str()])
+                .inc();
+            self.route_to_owner(broker, owner(inserted), urgent)
+        } else {
+            self.route_by_storage(broker, urgent).await
+        }
+    }
+
+    /// Wakes whoever must send the broker's work, given the owner an
+    /// insert read: no second read of storage. `urgent` when the caller
+    /// waits for the outcome: its wake-up skips the debounce.
+    fn route_to_owner(&self, broker: BrokerId, owner: Option<ReplicaId>, urgent: bool) -> Route {
+        if self.registry.wake(broker) {
+            return self.counted(Route::Local);
+        }
+        self.forward_or_queue(broker, owner, urgent)
+    }
+
+    /// Wakes whoever must send the broker's work, reading from storage
+    /// which replica owns its session.
+    async fn route_by_storage(&self, broker: BrokerId, urgent: bool) -> Route {
+        if self.registry.wake(broker) {
+            return self.counted(Route::Local);
+        }
+        // Never cached: a cached owner could be a replica that lost the
+        // session a moment ago.
+        match self.store.broker(broker).await {
+            Ok(row) => self.forward_or_queue(broker, row.connected_replica, urgent),
+            Err(err) => {
+                tracing::warn!(%broker, %err, "cannot read affinity; the work waits for a drain");
+                self.counted(Route::Queued)
+            }
+        }
+    }
+
+    /// The broker has no session here: wake its owner over the bus, or
+    /// leave the work for its next session.
+    fn forward_or_queue(&self, broker: BrokerId, owner: Option<ReplicaId>, urgent: bool) -> Route {
+        let route = match owner {
+            Some(owner) if owner != self.me && self.bus.wake(owner, broker, urgent) => {
+                Route::Forward
+            }
+            _ => Route::Queued,
+        };
+        self.counted(route)
+    }
+
+    fn counted(&self, route: Route) -> Route {
+        self.metrics
+            .routes
+            .with_label_values(&[route.as_str()])
+            .inc();
+        route
+    }
+
+    /// Waits for the intent to finish; any status change of the agent
+    /// restarts the window. Returns the row as last read: finished, or still
+    /// open if the window ran out.
+    async fn wait_for_outcome(
+        &self,
+        events: &mut broadcast::Receiver<HubEvent>,
+        intent: IntentId,
+        agent: AgentId,
+        window: Duration,
+    ) -> StoreResult<DispatchIntent> {
+        let mut deadline = Instant::now() + window;
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Ok(HubEvent::DispatchFinished(row))) if row.id == intent => return Ok(row),
+                Ok(Ok(HubEvent::AgentStatus(row))) if row.id == agent => {
+                    deadline = Instant::now() + window;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                    let row = self.store.intent(intent).await?;
+                    if matches!(row.state, IntentState::Done | IntentState::Failed) {
+                        return Ok(row);
+                    }
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => break,
+            }
+        }
+        self.store.intent(intent).await
+    }
+}
+
+/// The owner of the broker's session that a created row's insert read.
+fn owner<T>(inserted: &Inserted<T>) -> Option<ReplicaId> {
+    inserted.owner
+}
+
+fn after(duration: Duration) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() + chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Whether `op` makes sense for an agent in `phase`.
+fn check_phase(op: Op, phase: Phase) -> Result<(), OriginatorError> {
+    use Phase::*;
+    let allowed = match op {
+        Op::Create => false,
+        Op::Start => matches!(phase, Created | Stopped | Error),
+        Op::Stop => matches!(phase, Starting | Running),
+        Op::Restart => matches!(phase, Created | Starting | Running | Stopped | Error),
+        Op::Delete => phase != Deleted,
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(OriginatorError::InvalidPhase { op, phase })
+    }
+}
+
+/// Most messages written in one shared transaction.
+const MAX_GROUP: usize = 1024;
+
+type Reply = oneshot::Sender<StoreResult<Inserted<Message>>>;
+
+/// Group commit for single messages: concurrent calls on one replica share
+/// transactions.
+///
+/// Each call queues its message with a reply channel; one task takes
+/// everything waiting, writes it in one all-or-none batch, and answers each
+/// caller after the commit. Under load many calls share one transaction
+/// (one fsync, one round trip); an idle replica writes each call alone with
+/// no added delay. If a shared batch fails (one bad item makes a batch
+/// all-or-none), each item is retried alone, so one caller's bad input
+/// never fails another caller's message.
+#[derive(Clone, Debug)]
+struct GroupCommit {
+    tx: mpsc::Sender<(NewMessage, Reply)>,
+}
+
+impl GroupCommit {
+    fn start(store: Arc<dyn Store>) -> (Self, impl Future<Output = ()>) {
+        let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
+        (Self { tx }, write_groups(store, rx))
+    }
+
+    /// Writes one message; returns once it is committed.
+    async fn write(&self, message: NewMessage) -> Result<Inserted<Message>, OriginatorError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send((message, reply))
+            .await
+            .map_err(|_| OriginatorError::WriterGone)?;
+        Ok(answer.await.map_err(|_| OriginatorError::WriterGone)??)
+    }
+}
+
+async fn write_groups(store: Arc<dyn Store>, mut rx: mpsc::Receiver<(NewMessage, Reply)>) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while let Some(first) = rx.recv().await {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(item) => group.push(item),
+                Err(_) => break,
+            }
+        }
+        let (messages, mut replies): (Vec<NewMessage>, Vec<Reply>) = group.drain(..).unzip();
+        match store.insert_messages(messages.clone()).await {
+            Ok(rows) => {
+                for (row, reply) in rows.into_iter().zip(replies) {
+                    let _ = reply.send(Ok(row));
+                }
+            }
+            Err(err) if replies.len() == 1 => {
+                if let Some(reply) = replies.pop() {
+                    let _ = reply.send(Err(err));
+                }
+            }
+            Err(_) => {
+                for (message, reply) in messages.into_iter().zip(replies) {
+                    let result = store
+                        .insert_messages(vec![message])
+                        .await
+                        .map(|mut rows| rows.remove(0));
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! What the hub does with each frame a broker sends, one function per kind.
+//!
+//! Each frame is applied in its own transaction and its event published
+//! after the commit (invariant 6). A frame about another broker's agents,
+//! dispatches or messages is refused with a `forbidden` error frame and
+//! changes nothing (invariant 8); a storage failure ends the session (the
+//! broker reconnects and resends).
+
+use switchyard_proto::{AgentStatus, BrokerFrame, DispatchResult, ErrorCode};
+use switchyard_store::{AgentId, Broker, Entity, IntentId, IntentOutcome, MessageId, StoreError};
+
+use super::close::error_frame;
+use super::writer::Outbox;
+use crate::events::HubEvent;
+use crate::state::HubState;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    /// The frame names a `{0}` that is not this broker's (or none at all).
+    #[error("{0} not found among this broker's")]
+    NotOwn(Entity),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for ApplyError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            // The store scopes every lookup to the broker: another broker's
+            // row and a missing one are both "not yours".
+            StoreError::NotFound(what) | StoreError::NotOwned(what) => ApplyError::NotOwn(what),
+            other => ApplyError::Store(other),
+        }
+    }
+}
+
+/// Applies one frame. Only errors that must end the session come back.
+pub(crate) async fn apply(
+    state: &HubState,
+    broker: &Broker,
+    outbox: &Outbox,
+    frame: BrokerFrame,
+) -> Result<(), ApplyError> {
+    let applied = match frame {
+        BrokerFrame::Status(report) => status(state, broker, report).await,
+        BrokerFrame::Result(report) => result(state, broker, report).await,
+        BrokerFrame::Ack { message_ids } => ack(state, broker, message_ids).await,
+        BrokerFrame::Error(error) => {
+            tracing::warn!(broker = %broker.id, code = ?error.code, message = %error.message, "broker reported an error");
+            Ok(())
+        }
+        BrokerFrame::Hello { .. } => hello(outbox).await,
+    };
+    match applied {
+        Err(err @ ApplyError::NotOwn(_)) => {
+            tracing::warn!(broker = %broker.id, %err, "broker reported on something that is not its own; refused");
+            let _ = outbox
+                .send(error_frame(ErrorCode::Forbidden, err.to_string()))
+                .await;
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// `status`: an agent's phase, applied only if newer than the last report.
+pub(crate) async fn status(
+    state: &HubState,
+    broker: &Broker,
+    report: AgentStatus,
+) -> Result<(), ApplyError> {
+    let (agent, applied) = state
+        .store
+        .apply_agent_status(
+            broker.id,
+            AgentId(report.agent_id),
+            report.phase,
+            report.seq,
+        )
+        .await?;
+    if applied {
+        state.bus.publish(HubEvent::AgentStatus(agent));
+    }
+    Ok(())
+}
+
+/// `result`: the outcome of a dispatch this broker was sent. Final states
+/// are final: a late or repeated result changes nothing.
+async fn result(
+    state: &HubState,
+    broker: &Broker,
+    report: DispatchResult,
+) -> Result<(), ApplyError> {
+    let id = IntentId(report.dispatch_id);
+    let intent = state.store.intent(id).await?;
+    if intent.broker_id != broker.id {
+        return Err(ApplyError::NotOwn(Entity::Intent));
+    }
+    let outcome = if report.ok {
+        IntentOutcome::Done(report.result.unwrap_or_default())
+    } else {
+        IntentOutcome::Failed(
+            report
+                .error
+                .unwrap_or_else(|| "the broker reported a failure without a reason".into()),
+        )
+    };
+    if state.store.finish_intent(id, outcome).await? {
+        let finished = state.store.intent(id).await?;
+        state.metrics.observe_finished(&finished);
+        state.bus.publish(HubEvent::DispatchFinished(finished));
+    }
+    Ok(())
+}
+
+/// `ack`: messages the broker received, in one statement per frame.
+async fn ack(
+    state: &HubState,
+    broker: &Broker,
+    message_ids: Vec<uuid::Uuid>,
+) -> Result<(), ApplyError> {
+    let ids: Vec<MessageId> = message_ids.into_iter().map(MessageId).collect();
+    let acked = state.store.ack_messages(broker.id, &ids).await?;
+    state.metrics.messages_delivered.inc_by(acked.delivered);
+    if acked.not_found.is_empty() {
+        Ok(())
+    } else {
+        Err(ApplyError::NotOwn(Entity::Message))
+    }
+}
+
+/// A second `hello`: only the first frame may be one. Answered, not fatal.
+async fn hello(outbox: &Outbox) -> Result<(), ApplyError> {
+    let _ = outbox
+        .send(error_frame(
+            ErrorCode::Protocol,
+            "hello is only valid as the first frame",
+        ))
+        .await;
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! The broker control channel (`GET /v1/brokers/connect`): one session per
+//! socket.
+//!
+//! Life of a session: the upgrade request is authenticated (signed
+//! handshake, [`hello`]); the broker's first frame is `hello` with its
+//! agents' states; the hub claims the broker's [`Affinity`] for a fresh
+//! session id (newest wins) and closes any older local socket of the broker
+//! ([`registry`]); it puts work that was in flight on older sockets back to
+//! pending, applies the reported states, answers `welcome` and starts the
+//! [`drain`]. Then the [`reader`] applies frames until the session ends; on
+//! the way out the affinity is released by compare-and-clear.
+//!
+//! Tasks per socket: the reader (this handler), the [`writer`] (every frame
+//! to the broker goes through it), the pinger and the drain. They share one
+//! cancellation token.
+
+mod apply;
+mod close;
+mod drain;
+mod hello;
+mod reader;
+pub(crate) mod registry;
+mod writer;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use switchyard_proto::{AgentStatus, ErrorCode, HubFrame, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES};
+use switchyard_store::{Broker, SessionId, StoreError};
+use tokio::sync::Notify;
+
+use crate::affinity::{Affinity, AffinityError};
+use crate::api::error::ApiError;
+use crate::state::HubState;
+use apply::ApplyError;
+use close::Close;
+use drain::Drain;
+use registry::SessionHandle;
+
+/// Why a session could not start.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    Affinity(#[from] AffinityError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+/// The upgrade: authenticated before the socket exists.
+pub(crate) async fn connect(
+    State(state): State<HubState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let broker = match hello::authenticate(&*state.store, &headers).await {
+        Ok(broker) => broker,
+        Err(err) => return ApiError::from(err).into_response(),
+    };
+    let tracker = state.sockets.clone();
+    ws.max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| tracker.track_future(run(state, broker, socket)))
+}
+
+async fn run(state: HubState, broker: Broker, socket: WebSocket) {
+    let (sink, mut stream) = socket.split();
+    let cancel = state.shutdown.child_token();
+    let (outbox, writer) = writer::start(sink, cancel.clone());
+    let agents = match hello::read(&mut stream).await {
+        Ok(agents) => agents,
+        Err(err) => {
+            tracing::warn!(broker = %broker.id, %err, "control channel refused");
+            outbox.close(err.close());
+            let _ = writer.await;
+            return;
+        }
+    };
+
+    let handle = SessionHandle {
+        session_id: SessionId::new(),
+        outbox,
+        wake: Arc::new(Notify::new()),
+        cancel: cancel.clone(),
+    };
+    let affinity = Affinity::new(
+        state.store.clone(),
+        state.replica_id,
+        broker.id,
+        handle.session_id,
+    );
+    if let Err(err) = start(&state, &broker, &affinity, &handle, agents).await {
+        tracing::error!(broker = %broker.id, %err, "could not start session");
+        handle.outbox.close(Close::explained(
+            ErrorCode::Unavailable,
+            err.to_string(),
+            close::INTERNAL,
+            "hub unavailable",
+        ));
+    } else {
+        tracing::info!(broker = %broker.id, session = %handle.session_id, "broker connected");
+        state.metrics.brokers_connected.inc();
+        tokio::spawn(
+            Drain {
+                store: state.store.clone(),
+                replica: state.replica_id,
+                broker: broker.id,
+                session: handle.session_id,
+                outbox: handle.outbox.clone(),
+                wake: handle.wake.clone(),
+                backstop: state.config.drain_backstop,
+                cancel: cancel.clone(),
+                metrics: state.metrics.clone(),
+            }
+            .run(),
+        );
+        tokio::spawn(writer::ping(
+            affinity.clone(),
+            handle.outbox.clone(),
+            state.config.heartbeat_interval,
+        ));
+        if let Err(err) = reader::run(&state, &broker, &handle, &mut stream).await {
+            tracing::warn!(broker = %broker.id, %err, "closing the control channel");
+            handle.outbox.close(err.close());
+        }
+        state.metrics.brokers_connected.dec();
+    }
+
+    cancel.cancel();
+    state.registry.remove(broker.id, handle.session_id);
+    affinity.release().await;
+    let _ = writer.await;
+}
+
+/// Claims affinity, replaces an older local session, requeues in-flight
+/// work, applies the broker's reported states and says welcome.
+async fn start(
+    state: &HubState,
+    broker: &Broker,
+    affinity: &Affinity,
+    handle: &SessionHandle,
+    agents: Vec<AgentStatus>,
+) -> Result<(), StartError> {
+    affinity.claim().await?;
+    state.registry.insert(broker.id, handle.clone());
+    let requeued = state.store.requeue_broker_in_flight(broker.id).await?;
+    if requeued > 0 {
+        tracing::info!(broker = %broker.id, requeued, "resending work in flight on older sockets");
+    }
+    for report in agents {
+        match apply::status(state, broker, report).await {
+            Ok(()) | Err(ApplyError::NotOwn(_)) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    let _ = handle
+        .outbox
+        .send(HubFrame::Welcome {
+            session_id: handle.session_id.0,
+            heartbeat_ms: state.config.heartbeat_interval.as_millis() as u64,
+            max_message_bytes: MAX_MESSAGE_BYTES,
+        })
+        .await;
+    Ok(())
+}
