@@ -2,12 +2,10 @@
 //! sockets on 127.0.0.1, real PostgreSQL and SQLite databases.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{Server, TOKEN, switchyard};
+use switchyard_tests::{Server, TOKEN, switchyard};
 
 use switchyard_testkit::TestDb;
 
