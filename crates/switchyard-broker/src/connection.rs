@@ -3,17 +3,17 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use switchyard_proto::{CONNECT_PATH, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, auth};
+use switchyard_proto::auth::Handshake;
+use switchyard_proto::{CONNECT_PATH, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::executor::Executor;
 use crate::runtime::Runtime;
@@ -152,7 +152,8 @@ pub async fn run(
     if urls.is_empty() {
         return Err(BrokerError::NoHubs);
     }
-    let broker = HeaderValue::from_str(&config.broker)
+    // An id no header can carry would fail every dial: refuse it up front.
+    HeaderValue::from_str(&config.broker)
         .map_err(|_| BrokerError::BrokerId(config.broker.clone()))?;
 
     let mut executor = Executor::new(runtime.clone(), config.workdir.clone());
@@ -164,7 +165,7 @@ pub async fn run(
             let url = &urls[index];
             let dialed = tokio::select! {
                 () = shutdown.cancelled() => break 'running,
-                dialed = dial(url, &broker, &config) => dialed,
+                dialed = dial(url, &config) => dialed,
             };
             let socket = match dialed {
                 Ok(socket) => socket,
@@ -247,8 +248,8 @@ pub(crate) fn connect_url(hub: &str) -> Result<String, BrokerError> {
     Ok(url)
 }
 
-async fn dial(url: &str, broker: &HeaderValue, config: &BrokerConfig) -> Result<Socket, DialError> {
-    let request = signed_request(url, broker, config)?;
+async fn dial(url: &str, config: &BrokerConfig) -> Result<Socket, DialError> {
+    let request = signed_request(url, config)?;
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES));
@@ -268,27 +269,10 @@ async fn dial(url: &str, broker: &HeaderValue, config: &BrokerConfig) -> Result<
 }
 
 /// The upgrade request with the signed handshake headers (fresh nonce).
-fn signed_request(
-    url: &str,
-    broker: &HeaderValue,
-    config: &BrokerConfig,
-) -> Result<Request, DialError> {
+fn signed_request(url: &str, config: &BrokerConfig) -> Result<Request, DialError> {
     let mut request = url.into_client_request().map_err(DialError::Socket)?;
-    let timestamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    let nonce = Uuid::new_v4().simple().to_string();
-    let signature = auth::sign(&config.secret, &config.broker, timestamp, &nonce);
     let headers = request.headers_mut();
-    headers.insert(HeaderName::from_static(auth::HEADER_BROKER), broker.clone());
-    headers.insert(
-        HeaderName::from_static(auth::HEADER_TIMESTAMP),
-        HeaderValue::from(timestamp),
-    );
-    for (name, value) in [
-        (auth::HEADER_NONCE, nonce),
-        (auth::HEADER_SIGNATURE, signature),
-    ] {
+    for (name, value) in Handshake::new(&config.broker, &config.secret).headers() {
         let value = HeaderValue::from_str(&value)
             .map_err(|e| DialError::Socket(tungstenite::Error::HttpFormat(e.into())))?;
         headers.insert(HeaderName::from_static(name), value);

@@ -8,10 +8,10 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{RawBroker, TestHub, fast_config};
+use common::{TestHub, fast_config};
 use serde_json::json;
 use switchyard_proto::{BrokerFrame, DispatchResult, HubFrame};
-use switchyard_testkit::TestDb;
+use switchyard_testkit::{RawBroker, TestDb};
 
 /// A second replica on the same database as `first`.
 async fn second_replica(first: &TestHub) -> TestHub {
@@ -49,7 +49,7 @@ async fn flapping_100_times_while_work_is_written_loses_nothing() {
         let path = format!("/v1/agents/{agent}/messages");
         let body = Some(json!({ "body": round }));
         let (connected, (status, message)) = tokio::join!(
-            RawBroker::connect(here, &id, &secret),
+            RawBroker::connect(&here.base, &id, &secret),
             there.call("POST", &path, body)
         );
         assert_eq!(status, 202, "{message}");
@@ -129,7 +129,7 @@ async fn a_takeover_during_a_drain_delivers_the_backlog_once_each() {
     // A starts draining the backlog to a first session; B takes over
     // while A is mid-drain. Messages acked on the first socket stay
     // delivered; the rest go out again on B, each exactly once from B.
-    let mut first = RawBroker::connect(&a, &id, &secret).await;
+    let mut first = RawBroker::connect(&a.base, &id, &secret).await;
     let mut acked_first = HashSet::new();
     while acked_first.len() < 50 {
         if let Some(HubFrame::Message(m)) = first.recv().await {
@@ -150,7 +150,7 @@ async fn a_takeover_during_a_drain_delivers_the_backlog_once_each() {
         })
         .await;
     }
-    let mut second = RawBroker::connect(&b, &id, &secret).await;
+    let mut second = RawBroker::connect(&b.base, &id, &secret).await;
     let mut from_b = Vec::new();
     let mut done: HashSet<String> = acked_first.clone();
     while done.len() < sent.len() {
@@ -185,7 +185,7 @@ async fn events_reach_watchers_and_waiters_on_another_replica() {
     let b = second_replica(&a).await;
     let (id, secret) = a.broker("edge").await;
     let agent = a.agent(&id, "watched").await;
-    let mut broker = RawBroker::connect(&b, &id, &secret).await;
+    let mut broker = RawBroker::connect(&b.base, &id, &secret).await;
 
     // A client watches the agent on A while the broker reports on B.
     let mut watch = a

@@ -5,13 +5,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Handshake, RawBroker, TestHub, close_code, recv, send, upgrade};
+use common::TestHub;
 use futures::SinkExt;
 use serde_json::json;
+use switchyard_proto::auth::Handshake;
 use switchyard_proto::{
     AgentStatus, BrokerFrame, DispatchResult, ErrorCode, ErrorFrame, HubFrame, Op, Phase,
 };
 use switchyard_testkit::TestDb;
+use switchyard_testkit::broker::{RawBroker, close_code, recv, send, upgrade};
 use tokio_tungstenite::tungstenite::Message;
 
 switchyard_testkit::on_both_backends!(
@@ -28,31 +30,31 @@ async fn handshake_rejects_wrong_secret_replay_stale_time_and_unknown_broker(db:
     let (id, secret) = hub.broker("edge").await;
 
     assert_eq!(
-        upgrade(&hub, &Handshake::new(&id, "wrong")).await.err(),
+        upgrade(&hub.base, &Handshake::new(&id, "wrong"))
+            .await
+            .err(),
         Some(401)
     );
     assert_eq!(
         upgrade(
-            &hub,
+            &hub.base,
             &Handshake::new(&uuid::Uuid::new_v4().to_string(), &secret)
         )
         .await
         .err(),
         Some(401)
     );
-    let mut stale = Handshake::new(&id, &secret);
-    stale.timestamp -= 3600;
-    stale.signature = switchyard_proto::auth::sign(&secret, &id, stale.timestamp, &stale.nonce);
-    assert_eq!(upgrade(&hub, &stale).await.err(), Some(401));
+    let stale = Handshake::signed_at(&id, &secret, chrono::Utc::now().timestamp() - 3600);
+    assert_eq!(upgrade(&hub.base, &stale).await.err(), Some(401));
 
     // The name works as well as the id; the same signed handshake twice is a replay.
     let good = Handshake::new("edge", &secret);
-    let socket = upgrade(&hub, &good)
+    let socket = upgrade(&hub.base, &good)
         .await
         .expect("a good handshake upgrades");
     drop(socket);
     assert_eq!(
-        upgrade(&hub, &good).await.err(),
+        upgrade(&hub.base, &good).await.err(),
         Some(401),
         "replay refused"
     );
@@ -66,8 +68,8 @@ async fn handshake_rejects_wrong_secret_replay_stale_time_and_unknown_broker(db:
 async fn a_newer_session_supersedes_the_older_socket(db: TestDb) {
     let hub = TestHub::start(db).await;
     let (id, secret) = hub.broker("edge").await;
-    let mut first = RawBroker::connect(&hub, &id, &secret).await;
-    let second = RawBroker::connect(&hub, &id, &secret).await;
+    let mut first = RawBroker::connect(&hub.base, &id, &secret).await;
+    let second = RawBroker::connect(&hub.base, &id, &secret).await;
 
     match first.recv().await {
         Some(HubFrame::Error(ErrorFrame {
@@ -112,7 +114,7 @@ async fn queued_work_is_drained_in_order_when_the_broker_connects(db: TestDb) {
         sent.push(body["id"].as_str().unwrap().to_owned());
     }
 
-    let mut broker = RawBroker::connect(&hub, &id, &secret).await;
+    let mut broker = RawBroker::connect(&hub.base, &id, &secret).await;
     let mut ops = Vec::new();
     let mut bodies = Vec::new();
     while bodies.len() < 3 {
@@ -166,7 +168,7 @@ async fn lifecycle_call_answers_with_the_brokers_outcome(db: TestDb) {
     let hub = TestHub::start(db).await;
     let (id, secret) = hub.broker("edge").await;
     let agent = hub.agent(&id, "worker").await;
-    let mut broker = RawBroker::connect(&hub, &id, &secret).await;
+    let mut broker = RawBroker::connect(&hub.base, &id, &secret).await;
     let agent_uuid: uuid::Uuid = agent.parse().unwrap();
 
     // The broker answers: created ok; start -> status running, then ok;
@@ -253,7 +255,7 @@ async fn reports_about_another_brokers_agents_are_refused(db: TestDb) {
             Some(json!({"body": 1})),
         )
         .await;
-    let mut broker = RawBroker::connect(&hub, &intruder, &secret).await;
+    let mut broker = RawBroker::connect(&hub.base, &intruder, &secret).await;
     broker
         .send(&BrokerFrame::Status(AgentStatus {
             agent_id: agent.parse().unwrap(),
@@ -300,7 +302,7 @@ async fn protocol_violations_get_an_error_frame_and_a_close(db: TestDb) {
     let (id, secret) = hub.broker("edge").await;
 
     // Not JSON.
-    let mut b = RawBroker::connect(&hub, &id, &secret).await;
+    let mut b = RawBroker::connect(&hub.base, &id, &secret).await;
     b.socket
         .send(Message::Text("{not json".into()))
         .await
@@ -315,7 +317,7 @@ async fn protocol_violations_get_an_error_frame_and_a_close(db: TestDb) {
     assert_eq!(close_code(&mut b.socket).await, Some(1002));
 
     // A newer protocol version.
-    let mut b = RawBroker::connect(&hub, &id, &secret).await;
+    let mut b = RawBroker::connect(&hub.base, &id, &secret).await;
     b.socket
         .send(Message::Text(
             r#"{"v":9,"type":"ack","message_ids":[]}"#.into(),
@@ -328,7 +330,7 @@ async fn protocol_violations_get_an_error_frame_and_a_close(db: TestDb) {
     }
 
     // Binary data.
-    let mut b = RawBroker::connect(&hub, &id, &secret).await;
+    let mut b = RawBroker::connect(&hub.base, &id, &secret).await;
     b.socket
         .send(Message::Binary(vec![1, 2, 3].into()))
         .await
@@ -336,7 +338,7 @@ async fn protocol_violations_get_an_error_frame_and_a_close(db: TestDb) {
     assert_eq!(close_code(&mut b.socket).await, Some(1003));
 
     // Larger than the message limit.
-    let mut b = RawBroker::connect(&hub, &id, &secret).await;
+    let mut b = RawBroker::connect(&hub.base, &id, &secret).await;
     let huge = format!(
         r#"{{"v":1,"type":"error","code":"protocol","message":"{}"}}"#,
         "x".repeat(switchyard_proto::MAX_MESSAGE_BYTES + 1)
@@ -348,7 +350,9 @@ async fn protocol_violations_get_an_error_frame_and_a_close(db: TestDb) {
     assert!(matches!(code, Some(1009) | None), "closed: {code:?}");
 
     // The first frame must be hello.
-    let mut socket = upgrade(&hub, &Handshake::new(&id, &secret)).await.unwrap();
+    let mut socket = upgrade(&hub.base, &Handshake::new(&id, &secret))
+        .await
+        .unwrap();
     send(
         &mut socket,
         &BrokerFrame::Ack {
@@ -375,7 +379,7 @@ async fn claimed_messages_go_out_when_the_intents_claim_fails() {
     let hub = TestHub::start(TestDb::postgres().await).await;
     let (id, secret) = hub.broker("edge").await;
     let agent = hub.agent(&id, "worker").await;
-    let mut broker = RawBroker::connect(&hub, &id, &secret).await;
+    let mut broker = RawBroker::connect(&hub.base, &id, &secret).await;
     // The create intent goes out first; answer it so no intent is pending.
     let create = match broker.recv().await.expect("frame") {
         HubFrame::Dispatch(d) => d.id,

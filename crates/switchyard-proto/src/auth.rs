@@ -7,9 +7,15 @@
 //! The hub stores only `key` (as lowercase hex): enough to verify, never the
 //! secret itself. It rejects timestamps outside [`MAX_CLOCK_SKEW_SECS`] and
 //! any nonce it has seen before (replay).
+//!
+//! [`Handshake`] is the one place that signs; [`verify`] is the one place
+//! that checks.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
+use uuid::Uuid;
 
 /// How far a handshake timestamp may be from the hub's clock.
 pub const MAX_CLOCK_SKEW_SECS: i64 = 300;
@@ -42,6 +48,55 @@ pub fn sign(secret: &str, broker: &str, timestamp: i64, nonce: &str) -> String {
     let mut mac = mac(&secret_key(secret)).expect("a SHA-256 digest is a valid HMAC key");
     mac.update(canonical(broker, timestamp, nonce).as_bytes());
     hex::encode(mac.finalize().into_bytes())
+}
+
+/// The signed handshake headers of one upgrade request.
+///
+/// Every value is fresh per request: a nonce the hub has seen is a replay,
+/// so a `Handshake` is built for each dial and never reused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handshake {
+    /// Broker id (UUID) or name, exactly as signed.
+    pub broker: String,
+    /// Unix seconds at signing time.
+    pub timestamp: i64,
+    /// 32 lowercase hex characters from a random UUID.
+    pub nonce: String,
+    /// [`sign`] over the three values above.
+    pub signature: String,
+}
+
+impl Handshake {
+    /// Signs for `broker` now, with a fresh nonce.
+    pub fn new(broker: &str, secret: &str) -> Self {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        Self::signed_at(broker, secret, now)
+    }
+
+    /// Signs for `broker` as of `timestamp` (Unix seconds), with a fresh
+    /// nonce; tests use it to present a clock outside the hub's tolerance.
+    pub fn signed_at(broker: &str, secret: &str, timestamp: i64) -> Self {
+        let nonce = Uuid::new_v4().simple().to_string();
+        let signature = sign(secret, broker, timestamp, &nonce);
+        Self {
+            broker: broker.to_owned(),
+            timestamp,
+            nonce,
+            signature,
+        }
+    }
+
+    /// The four upgrade-request headers, as (name, value) pairs.
+    pub fn headers(&self) -> [(&'static str, String); 4] {
+        [
+            (HEADER_BROKER, self.broker.clone()),
+            (HEADER_TIMESTAMP, self.timestamp.to_string()),
+            (HEADER_NONCE, self.nonce.clone()),
+            (HEADER_SIGNATURE, self.signature.clone()),
+        ]
+    }
 }
 
 /// Checks a signature against the stored key, in constant time.

@@ -15,7 +15,7 @@ use switchyard_store::{
     MessageId, MessageState, NewAgent, NewIntent, NewMessage, Op, Phase, ReplicaId, RequeuePolicy,
     SessionHeartbeat, SessionId, Store, StoreError, open,
 };
-use switchyard_testkit::TestDb;
+use switchyard_testkit::{FromTestDb, TestDb};
 
 /// A migrated database and a way to open more independent stores (separate
 /// pools, so separate connections) on it, as separate replicas would.
@@ -30,32 +30,15 @@ impl Fixture {
     }
 }
 
-macro_rules! conformance {
-    ($($name:ident),+ $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let db = switchyard_testkit::TestDb::postgres().await;
-                    let store = switchyard_store::open(db.url()).await.expect("open");
-                    super::$name(super::Fixture { db, store }).await;
-                }
-            )+
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let db = switchyard_testkit::TestDb::sqlite();
-                    let store = switchyard_store::open(db.url()).await.expect("open");
-                    super::$name(super::Fixture { db, store }).await;
-                }
-            )+
-        }
-    };
+impl FromTestDb for Fixture {
+    async fn from_test_db(db: TestDb) -> Self {
+        let store = open(db.url()).await.expect("open");
+        Fixture { db, store }
+    }
 }
 
-conformance!(
+switchyard_testkit::on_both_backends!(
+    worker_threads = 4;
     migrations_are_idempotent,
     replica_registry_tracks_liveness,
     reaping_a_dead_replica_releases_its_affinities,

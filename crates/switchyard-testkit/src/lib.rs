@@ -1,37 +1,70 @@
 #![doc = include_str!("../README.md")]
 
+pub mod broker;
 pub mod proxy;
 
+pub use broker::RawBroker;
 pub use proxy::TcpProxy;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
-/// Runs each named `async fn(TestDb)` as two tests, `postgres::NAME` and
-/// `sqlite::NAME`, each on a fresh database of its own. The calling crate
-/// needs `tokio` (with `macros`) as a dev-dependency.
+/// Runs each named `async fn(T)` as two tests, `postgres::NAME` and
+/// `sqlite::NAME`, each on a fresh database of its own, turned into `T` by
+/// [`FromTestDb`] (a plain [`TestDb`], or a suite's own fixture). An
+/// optional leading `worker_threads = N;` sizes the runtime (default 2).
+/// The calling crate needs `tokio` (with `macros`) as a dependency.
+/// For example `on_both_backends!(worker_threads = 4; first_test, second_test);`.
 #[macro_export]
 macro_rules! on_both_backends {
-    ($($name:ident),+ $(,)?) => {
+    (worker_threads = $threads:tt; $($name:ident),+ $(,)?) => {
         mod postgres {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
                 async fn $name() {
-                    super::$name($crate::TestDb::postgres().await).await;
+                    $crate::run_on($crate::TestDb::postgres().await, super::$name).await;
                 }
             )+
         }
         mod sqlite {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
                 async fn $name() {
-                    super::$name($crate::TestDb::sqlite()).await;
+                    $crate::run_on($crate::TestDb::sqlite(), super::$name).await;
                 }
             )+
         }
     };
+    ($($name:ident),+ $(,)?) => {
+        $crate::on_both_backends!(worker_threads = 2; $($name),+);
+    };
+}
+
+/// What a test written for [`on_both_backends!`] takes: built from the
+/// fresh database before the test body runs.
+pub trait FromTestDb: Sized {
+    /// Builds the test's input from its database.
+    fn from_test_db(db: TestDb) -> impl Future<Output = Self>;
+}
+
+impl FromTestDb for TestDb {
+    async fn from_test_db(db: TestDb) -> Self {
+        db
+    }
+}
+
+/// Runs `test` on the input built from `db`. Used by [`on_both_backends!`]:
+/// the test function's parameter type picks the [`FromTestDb`] impl.
+#[doc(hidden)]
+pub async fn run_on<T, F>(db: TestDb, test: impl FnOnce(T) -> F)
+where
+    T: FromTestDb,
+    F: Future<Output = ()>,
+{
+    test(T::from_test_db(db).await).await;
 }
 
 /// Server used when neither variable is set: the local cluster that

@@ -1,23 +1,15 @@
-//! A hub replica started in-process on a throwaway database, an HTTP
-//! client for its API, and a broker driven frame by frame over a real
-//! WebSocket, for tests of the control channel and the API.
+//! A hub replica started in-process on a throwaway database and an HTTP
+//! client for its API, for tests of the control channel and the API (the
+//! broker driven frame by frame is `switchyard_testkit::broker`).
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use switchyard_hub::{Hub, HubConfig, RunningHub, token_digest};
-use switchyard_proto::{BrokerFrame, HubFrame, auth, decode, encode};
 use switchyard_store::Store;
 use switchyard_testkit::TestDb;
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const TOKEN: &str = "test-admin-token-0123456789";
 
@@ -121,126 +113,6 @@ impl TestHub {
     pub async fn shutdown(mut self) {
         if let Some(hub) = self.hub.take() {
             hub.shutdown().await;
-        }
-    }
-}
-
-pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// Signed upgrade headers, as a broker computes them.
-pub struct Handshake {
-    pub broker: String,
-    pub timestamp: i64,
-    pub nonce: String,
-    pub signature: String,
-}
-
-impl Handshake {
-    pub fn new(broker: &str, secret: &str) -> Self {
-        let timestamp = chrono::Utc::now().timestamp();
-        let nonce = uuid::Uuid::new_v4().simple().to_string();
-        let signature = auth::sign(secret, broker, timestamp, &nonce);
-        Self {
-            broker: broker.to_owned(),
-            timestamp,
-            nonce,
-            signature,
-        }
-    }
-}
-
-/// Opens the control channel with the given handshake. Err(status) if the
-/// hub refused the upgrade.
-pub async fn upgrade(hub: &TestHub, hs: &Handshake) -> Result<Socket, u16> {
-    let url = format!(
-        "{}/v1/brokers/connect",
-        hub.base.replace("http://", "ws://")
-    );
-    let mut request = url.into_client_request().unwrap();
-    let headers = request.headers_mut();
-    headers.insert(
-        auth::HEADER_BROKER,
-        HeaderValue::from_str(&hs.broker).unwrap(),
-    );
-    headers.insert(
-        auth::HEADER_TIMESTAMP,
-        hs.timestamp.to_string().parse().unwrap(),
-    );
-    headers.insert(
-        auth::HEADER_NONCE,
-        HeaderValue::from_str(&hs.nonce).unwrap(),
-    );
-    headers.insert(
-        auth::HEADER_SIGNATURE,
-        HeaderValue::from_str(&hs.signature).unwrap(),
-    );
-    let config = WebSocketConfig::default().max_message_size(Some(8 << 20));
-    match tokio_tungstenite::connect_async_with_config(request, Some(config), false).await {
-        Ok((socket, _)) => Ok(socket),
-        Err(tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
-        Err(other) => panic!("upgrade failed: {other}"),
-    }
-}
-
-/// A broker driven frame by frame by the test.
-pub struct RawBroker {
-    pub socket: Socket,
-    pub session_id: uuid::Uuid,
-}
-
-impl RawBroker {
-    /// Connects, says hello (no agents) and waits for welcome.
-    pub async fn connect(hub: &TestHub, broker: &str, secret: &str) -> RawBroker {
-        let mut socket = upgrade(hub, &Handshake::new(broker, secret)).await.unwrap();
-        send(&mut socket, &BrokerFrame::Hello { agents: vec![] }).await;
-        match recv(&mut socket).await {
-            Some(HubFrame::Welcome { session_id, .. }) => RawBroker { socket, session_id },
-            other => panic!("expected welcome, got {other:?}"),
-        }
-    }
-
-    pub async fn send(&mut self, frame: &BrokerFrame) {
-        send(&mut self.socket, frame).await;
-    }
-
-    /// The next frame (pings skipped); None once the socket closed.
-    pub async fn recv(&mut self) -> Option<HubFrame> {
-        recv(&mut self.socket).await
-    }
-}
-
-pub async fn send(socket: &mut Socket, frame: &BrokerFrame) {
-    socket
-        .send(Message::Text(encode(frame).into()))
-        .await
-        .unwrap();
-}
-
-/// The next hub frame within 10 s, skipping pings; None when closed.
-pub async fn recv(socket: &mut Socket) -> Option<HubFrame> {
-    loop {
-        let next = tokio::time::timeout(Duration::from_secs(10), socket.next())
-            .await
-            .expect("a frame within 10 s");
-        match next {
-            Some(Ok(Message::Text(text))) => return Some(decode(&text).unwrap()),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
-            Some(Ok(other)) => panic!("unexpected message {other:?}"),
-        }
-    }
-}
-
-/// Reads until the close frame and returns its code.
-pub async fn close_code(socket: &mut Socket) -> Option<u16> {
-    loop {
-        let next = tokio::time::timeout(Duration::from_secs(10), socket.next())
-            .await
-            .expect("the hub closes within 10 s");
-        match next {
-            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => continue,
-            None | Some(Err(_)) => return None,
         }
     }
 }

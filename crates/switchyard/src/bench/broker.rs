@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use futures::{FutureExt, SinkExt, StreamExt};
 use switchyard_proto::{
     AgentStatus, BrokerFrame, CONNECT_PATH, DispatchResult, HubFrame, MAX_FRAME_BYTES,
-    MAX_MESSAGE_BYTES, Op, Phase, auth, decode, encode,
+    MAX_MESSAGE_BYTES, Op, Phase, auth::Handshake, decode, encode,
 };
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -125,15 +125,11 @@ impl BenchBroker {
 }
 
 async fn upgrade(addr: SocketAddr, broker: &str, secret: &str) -> anyhow::Result<Socket> {
-    let timestamp = chrono::Utc::now().timestamp();
-    let nonce = Uuid::new_v4().simple().to_string();
-    let signature = auth::sign(secret, broker, timestamp, &nonce);
     let mut request = format!("ws://{addr}{CONNECT_PATH}").into_client_request()?;
     let headers = request.headers_mut();
-    headers.insert(auth::HEADER_BROKER, HeaderValue::from_str(broker)?);
-    headers.insert(auth::HEADER_TIMESTAMP, HeaderValue::from(timestamp));
-    headers.insert(auth::HEADER_NONCE, HeaderValue::from_str(&nonce)?);
-    headers.insert(auth::HEADER_SIGNATURE, HeaderValue::from_str(&signature)?);
+    for (name, value) in Handshake::new(broker, secret).headers() {
+        headers.insert(name, HeaderValue::from_str(&value)?);
+    }
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES));

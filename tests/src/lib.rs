@@ -1,22 +1,71 @@
-//! Running the real `switchyard` binary: hub replicas and brokers as
-//! processes on 127.0.0.1, killed when a test ends.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+//! Process-level test helpers: the real `switchyard` binary as hub
+//! replicas and brokers on 127.0.0.1, killed when a test ends, and an
+//! authenticated client for their API.
+//!
+//! The suites live in another package than the binary, so cargo does not
+//! build it for them: [`bin`] builds it once per test process.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 pub const TOKEN: &str = "test-admin-token-0123456789";
+
+/// The `switchyard` executable, built (or found up to date) by cargo the
+/// first time a test asks for it.
+///
+/// Cargo sets `CARGO` for the tests it runs; the build goes to the same
+/// target directory and profile as the tests, so it only links what
+/// `cargo test` already compiled. `--locked` keeps it from touching
+/// Cargo.lock, as the test run itself does.
+pub fn bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(build_switchyard)
+}
+
+fn build_switchyard() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let out = Command::new(cargo)
+        .args([
+            "build",
+            "--locked",
+            "-p",
+            "switchyard",
+            "--bin",
+            "switchyard",
+        ])
+        .args([
+            "--message-format=json-render-diagnostics",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "building switchyard failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|msg| msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "switchyard")
+        .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reported the switchyard executable")
+}
 
 /// A `switchyard` command with no database settings inherited from the
 /// developer's shell.
 pub fn switchyard(dir: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.current_dir(dir)
         .env_remove("DATABASE_URL")
         .env_remove("SWITCHYARD_LISTEN")
@@ -26,6 +75,7 @@ pub fn switchyard(dir: &Path) -> Command {
 }
 
 /// A running `switchyard serve`, killed if the test ends early.
+#[derive(Debug)]
 pub struct Server {
     pub child: Child,
     pub base: String,
@@ -118,6 +168,7 @@ impl Drop for Server {
 }
 
 /// A `switchyard broker` process, killed if the test ends early.
+#[derive(Debug)]
 pub struct BrokerProcess {
     pub child: Child,
 }
@@ -155,6 +206,7 @@ impl Drop for BrokerProcess {
 }
 
 /// Authenticated JSON calls to a hub.
+#[derive(Debug)]
 pub struct Api {
     pub base: String,
     pub token: String,

@@ -2,12 +2,10 @@
 //! sockets on 127.0.0.1, real PostgreSQL and SQLite databases.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{Server, TOKEN, switchyard};
+use switchyard_tests::{Server, TOKEN, bin, switchyard};
 
 use switchyard_testkit::TestDb;
 
@@ -25,6 +23,7 @@ fn stderr_line(out: &Output) -> String {
 #[tokio::test]
 async fn serve_in_an_empty_directory_is_ready_within_5s_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
+    bin(); // built (or found) before the clock starts
     let started = Instant::now();
     let server = Server::start(dir.path(), None);
     assert!(
@@ -163,6 +162,7 @@ async fn db_migrate_is_idempotent_on_both_backends() {
 #[tokio::test]
 async fn bad_database_urls_fail_with_one_line_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
+    bin(); // built (or found) before the clocks start
     let not_a_dir = dir.path().join("plain-file");
     std::fs::write(&not_a_dir, "x").unwrap();
     let cases = [

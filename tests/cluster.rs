@@ -3,14 +3,12 @@
 //! (SIGKILL, pg_terminate_backend, a cut TCP connection).
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Api, BrokerProcess, Server, TOKEN, assert_once_in_order, inbox};
 use serde_json::{Value, json};
 use switchyard_testkit::{TcpProxy, TestDb};
+use switchyard_tests::{Api, BrokerProcess, Server, TOKEN, assert_once_in_order, inbox};
 
 struct Cluster {
     db: TestDb,
@@ -68,7 +66,7 @@ impl Cluster {
     }
 
     async fn wait_inbox(&self, agent: &str, n: usize, within: Duration) -> Vec<Value> {
-        common::wait_inbox(&self.workdir, agent, n, within).await
+        switchyard_tests::wait_inbox(&self.workdir, agent, n, within).await
     }
 }
 

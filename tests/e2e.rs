@@ -3,17 +3,15 @@
 //! on SQLite and on PostgreSQL.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{
+use serde_json::{Value, json};
+use switchyard_testkit::TestDb;
+use switchyard_tests::{
     Api, BrokerProcess, ECHO_AGENT, Server, TOKEN, assert_once_in_order, got_txt, inbox,
     switchyard, wait_inbox,
 };
-use serde_json::{Value, json};
-use switchyard_testkit::TestDb;
 
 switchyard_testkit::on_both_backends!(
     full_lifecycle_of_a_real_agent,
