@@ -336,3 +336,128 @@ async fn the_cli_drives_a_broker_and_an_agent() {
         .unwrap();
     assert_eq!(code, Some(4), "unauthorized exits 4");
 }
+
+/// Agents get a clean environment: nothing of the broker's own environment
+/// outside a short allowlist reaches them (not an admin token exported in
+/// the broker's shell, not anything else), while the agent's own `env` and
+/// the documented facts about it do. The secrets themselves are given as
+/// files, so they appear on no command line either.
+#[tokio::test]
+async fn agents_never_see_the_brokers_credentials() {
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let mut serve = switchyard(dir.path());
+    serve
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            db.url(),
+        ])
+        .arg("--admin-token-file")
+        .arg(&token_file);
+    let server = Server::run(serve);
+    let api = Api::new(&server.base, TOKEN);
+    let (status, broker) = api
+        .call("POST", "/v1/brokers", Some(json!({"name": "edge"})))
+        .await;
+    assert_eq!(status, 201, "the token from the file is accepted: {broker}");
+    let broker_id = broker["id"].as_str().unwrap().to_owned();
+    let secret = broker["secret"].as_str().unwrap().to_owned();
+
+    let secret_file = dir.path().join("edge.secret");
+    std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+    let workdir = dir.path().join("broker");
+    std::fs::create_dir_all(&workdir).unwrap();
+    let mut cmd = switchyard(&workdir);
+    cmd.args(["broker", "--hub", &server.base, "--broker-id", &broker_id])
+        .arg("--secret-file")
+        .arg(&secret_file)
+        .arg("--workdir")
+        .arg(&workdir)
+        .env("SWITCHYARD_TOKEN", TOKEN)
+        .env("SWITCHYARD_TEST_CANARY", "canary-value")
+        .env("HOME", "/home-of-the-broker")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    let process = BrokerProcess {
+        child: cmd.spawn().unwrap(),
+    };
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", process.child.id())).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(&secret),
+        "the secret is not on the broker's command line"
+    );
+    api.wait_until(
+        &format!("/v1/brokers/{broker_id}"),
+        Duration::from_secs(15),
+        |b| b["status"] == "online",
+    )
+    .await;
+
+    let (status, agent) = api
+        .call(
+            "POST",
+            "/v1/agents",
+            Some(json!({
+                "name": "envdump",
+                "broker_id": broker_id,
+                "command": ["sh", "-c", "env > env.tmp && mv env.tmp env.txt; exec sleep 60"],
+                "env": {"OWN": "mine"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{agent}");
+    let agent_id = agent["id"].as_str().unwrap().to_owned();
+    let started = api.lifecycle("start", &agent_id).await;
+    assert_eq!(started["phase"], "running", "{started}");
+
+    let agent_dir = workdir.join("agents").join(&agent_id);
+    let env_file = agent_dir.join("env.txt");
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !env_file.exists() {
+        assert!(std::time::Instant::now() < until, "the agent never ran env");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(&env_file).unwrap();
+    let stopped = api.lifecycle("stop", &agent_id).await;
+    assert_eq!(stopped["phase"], "stopped", "{stopped}");
+
+    for leaked in [secret.as_str(), TOKEN, "canary-value"] {
+        assert!(
+            !text.contains(leaked),
+            "{leaked:?} reached the agent:\n{text}"
+        );
+    }
+    let vars: std::collections::HashMap<&str, &str> =
+        text.lines().filter_map(|l| l.split_once('=')).collect();
+    assert_eq!(vars.get("OWN"), Some(&"mine"), "{text}");
+    assert_eq!(vars.get("SWITCHYARD_AGENT_ID"), Some(&agent_id.as_str()));
+    assert_eq!(vars.get("SWITCHYARD_AGENT_NAME"), Some(&"envdump"));
+    let dir_text = agent_dir.to_str().unwrap();
+    assert_eq!(vars.get("SWITCHYARD_AGENT_DIR"), Some(&dir_text));
+    let inbox_path = agent_dir.join("inbox.jsonl");
+    assert_eq!(
+        vars.get("SWITCHYARD_INBOX"),
+        Some(&inbox_path.to_str().unwrap())
+    );
+    assert_eq!(
+        vars.get("HOME"),
+        Some(&"/home-of-the-broker"),
+        "allowlisted"
+    );
+    assert!(vars.contains_key("PATH"), "{text}");
+    // What the shell sets for itself is the only thing beyond the list.
+    let allowed: HashSet<&str> = switchyard_broker::INHERITED_ENV
+        .iter()
+        .copied()
+        .chain(["OWN", "SWITCHYARD_AGENT_ID", "SWITCHYARD_AGENT_NAME"])
+        .chain(["SWITCHYARD_AGENT_DIR", "SWITCHYARD_INBOX"])
+        .chain(["PWD", "OLDPWD", "SHLVL", "_"])
+        .collect();
+    let extra: Vec<&&str> = vars.keys().filter(|k| !allowed.contains(**k)).collect();
+    assert!(extra.is_empty(), "unexpected variables {extra:?}:\n{text}");
+}

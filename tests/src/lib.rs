@@ -91,6 +91,12 @@ impl Server {
         if let Some(url) = database_url {
             cmd.args(["--database-url", url, "--admin-token", TOKEN]);
         }
+        Server::run(cmd)
+    }
+
+    /// Runs a `serve` command the caller built (see [`switchyard`]) and
+    /// waits for its "listening" line.
+    pub fn run(mut cmd: Command) -> Server {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -13,5 +13,5 @@ mod session;
 pub use connection::{BrokerConfig, BrokerError, run};
 pub use inbox::inbox_line;
 pub use layout::agent_dir;
-pub use process::{ProcessConfig, ProcessError, ProcessRuntime};
+pub use process::{INHERITED_ENV, ProcessConfig, ProcessError, ProcessRuntime};
 pub use runtime::{Runtime, RuntimeError, next_seq};

@@ -1,8 +1,8 @@
 //! [`ProcessRuntime`]: the reference runtime, agents as local processes.
 //!
 //! Each agent lives in `<workdir>/agents/<agent-id>/` (see [`crate::agent_dir`]):
-//! its process runs there with `command` and `env` (on top of the broker's
-//! own environment), its stdout/stderr are appended to `stdout.log` and
+//! its process runs there with `command` and a clean environment (see
+//! [`INHERITED_ENV`]), its stdout/stderr are appended to `stdout.log` and
 //! `stderr.log`, and each delivered message is written to its stdin as the
 //! same line the SDK put into `inbox.jsonl`.
 //!
@@ -64,6 +64,35 @@ pub enum ProcessError {
     #[error("cannot read the agents under {}: {source}", path.display())]
     Scan { path: PathBuf, source: io::Error },
 }
+
+/// The variables an agent inherits from the broker's environment, when the
+/// broker has them. Nothing else of the broker's environment reaches an
+/// agent: the broker's secret, an admin token or cloud credentials exported
+/// where the broker was started stay with the broker.
+///
+/// An agent's environment is, in this order (a later one wins): these
+/// variables, the agent's own `env` from its definition, then the facts
+/// about the agent, which it can rely on:
+///
+/// - `SWITCHYARD_AGENT_ID`: the agent's id;
+/// - `SWITCHYARD_AGENT_NAME`: its name;
+/// - `SWITCHYARD_AGENT_DIR`: its directory (also its working directory);
+/// - `SWITCHYARD_INBOX`: the `inbox.jsonl` file its messages are appended to.
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_MESSAGES",
+    "TZ",
+    "TMPDIR",
+    "TERM",
+];
 
 /// Runs agents as local processes. Cheap to clone (shared state).
 ///
@@ -375,9 +404,21 @@ impl ProcessRuntime {
                 .append(true)
                 .open(dir.join(name))
         };
+        let inherited = INHERITED_ENV
+            .iter()
+            .filter_map(|name| std::env::var_os(name).map(|value| (*name, value)));
+        let facts = [
+            ("SWITCHYARD_AGENT_ID", agent_id.to_string().into()),
+            ("SWITCHYARD_AGENT_NAME", spec.name.clone().into()),
+            ("SWITCHYARD_AGENT_DIR", dir.clone().into_os_string()),
+            ("SWITCHYARD_INBOX", dir.join(layout::INBOX).into_os_string()),
+        ];
         Command::new(program)
             .args(args)
+            .env_clear()
+            .envs(inherited)
             .envs(&spec.env)
+            .envs(facts)
             .current_dir(&dir)
             .stdin(Stdio::piped())
             .stdout(log(layout::STDOUT)?)

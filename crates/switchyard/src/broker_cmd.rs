@@ -29,8 +29,18 @@ pub(crate) struct BrokerArgs {
     #[arg(long, env = "SWITCHYARD_BROKER_ID")]
     broker_id: String,
     /// The secret shown once when the broker was registered.
-    #[arg(long, env = "SWITCHYARD_BROKER_SECRET", hide_env_values = true)]
-    secret: String,
+    #[arg(
+        long,
+        env = "SWITCHYARD_BROKER_SECRET",
+        hide_env_values = true,
+        required_unless_present = "secret_file",
+        conflicts_with = "secret_file"
+    )]
+    secret: Option<String>,
+    /// A file whose first line is the secret: unlike --secret, it does not
+    /// show in the process list (`/proc/PID/cmdline`).
+    #[arg(long, env = "SWITCHYARD_BROKER_SECRET_FILE", value_name = "PATH")]
+    secret_file: Option<PathBuf>,
     /// Where agents live: `<workdir>/agents/<agent-id>/`.
     #[arg(
         long,
@@ -44,6 +54,11 @@ pub(crate) struct BrokerArgs {
 }
 
 pub(crate) async fn run(args: BrokerArgs) -> anyhow::Result<()> {
+    let secret = match (args.secret, &args.secret_file) {
+        (Some(secret), _) => secret,
+        (None, Some(path)) => crate::read_secret_file(path, "broker secret")?,
+        (None, None) => anyhow::bail!("--secret-file or --secret is required"),
+    };
     tokio::fs::create_dir_all(&args.workdir)
         .await
         .with_context(|| format!("cannot create the workdir {}", args.workdir.display()))?;
@@ -64,7 +79,7 @@ pub(crate) async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let config = BrokerConfig {
         hubs: args.hubs,
         broker: args.broker_id,
-        secret: args.secret,
+        secret,
         workdir: args.workdir,
     };
     let result = switchyard_broker::run(config, Arc::new(runtime.clone()), shutdown).await;

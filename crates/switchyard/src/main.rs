@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -67,8 +68,17 @@ struct ServeArgs {
     database: DatabaseArg,
     /// Admin API token (at least 16 characters). Required with PostgreSQL;
     /// on SQLite one is generated at first start when unset.
-    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_ADMIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "admin_token_file"
+    )]
     admin_token: Option<String>,
+    /// A file whose first line is the admin token: unlike --admin-token, it
+    /// does not show in the process list (`/proc/PID/cmdline`).
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN_FILE", value_name = "PATH")]
+    admin_token_file: Option<PathBuf>,
     /// PostgreSQL only: a direct connection string for the command bus
     /// listener, when --database-url goes through a transaction-pooling
     /// PgBouncer (LISTEN needs a session of its own).
@@ -132,7 +142,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// Reads a secret from the first line of a file (a trailing newline is not
+/// part of it), so that it never appears on a command line.
+fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the {what} file {}", path.display()))?;
+    let secret = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('\r');
+    if secret.is_empty() {
+        anyhow::bail!("the {what} file {} is empty", path.display());
+    }
+    Ok(secret.to_owned())
+}
+
+async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.admin_token_file {
+        args.admin_token = Some(read_secret_file(path, "admin token")?);
+    }
     let url = &args.database.database_url;
     let postgres = url.starts_with("postgres");
     match &args.admin_token {
@@ -140,7 +169,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             anyhow::bail!("--admin-token must be at least 16 characters")
         }
         None if postgres => anyhow::bail!(
-            "--admin-token (or SWITCHYARD_ADMIN_TOKEN) is required with PostgreSQL: \
+            "--admin-token-file or --admin-token (or SWITCHYARD_ADMIN_TOKEN) is required with PostgreSQL: \
              every replica of the cluster must be given the same token"
         ),
         _ => {}

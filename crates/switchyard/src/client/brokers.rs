@@ -148,12 +148,21 @@ fn registered(reg: &Registered, hub_url: &str) -> String {
     } else {
         format!(" {:?}", reg.name)
     };
+    // The secret goes into a file only its owner reads (printf is a shell
+    // builtin, so it never shows in the process list), and the daemon reads
+    // it from there instead of from its command line.
+    let file = if reg.name.is_empty() {
+        format!("{}.secret", reg.id)
+    } else {
+        format!("{}.secret", reg.name)
+    };
     format!(
         "registered broker{name}\n\
          {}\
          \n\
          start the broker daemon with:\n  \
-         switchyard broker --hub {hub_url} --broker-id {id} --secret {secret}\n",
+         (umask 077; printf '%s\\n' '{secret}' > {file})\n  \
+         switchyard broker --hub {hub_url} --broker-id {id} --secret-file {file}\n",
         table::details(&[("id", reg.id.clone()), ("secret", reg.secret.clone())]),
         id = reg.id,
         secret = reg.secret,
@@ -263,7 +272,8 @@ mod tests {
              secret:  s3cr3t\n\
              \n\
              start the broker daemon with:\n  \
-             switchyard broker --hub http://hub:7700 --broker-id b-1 --secret s3cr3t\n"
+             (umask 077; printf '%s\\n' 's3cr3t' > edge-1.secret)\n  \
+             switchyard broker --hub http://hub:7700 --broker-id b-1 --secret-file edge-1.secret\n"
         );
     }
 }
