@@ -7,14 +7,17 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
 use serde_json::{Value, json};
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::api::error::ApiError;
 use crate::api::{
     AdminTokens, MAX_BODY_BYTES, agents, brokers, dispatches, events, messages, require_admin,
 };
+use crate::metrics::Metrics;
 use crate::session;
 use crate::state::HubState;
 
@@ -54,7 +57,31 @@ pub(crate) fn router(state: HubState) -> Router {
         .route("/metrics", get(metrics))
         .merge(v1)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(catch_panic(state.metrics.clone()))
         .with_state(state)
+}
+
+/// A handler that panics answers a JSON 500 `internal` (and is counted in
+/// `switchyard_http_panics_total`) instead of dropping the connection with
+/// no answer; the replica goes on serving.
+fn catch_panic(
+    metrics: Metrics,
+) -> CatchPanicLayer<impl Fn(Box<dyn std::any::Any + Send>) -> Response + Clone> {
+    CatchPanicLayer::custom(move |panic: Box<dyn std::any::Any + Send>| {
+        metrics.http_panics.inc();
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %what, "an HTTP handler panicked");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; the request may or may not have taken effect",
+        )
+        .into_response()
+    })
 }
 
 async fn not_found() -> ApiError {
@@ -103,4 +130,48 @@ async fn metrics(State(state): State<HubState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+    use super::*;
+
+    async fn boom() -> &'static str {
+        panic!("boom")
+    }
+
+    /// A panicking handler answers a JSON 500 `internal` over a real socket
+    /// and is counted; the server goes on answering.
+    #[tokio::test]
+    async fn a_panicking_handler_answers_a_json_500_and_is_counted() {
+        let metrics = Metrics::new("test");
+        let app = Router::new()
+            .route("/boom", get(boom))
+            .route("/fine", get(|| async { "fine" }))
+            .layer(catch_panic(metrics.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::new();
+
+        let resp = http
+            .get(format!("http://{addr}/boom"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 500);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "internal", "{body}");
+        assert_eq!(metrics.http_panics.get(), 1);
+
+        let resp = http
+            .get(format!("http://{addr}/fine"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "the server still answers");
+        server.abort();
+    }
 }

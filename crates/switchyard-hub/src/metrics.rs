@@ -36,6 +36,7 @@ pub struct Metrics {
     pub notifications_sent: IntCounter,
     pub notifications_received: IntCounter,
     pub command_bus_reconnects: IntCounter,
+    pub http_panics: IntCounter,
     /// Unfinished intents and messages older than five minutes (sweeper).
     pub stuck_work: IntGauge,
 }
@@ -147,6 +148,10 @@ impl Metrics {
             notifications_received: counter(
                 "notifications_received_total",
                 "Notifications received by this replica's listener.",
+            ),
+            http_panics: counter(
+                "http_panics_total",
+                "HTTP requests whose handler panicked (answered 500 `internal`).",
             ),
             command_bus_reconnects: counter(
                 "command_bus_reconnects_total",

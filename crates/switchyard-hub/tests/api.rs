@@ -18,7 +18,41 @@ switchyard_testkit::on_both_backends!(
     batch_messages_are_all_or_none_and_idempotent,
     concurrent_messages_share_commits_and_a_bad_one_fails_alone,
     a_retried_lifecycle_call_gets_its_original_dispatch,
+    timeout_secs_outside_its_range_is_refused_before_anything_is_written,
 );
+
+/// `?timeout_secs=` is 1 to 3600: anything else answers 400 before the
+/// agent is looked up or an intent written (a huge value used to overflow
+/// the wait's clock arithmetic after the intent was committed).
+async fn timeout_secs_outside_its_range_is_refused_before_anything_is_written(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (broker, _) = hub.broker("edge").await;
+    let agent = hub.agent(&broker, "worker").await;
+    let (_, before) = hub.call("GET", "/v1/dispatches", None).await;
+    for value in ["18446744073709551615", "0", "3601"] {
+        let (status, body) = hub
+            .call(
+                "POST",
+                &format!("/v1/agents/{agent}/start?timeout_secs={value}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 400, "timeout_secs={value}: {body}");
+        assert_eq!(
+            error_code(&body),
+            "bad_request",
+            "timeout_secs={value}: {body}"
+        );
+    }
+    let (_, after) = hub.call("GET", "/v1/dispatches", None).await;
+    assert_eq!(
+        after, before,
+        "no intent was written (only the agent's create)"
+    );
+    let (_, shown) = hub.call("GET", &format!("/v1/agents/{agent}"), None).await;
+    assert_eq!(shown["phase"], "created");
+    hub.shutdown().await;
+}
 
 fn error_code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or_default()

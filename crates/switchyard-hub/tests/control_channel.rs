@@ -23,7 +23,28 @@ switchyard_testkit::on_both_backends!(
     lifecycle_call_answers_with_the_brokers_outcome,
     reports_about_another_brokers_agents_are_refused,
     protocol_violations_get_an_error_frame_and_a_close,
+    handshake_timestamps_at_the_ends_of_the_range_are_refused_without_overflow,
 );
+
+/// The clock-skew check is checked arithmetic: timestamps at the ends of
+/// the `i64` range get the 401 of any stale handshake, not a panic (which
+/// would drop the connection with no answer), and the hub keeps serving.
+async fn handshake_timestamps_at_the_ends_of_the_range_are_refused_without_overflow(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (id, secret) = hub.broker("edge").await;
+    for timestamp in [i64::MIN, i64::MIN + 1, i64::MAX] {
+        let hostile = Handshake::signed_at(&id, &secret, timestamp);
+        assert_eq!(
+            upgrade(&hub.base, &hostile).await.err(),
+            Some(401),
+            "timestamp {timestamp}"
+        );
+    }
+    upgrade(&hub.base, &Handshake::new(&id, &secret))
+        .await
+        .expect("a good handshake still upgrades");
+    hub.shutdown().await;
+}
 
 async fn handshake_rejects_wrong_secret_replay_stale_time_and_unknown_broker(db: TestDb) {
     let hub = TestHub::start(db).await;

@@ -108,9 +108,15 @@ pub(crate) async fn show(
 pub(crate) struct LifecycleQuery {
     #[serde(default = "yes")]
     wait: bool,
-    /// Rolling window in seconds: how long to wait without any progress.
+    /// Rolling window in seconds: how long to wait without any progress,
+    /// 1 to [`MAX_TIMEOUT_SECS`].
     timeout_secs: Option<u64>,
 }
+
+/// The longest rolling window a lifecycle call may ask for. Bounded so a
+/// caller cannot hold a request (and overflow the clock arithmetic of the
+/// wait) with an absurd value.
+pub(crate) const MAX_TIMEOUT_SECS: u64 = 3600;
 
 fn yes() -> bool {
     true
@@ -160,14 +166,19 @@ async fn lifecycle(
     op: Op,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
+    // Checked before anything is looked up or written.
+    let window = match query.timeout_secs {
+        Some(secs @ 1..=MAX_TIMEOUT_SECS) => Duration::from_secs(secs),
+        Some(secs) => {
+            return Err(ApiError::bad_request(format!(
+                "timeout_secs must be 1 to {MAX_TIMEOUT_SECS}, not {secs}"
+            )));
+        }
+        None => state.config.lifecycle_timeout,
+    };
     let agent = lookup::agent(&*state.store, &reference).await?;
     let wait = if query.wait {
-        Wait::For(
-            query
-                .timeout_secs
-                .map(Duration::from_secs)
-                .unwrap_or(state.config.lifecycle_timeout),
-        )
+        Wait::For(window)
     } else {
         Wait::No
     };

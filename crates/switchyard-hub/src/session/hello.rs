@@ -103,7 +103,12 @@ pub(crate) async fn authenticate(
     if !handshake::nonce_is_valid(nonce) {
         return Err(HelloError::Nonce);
     }
-    let skew = (chrono::Utc::now().timestamp() - timestamp).abs();
+    // Checked: a hostile timestamp (i64::MIN) must not overflow the subtraction.
+    let skew = chrono::Utc::now()
+        .timestamp()
+        .checked_sub(timestamp)
+        .and_then(i64::checked_abs)
+        .unwrap_or(i64::MAX);
     if skew > handshake::MAX_CLOCK_SKEW_SECS {
         return Err(HelloError::ClockSkew { skew });
     }
