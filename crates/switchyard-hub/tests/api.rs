@@ -19,7 +19,62 @@ switchyard_testkit::on_both_backends!(
     concurrent_messages_share_commits_and_a_bad_one_fails_alone,
     a_retried_lifecycle_call_gets_its_original_dispatch,
     timeout_secs_outside_its_range_is_refused_before_anything_is_written,
+    payloads_that_no_frame_can_carry_are_refused_with_413_and_nothing_is_written,
 );
+
+/// A message body or agent definition larger than one control-channel
+/// frame can carry would be refused by the broker at every reconnect and
+/// block its whole queue: the API refuses it with 413 and writes nothing,
+/// while the largest payload that fits is accepted.
+async fn payloads_that_no_frame_can_carry_are_refused_with_413_and_nothing_is_written(db: TestDb) {
+    use switchyard_proto::MAX_PAYLOAD_BYTES;
+    let hub = TestHub::start(db).await;
+    let (broker, _) = hub.broker("edge").await;
+    let agent = hub.agent(&broker, "worker").await;
+    let too_big = "x".repeat(300 * 1024);
+
+    let path = format!("/v1/agents/{agent}/messages");
+    let (status, body) = hub
+        .call("POST", &path, Some(json!({"body": too_big})))
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(error_code(&body), "payload_too_large");
+    let batch = json!({"messages": [
+        {"agent": agent, "body": "small"},
+        {"agent": agent, "body": too_big},
+    ]});
+    let (status, body) = hub.call("POST", "/v1/messages", Some(batch)).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(error_code(&body), "payload_too_large");
+    let largest = "x".repeat(MAX_PAYLOAD_BYTES - 2);
+    let (status, body) = hub
+        .call("POST", &path, Some(json!({"body": largest})))
+        .await;
+    assert_eq!(
+        status, 202,
+        "the largest body that fits is accepted: {body}"
+    );
+    assert_eq!(
+        body["seq"], 1,
+        "the refused messages took no place in the FIFO"
+    );
+
+    let (status, body) = hub
+        .call(
+            "POST",
+            "/v1/agents",
+            Some(json!({
+                "name": "bloated", "broker_id": broker,
+                "command": ["sleep", "60"], "env": {"BIG": too_big},
+            })),
+        )
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(error_code(&body), "payload_too_large");
+    let (status, _) = hub.call("GET", "/v1/agents/bloated", None).await;
+    assert_eq!(status, 404, "no agent was created");
+    hub.shutdown().await;
+}
 
 /// `?timeout_secs=` is 1 to 3600: anything else answers 400 before the
 /// agent is looked up or an intent written (a huge value used to overflow

@@ -22,6 +22,47 @@ pub const CONNECT_PATH: &str = "/v1/brokers/connect";
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// Largest WebSocket frame (fragments of a message) either side accepts.
 pub const MAX_FRAME_BYTES: usize = 256 * 1024;
+/// Largest message body, and largest agent definition (name, command,
+/// env), the hub accepts, as compact JSON. The hub sends each message and
+/// each dispatch as one unfragmented frame, so this is what fits in
+/// [`MAX_FRAME_BYTES`] with the envelope and ids around it; anything larger
+/// would be refused by every broker, again at every reconnect.
+pub const MAX_PAYLOAD_BYTES: usize = MAX_FRAME_BYTES - 4 * 1024;
+
+/// A payload over [`MAX_PAYLOAD_BYTES`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{len} bytes as JSON; at most {} fit in one control-channel frame",
+    MAX_PAYLOAD_BYTES
+)]
+pub struct TooLarge {
+    /// The payload's size as compact JSON.
+    pub len: usize,
+}
+
+/// Checks, before anything is written, that `payload` will fit in the frame
+/// that carries it to a broker.
+pub fn check_payload<T: Serialize>(payload: &T) -> Result<(), TooLarge> {
+    /// Counts bytes instead of keeping them.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail; a value that cannot serialize is
+    // not something the hub received as JSON.
+    let _ = serde_json::to_writer(&mut count, payload);
+    if count.0 > MAX_PAYLOAD_BYTES {
+        return Err(TooLarge { len: count.0 });
+    }
+    Ok(())
+}
 
 /// A frame with its version: `{"v": 1, "type": ..., ...fields}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -188,6 +229,41 @@ pub fn encode<T: Serialize>(frame: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The largest payload the hub accepts still fits in one frame, as a
+    /// message and as the agent definition of a dispatch.
+    #[test]
+    fn the_largest_accepted_payload_fits_in_one_frame() {
+        let body = Value::String("x".repeat(MAX_PAYLOAD_BYTES - 2));
+        assert!(check_payload(&body).is_ok());
+        let message = HubFrame::Message(AgentMessage {
+            id: Uuid::max(),
+            agent_id: Uuid::max(),
+            seq: i64::MAX,
+            body,
+        });
+        assert!(encode(&message).len() <= MAX_FRAME_BYTES);
+
+        let mut spec = AgentSpec {
+            name: "n".repeat(64),
+            command: vec!["sh".into()],
+            env: Default::default(),
+        };
+        let room = MAX_PAYLOAD_BYTES - serde_json::to_vec(&spec).map_or(0, |v| v.len());
+        spec.env.insert("K".into(), "v".repeat(room - 6));
+        assert!(check_payload(&spec).is_ok(), "exactly at the limit");
+        let dispatch = HubFrame::Dispatch(Dispatch {
+            id: Uuid::max(),
+            agent_id: Uuid::max(),
+            op: Op::Restart,
+            agent: spec.clone(),
+            args: Value::Object(Default::default()),
+        });
+        assert!(encode(&dispatch).len() <= MAX_FRAME_BYTES);
+
+        spec.env.insert("L".into(), String::new());
+        assert!(check_payload(&spec).is_err(), "one byte more is refused");
+    }
 
     #[test]
     fn frames_round_trip_with_version_and_type() {

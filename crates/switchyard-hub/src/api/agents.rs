@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
+use switchyard_proto::AgentSpec;
 use switchyard_store::{Agent, AgentId, NewAgent, Op, Phase};
 
 use super::error::ApiError;
@@ -56,6 +57,19 @@ pub(crate) async fn create(
             format!("invalid environment variable name {key:?}"),
         ));
     }
+    // Every dispatch of the agent carries its definition in one frame.
+    let spec = AgentSpec {
+        name: body.name.clone(),
+        command: body.command.clone(),
+        env: body.env.clone(),
+    };
+    switchyard_proto::check_payload(&spec).map_err(|too_large| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the agent definition (name, command, env) is {too_large}"),
+        )
+    })?;
     let broker = lookup::broker(&*state.store, &body.broker_id).await?;
     let agent = state
         .store

@@ -30,6 +30,7 @@ pub(crate) async fn send(
     ApiJson(request): ApiJson<SendMessage>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let key = idempotency_key(&headers)?;
+    fits_in_a_frame(&request.body, "the message body")?;
     // An id needs no lookup: the insert checks that the agent exists and is
     // live, and the row it returns names the broker.
     let agent_id = match reference.parse::<AgentId>() {
@@ -39,6 +40,19 @@ pub(crate) async fn send(
     let message = state.originator.message(agent_id, request.body, key);
     let sent = state.originator.send(message).await?;
     Ok((StatusCode::ACCEPTED, Json(answer(&sent))))
+}
+
+/// 413 for a body no broker would accept (see `MAX_PAYLOAD_BYTES`), before
+/// anything is written: such a message would otherwise block its broker's
+/// queue at every reconnect.
+fn fits_in_a_frame(body: &Value, what: &str) -> Result<(), ApiError> {
+    switchyard_proto::check_payload(body).map_err(|too_large| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("{what} is {too_large}"),
+        )
+    })
 }
 
 fn answer(sent: &Sent) -> Value {
@@ -81,6 +95,9 @@ pub(crate) async fn send_batch(
             "invalid",
             format!("a batch holds 1 to {MAX_BATCH} messages"),
         ));
+    }
+    for (i, item) in request.messages.iter().enumerate() {
+        fits_in_a_frame(&item.body, &format!("the body of message {i}"))?;
     }
     let mut agents = std::collections::HashMap::new();
     let mut batch = Vec::with_capacity(request.messages.len());
