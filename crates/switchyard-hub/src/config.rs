@@ -38,6 +38,10 @@ pub struct HubConfig {
     pub listener_database_url: Option<String>,
     /// Finished intents and messages older than this are deleted.
     pub retention: Duration,
+    /// Longest one write to a broker's socket may take. A broker that stops
+    /// reading for this long is disconnected; what it had claimed goes back
+    /// to `pending` when its next session starts.
+    pub write_timeout: Duration,
 }
 
 impl Default for HubConfig {
@@ -57,6 +61,7 @@ impl Default for HubConfig {
             max_attempts: 10,
             listener_database_url: None,
             retention: Duration::from_secs(7 * 24 * 3600),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -24,7 +24,59 @@ switchyard_testkit::on_both_backends!(
     reports_about_another_brokers_agents_are_refused,
     protocol_violations_get_an_error_frame_and_a_close,
     handshake_timestamps_at_the_ends_of_the_range_are_refused_without_overflow,
+    a_broker_that_stops_reading_is_disconnected_and_its_work_waits,
 );
+
+/// A broker that stops reading costs the hub a bounded queue, then its
+/// session: once one write has waited longer than the write timeout the
+/// hub disconnects it (the broker shows offline), its messages wait
+/// undelivered for its next session, and shutdown is not held up by the
+/// stalled socket. The heartbeat is slow here, so only the write timeout
+/// can end the session within the test.
+async fn a_broker_that_stops_reading_is_disconnected_and_its_work_waits(db: TestDb) {
+    let config = switchyard_hub::HubConfig {
+        write_timeout: Duration::from_secs(1),
+        heartbeat_interval: Duration::from_secs(60),
+        ..common::fast_config()
+    };
+    let hub = TestHub::start_with(db, config).await;
+    let (id, secret) = hub.broker("edge").await;
+    let agent = hub.agent(&id, "worker").await;
+    let stalled = RawBroker::connect(&hub.base, &id, &secret).await;
+
+    // About 25 MB: more than the socket buffers of both ends hold.
+    let body = "x".repeat(250_000);
+    let mut last = String::new();
+    for _ in 0..100 {
+        let (status, message) = hub
+            .call(
+                "POST",
+                &format!("/v1/agents/{agent}/messages"),
+                Some(json!({ "body": body })),
+            )
+            .await;
+        assert_eq!(status, 202, "{message}");
+        last = message["id"].as_str().unwrap().to_owned();
+    }
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, broker) = hub.call("GET", &format!("/v1/brokers/{id}"), None).await;
+        if broker["status"] == "offline" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the stalled broker was never disconnected: {broker}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, message) = hub.call("GET", &format!("/v1/messages/{last}"), None).await;
+    assert_ne!(message["state"], "delivered", "{message}");
+    tokio::time::timeout(Duration::from_secs(10), hub.shutdown())
+        .await
+        .expect("shutdown is not held up by the stalled socket");
+    drop(stalled);
+}
 
 /// The clock-skew check is checked arithmetic: timestamps at the ends of
 /// the `i64` range get the 401 of any stale handshake, not a panic (which

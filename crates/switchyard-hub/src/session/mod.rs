@@ -71,7 +71,7 @@ pub(crate) async fn connect(
 async fn run(state: HubState, broker: Broker, socket: WebSocket) {
     let (sink, mut stream) = socket.split();
     let cancel = state.shutdown.child_token();
-    let (outbox, writer) = writer::start(sink, cancel.clone());
+    let (outbox, writer) = writer::start(sink, cancel.clone(), state.config.write_timeout);
     let agents = match hello::read(&mut stream).await {
         Ok(agents) => agents,
         Err(err) => {

@@ -1,16 +1,19 @@
 //! The only task that writes to a broker's socket, and the pinger.
 //!
-//! Every frame to the broker goes through one bounded channel (the
-//! [`Outbox`]), so frames never interleave and a slow broker pushes back on
-//! the drain instead of growing a queue.
+//! Every frame to the broker goes through one channel (the [`Outbox`]),
+//! bounded in frames and in bytes, so frames never interleave and a slow
+//! broker pushes back on the drain instead of growing a queue. Every write
+//! has a timeout: a broker that stops reading is disconnected instead of
+//! holding the session (and a graceful shutdown) forever.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::SinkExt;
 use futures::stream::SplitSink;
 use switchyard_proto::{HubFrame, encode};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +22,9 @@ use crate::affinity::{Affinity, AffinityError};
 
 /// Frames queued for one socket before the drain has to wait.
 const OUTBOUND_CAPACITY: usize = 1024;
+/// Bytes of encoded frames queued for one socket before the drain has to
+/// wait: what a broker that stops reading can cost this replica.
+const OUTBOUND_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum WriteError {
@@ -32,7 +38,8 @@ pub(crate) enum WriteError {
 /// What the writer sends.
 #[derive(Debug)]
 enum Outbound {
-    Frame(HubFrame),
+    /// An encoded frame, holding its share of [`OUTBOUND_BYTES`] until written.
+    Frame(String, OwnedSemaphorePermit),
     Ping,
     /// Send a close frame with this code and reason, then stop writing.
     Close(u16, &'static str),
@@ -42,14 +49,22 @@ enum Outbound {
 #[derive(Clone, Debug)]
 pub(crate) struct Outbox {
     tx: mpsc::Sender<Outbound>,
+    bytes: Arc<Semaphore>,
     cancel: CancellationToken,
 }
 
 impl Outbox {
     /// Queues a frame, waiting while the socket is behind.
     pub(crate) async fn send(&self, frame: HubFrame) -> Result<(), WriteError> {
+        let text = encode(&frame);
+        let permit = self
+            .bytes
+            .clone()
+            .acquire_many_owned(share(&text))
+            .await
+            .map_err(|_| WriteError::WriterGone)?;
         self.tx
-            .send(Outbound::Frame(frame))
+            .send(Outbound::Frame(text, permit))
             .await
             .map_err(|_| WriteError::WriterGone)
     }
@@ -66,29 +81,42 @@ impl Outbox {
     /// explanation is dropped and the writer closes with 1001.
     pub(crate) fn close(&self, close: Close) {
         if let Some(frame) = close.frame {
-            let _ = self.tx.try_send(Outbound::Frame(frame));
+            let text = encode(&frame);
+            if let Ok(permit) = self.bytes.clone().try_acquire_many_owned(share(&text)) {
+                let _ = self.tx.try_send(Outbound::Frame(text, permit));
+            }
         }
         let _ = self.tx.try_send(Outbound::Close(close.code, close.reason));
         self.cancel.cancel();
     }
 }
 
+/// The permits a frame holds: its size, capped so that one oversized frame
+/// still fits in the budget alone.
+fn share(text: &str) -> u32 {
+    u32::try_from(text.len().min(OUTBOUND_BYTES)).unwrap_or(u32::MAX)
+}
+
 /// Starts the writer of `sink`; it stops after a close, when the socket
-/// fails, or when `cancel` is cancelled and the queue is empty, and cancels
-/// `cancel` itself on the way out.
+/// fails or a write takes longer than `write_timeout`, or when `cancel` is
+/// cancelled and the queue is empty, and cancels `cancel` itself on the way
+/// out.
 pub(crate) fn start(
     sink: SplitSink<WebSocket, Message>,
     cancel: CancellationToken,
+    write_timeout: Duration,
 ) -> (Outbox, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
-    let writer = tokio::spawn(write(sink, rx, cancel.clone()));
-    (Outbox { tx, cancel }, writer)
+    let writer = tokio::spawn(write(sink, rx, cancel.clone(), write_timeout));
+    let bytes = Arc::new(Semaphore::new(OUTBOUND_BYTES));
+    (Outbox { tx, bytes, cancel }, writer)
 }
 
 async fn write(
     mut sink: SplitSink<WebSocket, Message>,
     mut outbound: mpsc::Receiver<Outbound>,
     cancel: CancellationToken,
+    write_timeout: Duration,
 ) {
     loop {
         let next = tokio::select! {
@@ -96,26 +124,35 @@ async fn write(
             next = outbound.recv() => next,
             () = cancel.cancelled() => None,
         };
-        let message = match next {
-            Some(Outbound::Frame(frame)) => Message::Text(encode(&frame).into()),
-            Some(Outbound::Ping) => Message::Ping(Default::default()),
+        // The permit, if any, is released once the frame is written.
+        let (message, _permit) = match next {
+            Some(Outbound::Frame(text, permit)) => (Message::Text(text.into()), Some(permit)),
+            Some(Outbound::Ping) => (Message::Ping(Default::default()), None),
             Some(Outbound::Close(code, reason)) => {
-                let _ = sink.send(close_message(code, reason)).await;
-                break;
-            }
-            None => {
-                let _ = sink
-                    .send(close_message(close::GOING_AWAY, "hub shutting down"))
+                let _ = tokio::time::timeout(write_timeout, sink.send(close_message(code, reason)))
                     .await;
                 break;
             }
+            None => {
+                let goodbye = close_message(close::GOING_AWAY, "hub shutting down");
+                let _ = tokio::time::timeout(write_timeout, sink.send(goodbye)).await;
+                break;
+            }
         };
-        if sink.send(message).await.is_err() {
-            break;
+        match tokio::time::timeout(write_timeout, sink.send(message)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                tracing::warn!(
+                    timeout_secs = write_timeout.as_secs_f64(),
+                    "the broker stopped reading; disconnecting it"
+                );
+                break;
+            }
         }
     }
     cancel.cancel();
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(write_timeout, sink.close()).await;
 }
 
 fn close_message(code: u16, reason: &'static str) -> Message {
