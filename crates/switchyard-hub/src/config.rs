@@ -42,6 +42,16 @@ pub struct HubConfig {
     /// reading for this long is disconnected; what it had claimed goes back
     /// to `pending` when its next session starts.
     pub write_timeout: Duration,
+    /// HTTP connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Broker sessions this replica holds at once; the upgrade of one more
+    /// answers 503, so the broker tries another replica.
+    pub max_sessions: usize,
+    /// How long a connection may take to send a request's headers, and may
+    /// stay idle between requests, before it is closed.
+    pub header_read_timeout: Duration,
+    /// How long shutdown waits for HTTP requests in progress.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for HubConfig {
@@ -62,6 +72,10 @@ impl Default for HubConfig {
             listener_database_url: None,
             retention: Duration::from_secs(7 * 24 * 3600),
             write_timeout: Duration::from_secs(30),
+            max_connections: 8192,
+            max_sessions: 4096,
+            header_read_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }

@@ -10,6 +10,7 @@ mod lookup;
 mod metrics;
 mod originator;
 mod replica;
+mod server;
 mod session;
 mod state;
 mod sweeper;
@@ -129,6 +130,7 @@ impl Hub {
             bus,
             originator,
             sockets: TaskTracker::new(),
+            session_permits: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
             shutdown: shutdown.clone(),
         });
         tasks.spawn(
@@ -149,13 +151,13 @@ impl Hub {
         );
         let app = http_routes::router(state.clone());
         let stop = shutdown.clone();
+        let limits = server::Limits {
+            max_connections: config.max_connections,
+            header_read_timeout: config.header_read_timeout,
+            shutdown_grace: config.shutdown_grace,
+        };
         tasks.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(err) = served {
-                tracing::error!(%err, "HTTP server failed");
-            }
+            server::serve(listener, app, limits, stop).await;
             // Sockets close with 1001 (their tokens are children of the
             // shutdown token); deregister once they have released affinity.
             state.sockets.close();

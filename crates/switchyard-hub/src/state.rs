@@ -32,5 +32,7 @@ pub(crate) struct Shared {
     pub(crate) originator: Originator,
     /// Tracks control-channel sessions, which `axum::serve` does not wait for.
     pub(crate) sockets: TaskTracker,
+    /// One permit per control-channel session, up to `max_sessions`.
+    pub(crate) session_permits: Arc<tokio::sync::Semaphore>,
     pub(crate) shutdown: CancellationToken,
 }

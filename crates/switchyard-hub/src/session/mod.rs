@@ -58,6 +58,18 @@ pub(crate) async fn connect(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // Checked first: at the cap, nothing else is worth doing.
+    let Ok(permit) = state.session_permits.clone().try_acquire_owned() else {
+        return ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!(
+                "this replica holds its maximum of {} broker sessions; try another replica",
+                state.config.max_sessions
+            ),
+        )
+        .into_response();
+    };
     let broker = match hello::authenticate(&*state.store, &headers).await {
         Ok(broker) => broker,
         Err(err) => return ApiError::from(err).into_response(),
@@ -65,7 +77,12 @@ pub(crate) async fn connect(
     let tracker = state.sockets.clone();
     ws.max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| tracker.track_future(run(state, broker, socket)))
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                run(state, broker, socket).await;
+                drop(permit);
+            })
+        })
 }
 
 async fn run(state: HubState, broker: Broker, socket: WebSocket) {
