@@ -100,19 +100,35 @@ pub enum Invalid {
 
 impl StoreError {
     /// True when the database itself is unreachable (worth retrying later),
-    /// as opposed to a refusal of this particular request.
+    /// as opposed to a refusal of this particular request: the connection
+    /// could not be made or was lost, on the wire ([`sqlx::Error::Io`], TLS,
+    /// protocol), in the pool, or as PostgreSQL reports it
+    /// ([`is_unavailable_sqlstate`]).
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             StoreError::Database(
                 sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Tls(_)
-                    | sqlx::Error::Protocol(_)
-            )
-        )
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_),
+            ) => true,
+            StoreError::Database(sqlx::Error::Database(db)) => db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|pg| is_unavailable_sqlstate(pg.code())),
+            _ => false,
+        }
     }
+}
+
+/// PostgreSQL's words for "the connection is gone or refused", as opposed
+/// to "this statement is wrong": class 08 (connection exception), 57P01
+/// (admin shutdown, e.g. `pg_terminate_backend`), 57P02 (crash shutdown),
+/// 57P03 (cannot connect now, e.g. starting up) and 53300 (too many
+/// connections). Only PostgreSQL codes: SQLite's are numbers of another
+/// scheme.
+fn is_unavailable_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -138,3 +154,24 @@ impl From<sqlx::Error> for StoreError {
 
 /// Result of a storage call.
 pub type StoreResult<T> = Result<T, StoreError>;
+
+#[cfg(test)]
+mod tests {
+    use super::is_unavailable_sqlstate;
+
+    #[test]
+    fn lost_and_refused_connections_are_unavailable_other_codes_are_not() {
+        for code in ["08000", "08003", "08006", "08001", "08004", "08P01"] {
+            assert!(is_unavailable_sqlstate(code), "{code}");
+        }
+        for code in ["57P01", "57P02", "57P03", "53300"] {
+            assert!(is_unavailable_sqlstate(code), "{code}");
+        }
+        // Refusals of the statement itself: the request is at fault.
+        for code in [
+            "22021", "23505", "23503", "42P01", "57014", "40001", "53200",
+        ] {
+            assert!(!is_unavailable_sqlstate(code), "{code}");
+        }
+    }
+}
