@@ -5,7 +5,10 @@ mod common;
 
 use common::{TOKEN, TestHub};
 use serde_json::{Value, json};
+use sqlx::Connection;
+use switchyard_proto::auth::Handshake;
 use switchyard_testkit::TestDb;
+use switchyard_testkit::broker::upgrade;
 
 switchyard_testkit::on_both_backends!(
     requests_without_a_valid_token_get_401,
@@ -20,6 +23,8 @@ switchyard_testkit::on_both_backends!(
     a_retried_lifecycle_call_gets_its_original_dispatch,
     timeout_secs_outside_its_range_is_refused_before_anything_is_written,
     payloads_that_no_frame_can_carry_are_refused_with_413_and_nothing_is_written,
+    nul_bytes_are_refused_with_422_and_nothing_is_written,
+    query_and_path_rejections_are_json_errors,
 );
 
 /// A message body or agent definition larger than one control-channel
@@ -512,5 +517,210 @@ async fn a_retried_lifecycle_call_gets_its_original_dispatch(db: TestDb) {
         )
         .await;
     assert_eq!((status, error_code(&body)), (409, "invalid_phase"));
+    hub.shutdown().await;
+}
+
+/// PostgreSQL refuses U+0000 in TEXT and JSONB, and no program can take it
+/// in an argument or the environment: every string of a request is checked
+/// before anything is written, the same way on both backends.
+async fn nul_bytes_are_refused_with_422_and_nothing_is_written(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (broker, _) = hub.broker("edge").await;
+    let agent = hub.agent(&broker, "worker").await;
+    let messages = format!("/v1/agents/{agent}/messages");
+    let define = |name: &str, command: Value, env: Value| json!({ "name": name, "broker_id": broker, "command": command, "env": env });
+    let refused = [
+        ("POST", "/v1/brokers".to_owned(), json!({"name": "b\u{0}"})),
+        (
+            "POST",
+            "/v1/agents".to_owned(),
+            define("a\u{0}", json!(["true"]), json!({})),
+        ),
+        (
+            "POST",
+            "/v1/agents".to_owned(),
+            define("a", json!(["sleep", "6\u{0}0"]), json!({})),
+        ),
+        (
+            "POST",
+            "/v1/agents".to_owned(),
+            define("a", json!(["true"]), json!({"K\u{0}": "v"})),
+        ),
+        (
+            "POST",
+            "/v1/agents".to_owned(),
+            define("a", json!(["true"]), json!({"K": "v\u{0}"})),
+        ),
+        ("POST", messages.clone(), json!({"body": "\u{0}"})),
+        (
+            "POST",
+            messages.clone(),
+            json!({"body": {"deep": [1, {"x": "a\u{0}b"}]}}),
+        ),
+        ("POST", messages.clone(), json!({"body": {"key\u{0}": 1}})),
+        (
+            "POST",
+            "/v1/messages".to_owned(),
+            json!({"messages": [
+                {"agent": agent, "body": "fine"},
+                {"agent": agent, "body": ["\u{0}"]},
+            ]}),
+        ),
+        (
+            "POST",
+            "/v1/messages".to_owned(),
+            json!({"messages": [{"agent": agent, "body": 1, "idempotency_key": "k\u{0}"}]}),
+        ),
+    ];
+    for (method, path, body) in refused {
+        let (status, answer) = hub.call(method, &path, Some(body.clone())).await;
+        assert_eq!(
+            (status, error_code(&answer)),
+            (422, "invalid"),
+            "{path} {body}: {answer}"
+        );
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains("NUL byte"), "{message}");
+    }
+    // In a path or a query: a reference that can name nothing.
+    for path in [
+        "/v1/agents/wor%00ker".to_owned(),
+        "/v1/brokers/ed%00ge".to_owned(),
+        "/v1/agents?broker_id=ed%00ge".to_owned(),
+        "/v1/dispatches?broker_id=%00".to_owned(),
+    ] {
+        let (status, answer) = hub.call("GET", &path, None).await;
+        assert_eq!(
+            (status, error_code(&answer)),
+            (422, "invalid"),
+            "{path}: {answer}"
+        );
+    }
+    let (status, answer) = hub
+        .call(
+            "POST",
+            "/v1/agents/wor%00ker/messages",
+            Some(json!({"body": 1})),
+        )
+        .await;
+    assert_eq!((status, error_code(&answer)), (422, "invalid"), "{answer}");
+
+    let (_, brokers) = hub.call("GET", "/v1/brokers", None).await;
+    assert_eq!(brokers.as_array().unwrap().len(), 1, "{brokers}");
+    let (_, agents) = hub.call("GET", "/v1/agents", None).await;
+    assert_eq!(agents.as_array().unwrap().len(), 1, "{agents}");
+    let (_, dispatches) = hub.call("GET", "/v1/dispatches", None).await;
+    assert_eq!(
+        dispatches.as_array().unwrap().len(),
+        1,
+        "only worker's create"
+    );
+    let (status, sent) = hub
+        .call("POST", &messages, Some(json!({"body": "clean"})))
+        .await;
+    assert_eq!(status, 202, "{sent}");
+    assert_eq!(
+        sent["seq"], 1,
+        "no refused message took a place in the queue"
+    );
+    hub.shutdown().await;
+}
+
+/// axum answers a bad path or query in plain text; the API answers every
+/// error with its JSON body.
+async fn query_and_path_rejections_are_json_errors(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (broker, _) = hub.broker("edge").await;
+    hub.agent(&broker, "worker").await;
+    for path in [
+        "/v1/dispatches?limit=abc",
+        "/v1/dispatches?limit=-1",
+        "/v1/agents?include_deleted=maybe",
+        "/v1/agents?colour=blue",
+        "/v1/events?agent=worker&colour=blue",
+        "/v1/agents/%FF%FE",
+        "/v1/messages/not-a-uuid",
+        "/v1/dispatches/not-a-uuid",
+    ] {
+        let resp = hub
+            .http
+            .get(hub.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{path}");
+        let body: Value = resp
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: not JSON: {e}"));
+        assert_eq!(error_code(&body), "bad_request", "{path}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+    let (status, body) = hub
+        .call("POST", "/v1/agents/worker/start?wait=perhaps", None)
+        .await;
+    assert_eq!((status, error_code(&body)), (400, "bad_request"), "{body}");
+    let (_, dispatches) = hub.call("GET", "/v1/dispatches", None).await;
+    assert_eq!(
+        dispatches.as_array().unwrap().len(),
+        1,
+        "the refused start wrote nothing"
+    );
+    // The control channel without a WebSocket upgrade.
+    let resp = hub
+        .http
+        .get(hub.url("/v1/brokers/connect"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(error_code(&body), "bad_request", "{body}");
+    hub.shutdown().await;
+}
+
+/// A connection PostgreSQL drops under a request (here the backend kills
+/// itself in a trigger, as `pg_terminate_backend` from an operator would:
+/// SQLSTATE 57P01) answers 503 `unavailable`, a retryable outcome, on the
+/// API and on the broker handshake alike; nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_database_connection_answers_503() {
+    let hub = TestHub::start(TestDb::postgres().await).await;
+    let (broker, secret) = hub.broker("edge").await;
+    let mut conn = sqlx::PgConnection::connect(hub.db.url()).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION drop_my_connection() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NEW; END $$;
+         CREATE TRIGGER dropped BEFORE INSERT ON brokers
+             FOR EACH ROW EXECUTE FUNCTION drop_my_connection();
+         CREATE TRIGGER dropped BEFORE INSERT ON broker_nonces
+             FOR EACH ROW EXECUTE FUNCTION drop_my_connection();",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let (status, body) = hub
+        .call("POST", "/v1/brokers", Some(json!({"name": "late"})))
+        .await;
+    assert_eq!((status, error_code(&body)), (503, "unavailable"), "{body}");
+    // The handshake records its nonce in the database.
+    assert_eq!(
+        upgrade(&hub.base, &Handshake::new(&broker, &secret))
+            .await
+            .err(),
+        Some(503)
+    );
+
+    let (status, brokers) = hub.call("GET", "/v1/brokers", None).await;
+    assert_eq!(status, 200, "the pool replaced the dropped connections");
+    assert_eq!(brokers.as_array().unwrap().len(), 1, "{brokers}");
+    conn.close().await.unwrap();
     hub.shutdown().await;
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -18,6 +18,7 @@ use switchyard_proto::AgentSpec;
 use switchyard_store::{Agent, AgentId, NewAgent, Op, Phase};
 
 use super::error::ApiError;
+use super::extract::{Path, Query};
 use super::{ApiJson, idempotency_key, validate_name};
 use crate::lookup;
 use crate::originator::{Lifecycle, Wait};

@@ -1,13 +1,14 @@
 //! `/v1/brokers`: registering brokers and showing their affinity.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchyard_store::{Broker, BrokerId};
 
 use super::error::ApiError;
+use super::extract::Path;
 use super::random_secret;
 use super::{ApiJson, validate_name};
 use crate::lookup;

@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchyard_store::{DispatchIntent, IntentFilter, IntentId, IntentState};
 
 use super::error::ApiError;
+use super::extract::{Path, Query};
 use crate::lookup;
 use crate::state::HubState;
 

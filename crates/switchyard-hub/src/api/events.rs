@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use serde::Deserialize;
@@ -16,6 +16,7 @@ use switchyard_store::AgentId;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::error::ApiError;
+use super::extract::Query;
 use crate::events::HubEvent;
 use crate::lookup;
 use crate::state::HubState;

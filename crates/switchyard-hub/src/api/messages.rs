@@ -5,13 +5,14 @@
 //! drain's; a message becomes `delivered` only when the broker acks it.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchyard_store::{AgentId, Message, MessageId};
 
 use super::error::ApiError;
+use super::extract::Path;
 use super::{ApiJson, idempotency_key};
 use crate::lookup;
 use crate::originator::Sent;

@@ -1,8 +1,9 @@
 //! The `/v1` HTTP API (see `API.md`): one file per resource, and here what
-//! every call goes through before its handler: the admin token, the JSON
-//! body, the `Idempotency-Key` header, names. Bodies are JSON with unknown
-//! fields refused, and every error is `{"error": {"code", "message"}}`
-//! ([`error::ApiError`]). Handlers parse, call the originator or the store,
+//! every call goes through before its handler: the admin token, the
+//! request's path, query and JSON body ([`extract`], which refuses NUL
+//! bytes), the `Idempotency-Key` header, names. Bodies are JSON with
+//! unknown fields refused, and every error is
+//! `{"error": {"code", "message"}}` ([`error::ApiError`]). Handlers parse, call the originator or the store,
 //! and map the outcome to a response; the route table is `http_routes`.
 
 pub(crate) mod agents;
@@ -10,22 +11,23 @@ pub(crate) mod brokers;
 pub(crate) mod dispatches;
 pub(crate) mod error;
 pub(crate) mod events;
+pub(crate) mod extract;
 pub(crate) mod messages;
+mod nul;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
-use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use switchyard_store::Store;
 
 use error::ApiError;
+pub(crate) use extract::ApiJson;
 
 /// Largest request body the API reads; larger ones get 413 unread.
 pub(crate) const MAX_BODY_BYTES: usize = 512 * 1024;
@@ -116,32 +118,6 @@ pub(crate) async fn require_admin(
         tokens.remember(digest);
     }
     Ok(next.run(request).await)
-}
-
-/// `axum::Json` with errors in the API's error format.
-#[derive(Debug)]
-pub(crate) struct ApiJson<T>(pub(crate) T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(json_error(rejection)),
-        }
-    }
-}
-
-fn json_error(rejection: JsonRejection) -> ApiError {
-    let status = rejection.status();
-    let code = match status.as_u16() {
-        413 => "payload_too_large",
-        415 => "unsupported_media_type",
-        422 => "invalid",
-        _ => "bad_request",
-    };
-    ApiError::new(status, code, rejection.body_text())
 }
 
 /// The `Idempotency-Key` header, if any (1-255 printable ASCII characters).

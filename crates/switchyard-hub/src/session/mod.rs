@@ -25,8 +25,9 @@ mod writer;
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use switchyard_proto::{AgentStatus, ErrorCode, HubFrame, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES};
@@ -52,13 +53,27 @@ enum StartError {
     Apply(#[from] ApplyError),
 }
 
-/// The upgrade: authenticated before the socket exists.
+/// The upgrade: authenticated before the socket exists. A request that is
+/// no WebSocket upgrade is refused first, in the API's JSON error format.
 pub(crate) async fn connect(
     State(state): State<HubState>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    // Checked first: at the cap, nothing else is worth doing.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            let status = rejection.status();
+            let code = if status == StatusCode::METHOD_NOT_ALLOWED {
+                "method_not_allowed"
+            } else {
+                "bad_request"
+            };
+            return ApiError::new(status, code, rejection.body_text()).into_response();
+        }
+    };
+    // Checked before anything that reads the database: at the cap,
+    // nothing else is worth doing.
     let Ok(permit) = state.session_permits.clone().try_acquire_owned() else {
         return ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
