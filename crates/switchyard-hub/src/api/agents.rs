@@ -18,7 +18,7 @@ use switchyard_proto::AgentSpec;
 use switchyard_store::{Agent, AgentId, NewAgent, Op, Phase};
 
 use super::error::ApiError;
-use super::extract::{Path, Query};
+use super::request::{Path, Query};
 use super::{ApiJson, idempotency_key, validate_name};
 use crate::lookup;
 use crate::originator::{Lifecycle, Wait};

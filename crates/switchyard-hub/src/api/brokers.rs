@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 use switchyard_store::{Broker, BrokerId};
 
 use super::error::ApiError;
-use super::extract::Path;
 use super::random_secret;
+use super::request::Path;
 use super::{ApiJson, validate_name};
 use crate::lookup;
 use crate::state::HubState;

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use switchyard_store::{DispatchIntent, IntentFilter, IntentId, IntentState};
 
 use super::error::ApiError;
-use super::extract::{Path, Query};
+use super::request::{Path, Query};
 use crate::lookup;
 use crate::state::HubState;
 

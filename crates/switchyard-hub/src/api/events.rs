@@ -16,7 +16,7 @@ use switchyard_store::AgentId;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::error::ApiError;
-use super::extract::Query;
+use super::request::Query;
 use crate::events::HubEvent;
 use crate::lookup;
 use crate::state::HubState;

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use switchyard_store::{AgentId, Message, MessageId};
 
 use super::error::ApiError;
-use super::extract::Path;
+use super::request::Path;
 use super::{ApiJson, idempotency_key};
 use crate::lookup;
 use crate::originator::Sent;
