@@ -2,9 +2,10 @@
 //!
 //! Every frame to the broker goes through one channel (the [`Outbox`]),
 //! bounded in frames and in bytes, so frames never interleave and a slow
-//! broker pushes back on the drain instead of growing a queue. Every write
-//! has a timeout: a broker that stops reading is disconnected instead of
-//! holding the session (and a graceful shutdown) forever.
+//! broker pushes back on the drain instead of growing a queue. The writer
+//! writes what is queued and flushes once per batch. Every batch has a
+//! timeout: a broker that stops reading is disconnected instead of holding
+//! the session (and a graceful shutdown) forever.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::SinkExt;
 use futures::stream::SplitSink;
 use switchyard_proto::{HubFrame, encode};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +26,8 @@ const OUTBOUND_CAPACITY: usize = 1024;
 /// Bytes of encoded frames queued for one socket before the drain has to
 /// wait: what a broker that stops reading can cost this replica.
 const OUTBOUND_BYTES: usize = 4 << 20;
+/// Bytes written before a flush when more frames are queued.
+const BATCH_BYTES: usize = 256 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum WriteError {
@@ -57,12 +60,19 @@ impl Outbox {
     /// Queues a frame, waiting while the socket is behind.
     pub(crate) async fn send(&self, frame: HubFrame) -> Result<(), WriteError> {
         let text = encode(&frame);
-        let permit = self
-            .bytes
-            .clone()
-            .acquire_many_owned(share(&text))
-            .await
-            .map_err(|_| WriteError::WriterGone)?;
+        let share = share(&text);
+        // Trying first keeps the common case (room in the budget) free of
+        // an await, which would spend the drain's cooperative budget.
+        let permit = match self.bytes.clone().try_acquire_many_owned(share) {
+            Ok(permit) => permit,
+            Err(TryAcquireError::NoPermits) => self
+                .bytes
+                .clone()
+                .acquire_many_owned(share)
+                .await
+                .map_err(|_| WriteError::WriterGone)?,
+            Err(TryAcquireError::Closed) => return Err(WriteError::WriterGone),
+        };
         self.tx
             .send(Outbound::Frame(text, permit))
             .await
@@ -118,28 +128,26 @@ async fn write(
     cancel: CancellationToken,
     write_timeout: Duration,
 ) {
-    loop {
+    let mut closing = None;
+    while closing.is_none() {
         let next = tokio::select! {
             biased;
             next = outbound.recv() => next,
             () = cancel.cancelled() => None,
         };
-        // The permit, if any, is released once the frame is written.
-        let (message, _permit) = match next {
-            Some(Outbound::Frame(text, permit)) => (Message::Text(text.into()), Some(permit)),
-            Some(Outbound::Ping) => (Message::Ping(Default::default()), None),
+        let first = match next {
             Some(Outbound::Close(code, reason)) => {
-                let _ = tokio::time::timeout(write_timeout, sink.send(close_message(code, reason)))
-                    .await;
+                closing = Some(close_message(code, reason));
                 break;
             }
             None => {
-                let goodbye = close_message(close::GOING_AWAY, "hub shutting down");
-                let _ = tokio::time::timeout(write_timeout, sink.send(goodbye)).await;
+                closing = Some(close_message(close::GOING_AWAY, "hub shutting down"));
                 break;
             }
+            Some(first) => first,
         };
-        match tokio::time::timeout(write_timeout, sink.send(message)).await {
+        let batch = write_batch(&mut sink, &mut outbound, first, &mut closing);
+        match tokio::time::timeout(write_timeout, batch).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => break,
             Err(_) => {
@@ -147,12 +155,50 @@ async fn write(
                     timeout_secs = write_timeout.as_secs_f64(),
                     "the broker stopped reading; disconnecting it"
                 );
+                closing = None;
                 break;
             }
         }
     }
     cancel.cancel();
+    if let Some(goodbye) = closing {
+        let _ = tokio::time::timeout(write_timeout, sink.send(goodbye)).await;
+    }
     let _ = tokio::time::timeout(write_timeout, sink.close()).await;
+}
+
+/// Writes `first` and whatever else is already queued (up to
+/// [`BATCH_BYTES`]), then flushes once: one flush, one timeout and usually
+/// one system call per batch rather than per frame. A close found in the
+/// queue ends the batch and is left in `closing` for the caller. The frames'
+/// permits are released once the batch is flushed.
+async fn write_batch(
+    sink: &mut SplitSink<WebSocket, Message>,
+    outbound: &mut mpsc::Receiver<Outbound>,
+    first: Outbound,
+    closing: &mut Option<Message>,
+) -> Result<(), axum::Error> {
+    let mut permits = Vec::new();
+    let mut bytes = 0;
+    let mut next = Some(first);
+    while let Some(item) = next.take() {
+        match item {
+            Outbound::Frame(text, permit) => {
+                bytes += text.len();
+                sink.feed(Message::Text(text.into())).await?;
+                permits.push(permit);
+            }
+            Outbound::Ping => sink.feed(Message::Ping(Default::default())).await?,
+            Outbound::Close(code, reason) => {
+                *closing = Some(close_message(code, reason));
+                break;
+            }
+        }
+        if bytes < BATCH_BYTES {
+            next = outbound.try_recv().ok();
+        }
+    }
+    sink.flush().await
 }
 
 fn close_message(code: u16, reason: &'static str) -> Message {
