@@ -6,6 +6,7 @@ mod bus;
 mod config;
 mod events;
 mod http_routes;
+mod idempotency;
 mod lookup;
 mod metrics;
 mod originator;

@@ -41,6 +41,7 @@ use tokio::time::Instant;
 use crate::bus::Bus;
 use crate::config::HubConfig;
 use crate::events::{Events, HubEvent};
+use crate::idempotency::Entry;
 use crate::metrics::Metrics;
 use crate::session::registry::Registry;
 
@@ -151,19 +152,22 @@ impl Originator {
         (originator, writer)
     }
 
-    /// A message to `agent` that lives for the configured TTL.
+    /// A message to `agent` that lives for the configured TTL, under its
+    /// idempotency `entry` if the call had a key.
     pub(crate) fn message(
         &self,
         agent: AgentId,
         body: serde_json::Value,
-        key: Option<String>,
+        entry: Option<Entry>,
     ) -> NewMessage {
+        let (idempotency_key, request_digest) = entry.map(|e| (e.key, e.digest)).unzip();
         NewMessage {
             id: MessageId::new(),
             agent_id: agent,
             body,
             expires_at: after(self.config.message_ttl),
-            idempotency_key: key,
+            idempotency_key,
+            request_digest,
         }
     }
 
@@ -222,16 +226,18 @@ impl Originator {
 
     /// A lifecycle call: refused if `op` makes no sense in the agent's phase
     /// (unless it is a retry of an earlier call with the same key, answered
-    /// from its original dispatch), written, routed, and waited for.
+    /// from its original dispatch), written, routed, and waited for. A
+    /// retry acts on its original dispatch's agent only, and is answered at
+    /// once if that dispatch has finished.
     pub(crate) async fn lifecycle(
         &self,
         agent: &Agent,
         op: Op,
-        key: Option<String>,
+        entry: Option<Entry>,
         wait: Wait,
     ) -> Result<Lifecycle, OriginatorError> {
-        let retried = match &key {
-            Some(key) => self.store.intent_by_key(key).await?,
+        let retried = match &entry {
+            Some(entry) => self.store.intent_by_key(&entry.key).await?,
             None => None,
         };
         if retried.is_none() {
@@ -241,7 +247,7 @@ impl Originator {
         let mut events = self.events.subscribe();
         let inserted = self
             .store
-            .insert_intent(self.intent(agent.id, op, key))
+            .insert_intent(self.intent(agent.id, op, entry))
             .await?;
         let route = self.routed(&inserted, matches!(wait, Wait::For(_))).await;
         let intent = inserted.row;
@@ -251,15 +257,20 @@ impl Originator {
                 route,
             });
         };
-        let intent = self
-            .wait_for_outcome(&mut events, intent.id, agent.id, window)
-            .await?;
+        // A retried call's dispatch may have finished already: its row, read
+        // after the subscription, says so, and no event will.
+        let intent = if finished(&intent) {
+            intent
+        } else {
+            self.wait_for_outcome(&mut events, intent.id, intent.agent_id, window)
+                .await?
+        };
         Ok(match intent.state {
             IntentState::Done => {
-                let agent = if op == Op::Delete {
-                    self.store.mark_agent_deleted(agent.id).await?
+                let agent = if intent.op == Op::Delete {
+                    self.store.mark_agent_deleted(intent.agent_id).await?
                 } else {
-                    self.store.agent(agent.id).await?
+                    self.store.agent(intent.agent_id).await?
                 };
                 Lifecycle::Done {
                     agent,
@@ -274,14 +285,16 @@ impl Originator {
         })
     }
 
-    fn intent(&self, agent: AgentId, op: Op, key: Option<String>) -> NewIntent {
+    fn intent(&self, agent: AgentId, op: Op, entry: Option<Entry>) -> NewIntent {
+        let (idempotency_key, request_digest) = entry.map(|e| (e.key, e.digest)).unzip();
         NewIntent {
             id: IntentId::new(),
             agent_id: agent,
             op,
             args: json!({}),
             deadline: after(self.config.intent_deadline),
-            idempotency_key: key,
+            idempotency_key,
+            request_digest,
         }
     }
 
@@ -368,7 +381,7 @@ impl Originator {
                 Ok(Ok(_)) => {}
                 Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
                     let row = self.store.intent(intent).await?;
-                    if matches!(row.state, IntentState::Done | IntentState::Failed) {
+                    if finished(&row) {
                         return Ok(row);
                     }
                 }
@@ -377,6 +390,10 @@ impl Originator {
         }
         self.store.intent(intent).await
     }
+}
+
+fn finished(intent: &DispatchIntent) -> bool {
+    matches!(intent.state, IntentState::Done | IntentState::Failed)
 }
 
 /// The owner of the broker's session that a created row's insert read.

@@ -34,12 +34,14 @@ pub(crate) fn check_batch<'a>(
 pub(crate) trait NewRow {
     fn id(&self) -> Uuid;
     fn key(&self) -> Option<&str>;
+    fn digest(&self) -> Option<&str>;
 }
 
 /// A stored row that a batch item may resolve to.
 pub(crate) trait StoredRow: Clone {
     fn id(&self) -> Uuid;
     fn key(&self) -> Option<&str>;
+    fn digest(&self) -> Option<&str>;
     fn broker(&self) -> BrokerId;
 }
 
@@ -52,6 +54,9 @@ macro_rules! rows {
             fn key(&self) -> Option<&str> {
                 self.idempotency_key.as_deref()
             }
+            fn digest(&self) -> Option<&str> {
+                self.request_digest.as_deref()
+            }
         }
         impl StoredRow for $stored {
             fn id(&self) -> Uuid {
@@ -59,6 +64,9 @@ macro_rules! rows {
             }
             fn key(&self) -> Option<&str> {
                 self.idempotency_key.as_deref()
+            }
+            fn digest(&self) -> Option<&str> {
+                self.request_digest.as_deref()
             }
             fn broker(&self) -> BrokerId {
                 self.broker_id
@@ -68,9 +76,24 @@ macro_rules! rows {
 }
 rows!(NewIntent => DispatchIntent, NewMessage => Message);
 
+/// The idempotency rule, written once: an item whose key names an
+/// existing row is answered with that row if it asks for the same thing
+/// (same digest), and refused otherwise.
+pub(crate) fn replay<N: NewRow, R: StoredRow>(item: &N, existing: R) -> StoreResult<Inserted<R>> {
+    if item.digest() != existing.digest() {
+        let key = item.key().unwrap_or_default().to_owned();
+        return Err(StoreError::Conflict(Conflict::KeyReused(key)));
+    }
+    Ok(Inserted {
+        row: existing,
+        created: false,
+        owner: None,
+    })
+}
+
 /// Answers each requested item with the row inserted for it (and the
 /// owner of its broker's session, from `owners`), or with the existing
-/// row its idempotency key named.
+/// row its idempotency key named (see [`replay`]).
 pub(crate) fn match_inserted<N: NewRow, R: StoredRow>(
     requested: &[N],
     inserted: Vec<R>,
@@ -82,6 +105,12 @@ pub(crate) fn match_inserted<N: NewRow, R: StoredRow>(
         .into_iter()
         .filter_map(|r| r.key().map(|k| (k.to_owned(), r.clone())))
         .collect();
+    // A reused key refuses the batch whichever item carries it.
+    for item in requested {
+        if let Some(row) = item.key().and_then(|k| existing.get(k)) {
+            replay(item, row.clone())?;
+        }
+    }
     requested
         .iter()
         .map(|item| {
@@ -92,14 +121,10 @@ pub(crate) fn match_inserted<N: NewRow, R: StoredRow>(
                     owner: owners.get(&row.broker()).copied().flatten(),
                 });
             }
-            item.key()
-                .and_then(|k| existing.get(k))
-                .map(|row| Inserted {
-                    row: row.clone(),
-                    created: false,
-                    owner: None,
-                })
-                .ok_or(StoreError::Conflict(Conflict::IdTaken(item.id())))
+            match item.key().and_then(|k| existing.get(k)) {
+                Some(row) => replay(item, row.clone()),
+                None => Err(StoreError::Conflict(Conflict::IdTaken(item.id()))),
+            }
         })
         .collect()
 }

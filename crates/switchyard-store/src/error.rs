@@ -69,6 +69,10 @@ pub enum Conflict {
     BrokerConnected,
     #[error("broker still has {0} agent(s); delete them first")]
     BrokerHasAgents(i64),
+    /// An idempotency key that created a row for another request; nothing
+    /// was written.
+    #[error("idempotency key {0:?} was used for a different request")]
+    KeyReused(String),
     /// A batch item's id is taken by a row its idempotency key did not name.
     #[error("id {0} exists already")]
     IdTaken(uuid::Uuid),

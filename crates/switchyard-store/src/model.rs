@@ -149,6 +149,9 @@ pub struct DispatchIntent {
     pub attempts: i32,
     pub deadline: DateTime<Utc>,
     pub idempotency_key: Option<String>,
+    /// Digest of the request that created the row under its key.
+    #[serde(skip_serializing)]
+    pub request_digest: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -161,7 +164,11 @@ pub struct NewIntent {
     pub op: Op,
     pub args: Value,
     pub deadline: DateTime<Utc>,
+    /// The ledger key: a repeated key is answered with the row it created.
     pub idempotency_key: Option<String>,
+    /// What the request asked for; a repeated key with another digest is
+    /// refused ([`crate::Conflict::KeyReused`]).
+    pub request_digest: Option<String>,
 }
 
 /// A message to one agent.
@@ -179,6 +186,9 @@ pub struct Message {
     pub claimed_at: Option<DateTime<Utc>>,
     pub attempts: i32,
     pub idempotency_key: Option<String>,
+    /// Digest of the request that created the row under its key.
+    #[serde(skip_serializing)]
+    pub request_digest: Option<String>,
     pub expires_at: DateTime<Utc>,
     pub delivered_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
@@ -192,7 +202,10 @@ pub struct NewMessage {
     pub agent_id: AgentId,
     pub body: Value,
     pub expires_at: DateTime<Utc>,
+    /// As for [`NewIntent::idempotency_key`].
     pub idempotency_key: Option<String>,
+    /// As for [`NewIntent::request_digest`].
+    pub request_digest: Option<String>,
 }
 
 /// A row returned by an idempotent insert.

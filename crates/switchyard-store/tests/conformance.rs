@@ -11,9 +11,9 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::json;
 use switchyard_store::{
-    AgentId, Broker, BrokerId, BrokerStatus, IntentFilter, IntentId, IntentOutcome, IntentState,
-    MessageId, MessageState, NewAgent, NewIntent, NewMessage, Op, Phase, ReplicaId, RequeuePolicy,
-    SessionHeartbeat, SessionId, Store, StoreError, open,
+    AgentId, Broker, BrokerId, BrokerStatus, Conflict, IntentFilter, IntentId, IntentOutcome,
+    IntentState, MessageId, MessageState, NewAgent, NewIntent, NewMessage, Op, Phase, ReplicaId,
+    RequeuePolicy, SessionHeartbeat, SessionId, Store, StoreError, open,
 };
 use switchyard_testkit::{FromTestDb, TestDb};
 
@@ -66,6 +66,7 @@ switchyard_testkit::on_both_backends!(
     messages_keep_per_agent_fifo_order,
     message_batch_with_one_invalid_item_inserts_nothing,
     message_idempotency_and_idempotent_ack,
+    a_key_reused_for_another_request_refuses_the_batch_and_writes_nothing,
     ack_from_another_broker_changes_nothing,
     batch_acks_deliver_their_own_and_report_the_rest,
     concurrent_message_claimers_deliver_each_once_in_order,
@@ -124,6 +125,7 @@ fn intent(agent: AgentId, op: Op) -> NewIntent {
         args: json!({}),
         deadline: Utc::now() + chrono::Duration::minutes(5),
         idempotency_key: None,
+        request_digest: None,
     }
 }
 
@@ -134,6 +136,7 @@ fn message(agent: AgentId, body: serde_json::Value) -> NewMessage {
         body,
         expires_at: Utc::now() + chrono::Duration::minutes(5),
         idempotency_key: None,
+        request_digest: None,
     }
 }
 
@@ -996,6 +999,59 @@ async fn message_batch_with_one_invalid_item_inserts_nothing(f: Fixture) {
         matches!(err, StoreError::NotFound(switchyard_store::Entity::Agent)),
         "{err:?}"
     );
+}
+
+/// The ledger rule: a key answers with its row only for the request that
+/// created it (same digest); any other request carrying it is refused
+/// whole, wherever the key sits in the batch, and takes no sequence number.
+async fn a_key_reused_for_another_request_refuses_the_batch_and_writes_nothing(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let keyed = |body: serde_json::Value, digest: &str| {
+        let mut m = message(a, body);
+        m.idempotency_key = Some("k".into());
+        m.request_digest = Some(digest.into());
+        m
+    };
+    let first = s
+        .insert_messages(vec![keyed(json!(1), "d1")])
+        .await
+        .unwrap();
+    assert!(first[0].created);
+    for batch in [
+        vec![keyed(json!(2), "d2")],
+        vec![message(a, json!("fresh")), keyed(json!(2), "d2")],
+        vec![keyed(json!(2), "d2"), message(a, json!("fresh"))],
+    ] {
+        match s.insert_messages(batch).await {
+            Err(StoreError::Conflict(Conflict::KeyReused(key))) => assert_eq!(key, "k"),
+            other => panic!("expected KeyReused, got {other:?}"),
+        }
+    }
+    let again = s
+        .insert_messages(vec![keyed(json!(1), "d1")])
+        .await
+        .unwrap();
+    assert!(!again[0].created);
+    assert_eq!(again[0].row.id, first[0].row.id);
+    let next = s
+        .insert_messages(vec![message(a, json!("next"))])
+        .await
+        .unwrap();
+    assert_eq!(next[0].row.seq, 2, "the refused batches wrote nothing");
+
+    let mut start = intent(a, Op::Start);
+    start.idempotency_key = Some("k".into());
+    start.request_digest = Some("d1".into());
+    s.insert_intent(start.clone()).await.unwrap();
+    let mut other = intent(a, Op::Stop);
+    other.idempotency_key = Some("k".into());
+    other.request_digest = Some("d2".into());
+    assert!(matches!(
+        s.insert_intent(other).await,
+        Err(StoreError::Conflict(Conflict::KeyReused(_)))
+    ));
 }
 
 async fn message_idempotency_and_idempotent_ack(f: Fixture) {

@@ -20,6 +20,7 @@ use switchyard_store::{Agent, AgentId, NewAgent, Op, Phase};
 use super::error::ApiError;
 use super::request::{Path, Query};
 use super::{ApiJson, idempotency_key, validate_name};
+use crate::idempotency::Entry;
 use crate::lookup;
 use crate::originator::{Lifecycle, Wait};
 use crate::state::HubState;
@@ -197,7 +198,8 @@ async fn lifecycle(
     } else {
         Wait::No
     };
-    match state.originator.lifecycle(&agent, op, key, wait).await? {
+    let entry = key.map(|key| Entry::lifecycle(agent.id, op, &key));
+    match state.originator.lifecycle(&agent, op, entry, wait).await? {
         Lifecycle::Accepted { dispatch, route } => Ok((
             StatusCode::ACCEPTED,
             Json(json!({ "dispatch_id": dispatch, "route": route })),

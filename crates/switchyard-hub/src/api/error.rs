@@ -6,7 +6,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use switchyard_store::StoreError;
+use switchyard_store::{Conflict, StoreError};
 
 use crate::originator::OriginatorError;
 
@@ -51,6 +51,9 @@ impl From<StoreError> for ApiError {
             // Another broker's row is as invisible to the API as a missing one.
             StoreError::NotFound(_) | StoreError::NotOwned(_) => {
                 (StatusCode::NOT_FOUND, "not_found")
+            }
+            StoreError::Conflict(Conflict::KeyReused(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
             }
             StoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             StoreError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),

@@ -14,6 +14,7 @@ use switchyard_store::{AgentId, Message, MessageId};
 use super::error::ApiError;
 use super::request::Path;
 use super::{ApiJson, idempotency_key};
+use crate::idempotency::Entry;
 use crate::lookup;
 use crate::originator::Sent;
 use crate::state::HubState;
@@ -38,7 +39,8 @@ pub(crate) async fn send(
         Ok(id) => id,
         Err(_) => lookup::agent(&*state.store, &reference).await?.id,
     };
-    let message = state.originator.message(agent_id, request.body, key);
+    let entry = key.map(|key| Entry::message(agent_id, &key, &request.body));
+    let message = state.originator.message(agent_id, request.body, entry);
     let sent = state.originator.send(message).await?;
     Ok((StatusCode::ACCEPTED, Json(answer(&sent))))
 }
@@ -111,10 +113,11 @@ pub(crate) async fn send_batch(
                 (row.id, row.broker_id)
             }
         };
-        let key = item
+        let entry = item
             .idempotency_key
-            .or_else(|| key.as_ref().map(|k| format!("{k}/{i}")));
-        batch.push(state.originator.message(agent.0, item.body, key));
+            .or_else(|| key.as_ref().map(|k| format!("{k}/{i}")))
+            .map(|key| Entry::batch_item(agent.0, &key, &item.body));
+        batch.push(state.originator.message(agent.0, item.body, entry));
     }
     let sent = state.originator.send_batch(batch).await?;
     let answers: Vec<Value> = sent.iter().map(answer).collect();

@@ -43,21 +43,21 @@ where
 /// [`insert_sequenced`] writes it.
 struct Sequenced {
     table: &'static str,
-    /// Reads the rows with the keys in `$1`.
-    by_keys: &'static str,
+    /// The partial unique index on the idempotency key.
+    key_index: &'static str,
     /// The table's states.
     states: &'static LazyLock<WorkStates>,
     /// The `agents` column holding the last sequence number handed out.
     counter: &'static str,
     /// The table's own columns, with their types, bound as arrays after
-    /// ids, agents and idempotency keys (`$4`, `$5`, ...).
+    /// ids, agents, idempotency keys and request digests (`$5`, `$6`, ...).
     payload: &'static [(&'static str, &'static str)],
 }
 
 const MESSAGES: Sequenced = Sequenced {
     table: "messages",
     states: &MESSAGE,
-    by_keys: "SELECT * FROM messages WHERE idempotency_key = ANY($1) AND idempotency_key IS NOT NULL",
+    key_index: "messages_idempotency_key",
     counter: "message_seq",
     payload: &[("body", "jsonb"), ("expires_at", "timestamptz")],
 };
@@ -65,8 +65,7 @@ const MESSAGES: Sequenced = Sequenced {
 const INTENTS: Sequenced = Sequenced {
     table: "dispatch_intents",
     states: &INTENT,
-    by_keys: "SELECT * FROM dispatch_intents
-              WHERE idempotency_key = ANY($1) AND idempotency_key IS NOT NULL",
+    key_index: "dispatch_intents_idempotency_key",
     counter: "intent_seq",
     payload: &[
         ("op", "text"),
@@ -86,7 +85,9 @@ impl Sequenced {
     ///
     /// 1. `existing`: rows whose idempotency key an item names; those items
     ///    are answered with them and take no sequence numbers (`fresh` are
-    ///    the others).
+    ///    the others). If one of them was created by a different request
+    ///    (`reused`: another digest), nothing is fresh: the statement writes
+    ///    nothing and [`match_inserted`] refuses the batch.
     /// 2. `locked`: the items' agents, in id order (concurrent batches
     ///    cannot deadlock), `FOR UPDATE`, skipping deleted ones; and their
     ///    brokers `FOR KEY SHARE`, reading which replica holds the session.
@@ -104,9 +105,11 @@ impl Sequenced {
     ///    found".
     ///
     /// A concurrent insert can win the race for a key after `existing` was
-    /// read; `ON CONFLICT DO NOTHING` skips the item (its reserved number
-    /// stays unused: sequence numbers order rows, gaps are harmless) and
-    /// [`insert_sequenced`] reads the winner afterwards.
+    /// read: the key's unique index then fails the whole statement (nothing
+    /// is written) and [`insert_sequenced`] runs it again, when `existing`
+    /// sees the winner. (`ON CONFLICT DO NOTHING` would skip only that item
+    /// and commit the others, breaking all-or-none when the winner was a
+    /// different request.)
     fn insert_sql(&self) -> String {
         let table = self.table;
         let counter = self.counter;
@@ -116,23 +119,28 @@ impl Sequenced {
             .payload
             .iter()
             .enumerate()
-            .map(|(i, (_, ty))| format!("${}::{ty}[]", i + 4))
+            .map(|(i, (_, ty))| format!("${}::{ty}[]", i + 5))
             .collect();
         let from_fresh: Vec<String> = columns.iter().map(|c| format!("f.{c}")).collect();
         let (columns, arrays, from_fresh) =
             (columns.join(", "), arrays.join(", "), from_fresh.join(", "));
         format!(
             "WITH input AS (
-                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], {arrays})
-                     WITH ORDINALITY AS t(id, agent_id, idempotency_key, {columns}, ord)
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], {arrays})
+                     WITH ORDINALITY AS t(id, agent_id, idempotency_key, request_digest,
+                                          {columns}, ord)
              ), existing AS (
                  SELECT * FROM {table}
                  WHERE idempotency_key IN (SELECT idempotency_key FROM input)
                    AND idempotency_key IS NOT NULL
+             ), reused AS (
+                 SELECT 1 FROM existing e JOIN input i ON i.idempotency_key = e.idempotency_key
+                 WHERE i.request_digest IS DISTINCT FROM e.request_digest
              ), fresh AS (
                  SELECT * FROM input
-                 WHERE idempotency_key IS NULL
-                    OR idempotency_key NOT IN (SELECT idempotency_key FROM existing)
+                 WHERE NOT EXISTS (SELECT 1 FROM reused)
+                   AND (idempotency_key IS NULL
+                        OR idempotency_key NOT IN (SELECT idempotency_key FROM existing))
              ), counts AS (
                  SELECT agent_id, count(*) AS n FROM fresh GROUP BY agent_id
              ), locked AS MATERIALIZED (
@@ -147,13 +155,13 @@ impl Sequenced {
                  WHERE a.id = c.agent_id AND a.id IN (SELECT id FROM locked)
                  RETURNING a.id, a.broker_id, a.{counter} - c.n AS before
              ), inserted AS (
-                 INSERT INTO {table} (id, agent_id, broker_id, seq, idempotency_key, {columns})
+                 INSERT INTO {table}
+                     (id, agent_id, broker_id, seq, idempotency_key, request_digest, {columns})
                  SELECT f.id, f.agent_id, r.broker_id,
                         r.before + row_number() OVER (PARTITION BY f.agent_id ORDER BY f.ord),
-                        f.idempotency_key, {from_fresh}
+                        f.idempotency_key, f.request_digest, {from_fresh}
                  FROM fresh f LEFT JOIN reserved r ON r.id = f.agent_id
                  ORDER BY f.ord
-                 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                  RETURNING *
              )
              SELECT true AS created, l.connected_replica AS owner, i.*
@@ -269,26 +277,38 @@ struct Written<T> {
     row: T,
 }
 
-/// Runs a [`Sequenced::insert_sql`] statement (`query`, with the ids,
-/// agents, keys and payload arrays already bound) and answers each item
-/// (see [`match_inserted`]).
+/// Runs a [`Sequenced::insert_sql`] statement (`query` builds it, with the
+/// ids, agents, keys, digests and payload arrays bound) and answers each
+/// item (see [`match_inserted`]). A statement that lost a race for a key is
+/// run again (see [`Sequenced::insert_sql`]); after [`KEY_RACES`] lost races
+/// the conflict is reported.
 async fn insert_sequenced<'q, N, R>(
     pool: &PgPool,
     table: &Sequenced,
     items: &[N],
-    query: sqlx::query::QueryAs<'q, Postgres, Written<R>, sqlx::postgres::PgArguments>,
+    query: impl Fn() -> sqlx::query::QueryAs<'q, Postgres, Written<R>, sqlx::postgres::PgArguments>,
 ) -> StoreResult<Vec<Inserted<R>>>
 where
     N: NewRow,
     R: StoredRow + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
 {
-    let written: Vec<Written<R>> = match query.fetch_all(pool).await {
-        Ok(written) => written,
-        Err(sqlx::Error::Database(db)) if db.kind() == sqlx::error::ErrorKind::NotNullViolation => {
-            // Only the broker of an unreserved agent can be NULL here.
-            return Err(StoreError::NotFound(Entity::Agent));
+    let mut races = 0;
+    let written: Vec<Written<R>> = loop {
+        match query().fetch_all(pool).await {
+            Ok(written) => break written,
+            Err(sqlx::Error::Database(db))
+                if db.kind() == sqlx::error::ErrorKind::NotNullViolation =>
+            {
+                // Only the broker of an unreserved agent can be NULL here.
+                return Err(StoreError::NotFound(Entity::Agent));
+            }
+            Err(sqlx::Error::Database(db))
+                if db.constraint() == Some(table.key_index) && races < KEY_RACES =>
+            {
+                races += 1;
+            }
+            Err(err) => return Err(err.into()),
         }
-        Err(err) => return Err(err.into()),
     };
     let mut owners = BTreeMap::new();
     let (mut inserted, mut existing) = (Vec::new(), Vec::new());
@@ -300,29 +320,27 @@ where
             existing.push(w.row);
         }
     }
-    if inserted.len() + existing.len() < items.len() {
-        // A concurrent insert won the race for a key: read the winner.
-        let keys: Vec<&str> = items.iter().filter_map(NewRow::key).collect();
-        existing = sqlx::query_as(table.by_keys)
-            .bind(keys)
-            .fetch_all(pool)
-            .await?;
-    }
     match_inserted(items, inserted, existing, &owners)
 }
+
+/// Races for one key a batch insert runs again before giving up.
+const KEY_RACES: u32 = 3;
 
 impl WorkDialect for PgStore {
     async fn insert_intent_batch(
         &self,
         intents: Vec<NewIntent>,
     ) -> StoreResult<Vec<Inserted<DispatchIntent>>> {
-        let query = sqlx::query_as(INSERT_INTENTS.as_str())
-            .bind(intents.iter().map(|i| i.id.0).collect::<Vec<_>>())
-            .bind(intents.iter().map(|i| i.agent_id.0).collect::<Vec<_>>())
-            .bind(intents.iter().map(NewRow::key).collect::<Vec<_>>())
-            .bind(intents.iter().map(|i| i.op.as_str()).collect::<Vec<_>>())
-            .bind(intents.iter().map(|i| Json(&i.args)).collect::<Vec<_>>())
-            .bind(intents.iter().map(|i| i.deadline).collect::<Vec<_>>());
+        let query = || {
+            sqlx::query_as(INSERT_INTENTS.as_str())
+                .bind(intents.iter().map(|i| i.id.0).collect::<Vec<_>>())
+                .bind(intents.iter().map(|i| i.agent_id.0).collect::<Vec<_>>())
+                .bind(intents.iter().map(NewRow::key).collect::<Vec<_>>())
+                .bind(intents.iter().map(NewRow::digest).collect::<Vec<_>>())
+                .bind(intents.iter().map(|i| i.op.as_str()).collect::<Vec<_>>())
+                .bind(intents.iter().map(|i| Json(&i.args)).collect::<Vec<_>>())
+                .bind(intents.iter().map(|i| i.deadline).collect::<Vec<_>>())
+        };
         insert_sequenced(&self.pool, &INTENTS, &intents, query).await
     }
 
@@ -330,12 +348,15 @@ impl WorkDialect for PgStore {
         &self,
         messages: Vec<NewMessage>,
     ) -> StoreResult<Vec<Inserted<Message>>> {
-        let query = sqlx::query_as(INSERT_MESSAGES.as_str())
-            .bind(messages.iter().map(|m| m.id.0).collect::<Vec<_>>())
-            .bind(messages.iter().map(|m| m.agent_id.0).collect::<Vec<_>>())
-            .bind(messages.iter().map(NewRow::key).collect::<Vec<_>>())
-            .bind(messages.iter().map(|m| Json(&m.body)).collect::<Vec<_>>())
-            .bind(messages.iter().map(|m| m.expires_at).collect::<Vec<_>>());
+        let query = || {
+            sqlx::query_as(INSERT_MESSAGES.as_str())
+                .bind(messages.iter().map(|m| m.id.0).collect::<Vec<_>>())
+                .bind(messages.iter().map(|m| m.agent_id.0).collect::<Vec<_>>())
+                .bind(messages.iter().map(NewRow::key).collect::<Vec<_>>())
+                .bind(messages.iter().map(NewRow::digest).collect::<Vec<_>>())
+                .bind(messages.iter().map(|m| Json(&m.body)).collect::<Vec<_>>())
+                .bind(messages.iter().map(|m| m.expires_at).collect::<Vec<_>>())
+        };
         insert_sequenced(&self.pool, &MESSAGES, &messages, query).await
     }
 

@@ -6,6 +6,7 @@ use chrono::Utc;
 use sqlx::types::Json;
 use sqlx::{QueryBuilder, Sqlite, Transaction};
 
+use crate::batch::replay;
 use crate::error::{Entity, StoreError, StoreResult};
 use crate::ids::{AgentId, BrokerId, MessageId, ReplicaId, SessionId};
 use crate::model::{Acked, DispatchIntent, Inserted, Message, MessageState, NewIntent, NewMessage};
@@ -110,19 +111,16 @@ impl WorkDialect for SqliteStore {
         for i in intents {
             let key = i.idempotency_key.as_deref();
             if let Some(existing) = by_key(&mut tx, "dispatch_intents", key).await? {
-                rows.push(Inserted {
-                    row: existing,
-                    created: false,
-                    owner: None,
-                });
+                // A refusal drops the transaction: nothing is written.
+                rows.push(replay(&i, existing)?);
                 continue;
             }
             let (broker, seq, owner) = next_seq(&mut tx, i.agent_id, "intent_seq").await?;
             let row: DispatchIntent = sqlx::query_as(
                 "INSERT INTO dispatch_intents
                      (id, broker_id, agent_id, seq, op, args, deadline, idempotency_key,
-                      created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING *",
+                      request_digest, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING *",
             )
             .bind(i.id)
             .bind(broker)
@@ -132,6 +130,7 @@ impl WorkDialect for SqliteStore {
             .bind(Json(i.args))
             .bind(i.deadline)
             .bind(i.idempotency_key)
+            .bind(i.request_digest)
             .bind(Utc::now())
             .fetch_one(&mut *tx)
             .await?;
@@ -154,19 +153,16 @@ impl WorkDialect for SqliteStore {
         for m in messages {
             let key = m.idempotency_key.as_deref();
             if let Some(existing) = by_key(&mut tx, "messages", key).await? {
-                rows.push(Inserted {
-                    row: existing,
-                    created: false,
-                    owner: None,
-                });
+                // A refusal drops the transaction: nothing is written.
+                rows.push(replay(&m, existing)?);
                 continue;
             }
             let (broker, seq, owner) = next_seq(&mut tx, m.agent_id, "message_seq").await?;
             let row: Message = sqlx::query_as(
                 "INSERT INTO messages
                      (id, agent_id, broker_id, seq, body, expires_at, idempotency_key,
-                      created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING *",
+                      request_digest, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING *",
             )
             .bind(m.id)
             .bind(m.agent_id)
@@ -175,6 +171,7 @@ impl WorkDialect for SqliteStore {
             .bind(Json(m.body))
             .bind(m.expires_at)
             .bind(m.idempotency_key)
+            .bind(m.request_digest)
             .bind(Utc::now())
             .fetch_one(&mut *tx)
             .await?;
