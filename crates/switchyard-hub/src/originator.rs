@@ -32,8 +32,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::json;
 use switchyard_store::{
-    Agent, AgentId, BrokerId, DispatchIntent, Inserted, IntentId, IntentState, Message, MessageId,
-    NewIntent, NewMessage, Op, Phase, ReplicaId, Store, StoreError, StoreResult,
+    Agent, AgentId, BrokerId, Conflict, DispatchIntent, Inserted, IntentId, IntentState, Message,
+    MessageId, NewIntent, NewMessage, Op, Phase, ReplicaId, Store, StoreError, StoreResult,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -224,9 +224,9 @@ impl Originator {
         Ok(self.routed(&inserted, false).await)
     }
 
-    /// A lifecycle call: refused if `op` makes no sense in the agent's phase
-    /// (unless it is a retry of an earlier call with the same key, answered
-    /// from its original dispatch), written, routed, and waited for. A
+    /// A lifecycle call: written (or joined, or answered from the dispatch
+    /// its idempotency key names) in one atomic step with the phase check
+    /// (see `WorkStore::insert_lifecycle`), routed, and waited for. A
     /// retry acts on its original dispatch's agent only, and is answered at
     /// once if that dispatch has finished.
     pub(crate) async fn lifecycle(
@@ -236,19 +236,18 @@ impl Originator {
         entry: Option<Entry>,
         wait: Wait,
     ) -> Result<Lifecycle, OriginatorError> {
-        let retried = match &entry {
-            Some(entry) => self.store.intent_by_key(&entry.key).await?,
-            None => None,
-        };
-        if retried.is_none() {
-            check_phase(op, agent.phase)?;
-        }
         // Subscribe before the intent exists, so its outcome cannot slip by.
         let mut events = self.events.subscribe();
-        let inserted = self
+        let inserted = match self
             .store
-            .insert_intent(self.intent(agent.id, op, entry))
-            .await?;
+            .insert_lifecycle(self.intent(agent.id, op, entry), allowed_phases(op))
+            .await
+        {
+            Err(StoreError::Conflict(Conflict::Phase(phase))) => {
+                return Err(OriginatorError::InvalidPhase { op, phase });
+            }
+            inserted => inserted?,
+        };
         let route = self.routed(&inserted, matches!(wait, Wait::For(_))).await;
         let intent = inserted.row;
         let Wait::For(window) = wait else {
@@ -405,20 +404,15 @@ fn after(duration: Duration) -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now() + chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
 }
 
-/// Whether `op` makes sense for an agent in `phase`.
-fn check_phase(op: Op, phase: Phase) -> Result<(), OriginatorError> {
+/// The phases in which `op` makes sense.
+fn allowed_phases(op: Op) -> &'static [Phase] {
     use Phase::*;
-    let allowed = match op {
-        Op::Create => false,
-        Op::Start => matches!(phase, Created | Stopped | Error),
-        Op::Stop => matches!(phase, Starting | Running),
-        Op::Restart => matches!(phase, Created | Starting | Running | Stopped | Error),
-        Op::Delete => phase != Deleted,
-    };
-    if allowed {
-        Ok(())
-    } else {
-        Err(OriginatorError::InvalidPhase { op, phase })
+    match op {
+        Op::Create => &[],
+        Op::Start => &[Created, Stopped, Error],
+        Op::Stop => &[Starting, Running],
+        Op::Restart => &[Created, Starting, Running, Stopped, Error],
+        Op::Delete => &[Created, Starting, Running, Stopping, Stopped, Error],
     }
 }
 

@@ -21,6 +21,7 @@ switchyard_testkit::on_both_backends!(
     batch_messages_are_all_or_none_and_idempotent,
     concurrent_messages_share_commits_and_a_bad_one_fails_alone,
     a_retried_lifecycle_call_gets_its_original_dispatch,
+    a_hundred_parallel_starts_make_one_dispatch,
     timeout_secs_outside_its_range_is_refused_before_anything_is_written,
     payloads_that_no_frame_can_carry_are_refused_with_413_and_nothing_is_written,
     nul_bytes_are_refused_with_422_and_nothing_is_written,
@@ -517,6 +518,27 @@ async fn a_retried_lifecycle_call_gets_its_original_dispatch(db: TestDb) {
         )
         .await;
     assert_eq!((status, error_code(&body)), (409, "invalid_phase"));
+    hub.shutdown().await;
+}
+
+/// The phase check and the insert are one step: parallel starts of a
+/// stopped agent join one dispatch instead of writing one each.
+async fn a_hundred_parallel_starts_make_one_dispatch(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (broker, _) = hub.broker("edge").await;
+    let agent = hub.agent(&broker, "worker").await;
+    let path = format!("/v1/agents/{agent}/start?wait=false");
+    let calls = (0..100).map(|_| hub.call("POST", &path, None));
+    let answers = futures::future::join_all(calls).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 202, "{body}");
+        assert_eq!(body["dispatch_id"], answers[0].1["dispatch_id"]);
+    }
+    let (_, list) = hub
+        .call("GET", &format!("/v1/dispatches?broker_id={broker}"), None)
+        .await;
+    let starts = list.as_array().unwrap().iter().filter(|d| d["op"] == "start");
+    assert_eq!(starts.count(), 1, "{list}");
     hub.shutdown().await;
 }
 

@@ -13,6 +13,8 @@
 //! - `@for_update`: locks the selected rows until the transaction ends.
 //!   SQLite needs no row lock: every writing transaction there holds the
 //!   database's one write lock from its start.
+//! - `@for_key_share`: a weaker row lock that only `FOR UPDATE` waits for
+//!   (PostgreSQL's `FOR KEY SHARE`); nothing on SQLite, as above.
 //!
 //! [`sql!`] renders a template once per backend and keeps the text, so
 //! both pools prepare and cache it like a literal.
@@ -29,6 +31,8 @@ pub(crate) trait Dialect {
     const NAME: &'static str;
     /// `@for_update`.
     const FOR_UPDATE: &'static str;
+    /// `@for_key_share`.
+    const FOR_KEY_SHARE: &'static str;
 
     /// `@now`, in a statement whose own parameters end at `$last`.
     fn now(last: usize) -> String;
@@ -50,6 +54,9 @@ pub(crate) trait Dialect {
                 rest = after;
             } else if let Some(after) = rest.strip_prefix("@for_update") {
                 out.push_str(Self::FOR_UPDATE);
+                rest = after;
+            } else if let Some(after) = rest.strip_prefix("@for_key_share") {
+                out.push_str(Self::FOR_KEY_SHARE);
                 rest = after;
             } else if let Some(after) = rest.strip_prefix("@ago(") {
                 let close = after.find(')').expect("@ago( is closed");

@@ -3,7 +3,7 @@
 //! Every case is a value, not a sentence: callers match on what went wrong
 //! (which entity, which rule), and `Display` gives the operator the words.
 
-use crate::model::UnknownWord;
+use crate::model::{Phase, UnknownWord};
 
 /// Why a storage call failed.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +69,9 @@ pub enum Conflict {
     BrokerConnected,
     #[error("broker still has {0} agent(s); delete them first")]
     BrokerHasAgents(i64),
+    /// The agent's phase does not allow the operation; nothing was written.
+    #[error("the agent is {0}")]
+    Phase(Phase),
     /// An idempotency key that created a row for another request; nothing
     /// was written.
     #[error("idempotency key {0:?} was used for a different request")]

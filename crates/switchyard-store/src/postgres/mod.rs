@@ -44,6 +44,7 @@ impl Dialect for PgStore {
     type Ago = f64;
     const NAME: &'static str = "postgres";
     const FOR_UPDATE: &'static str = "FOR UPDATE";
+    const FOR_KEY_SHARE: &'static str = "FOR KEY SHARE";
 
     fn now(_last: usize) -> String {
         "now()".to_owned()

@@ -43,6 +43,7 @@ impl Dialect for SqliteStore {
     const NAME: &'static str = "sqlite";
     /// The write lock covers every row.
     const FOR_UPDATE: &'static str = "";
+    const FOR_KEY_SHARE: &'static str = "";
 
     fn now(last: usize) -> String {
         format!("${}", last + 1)

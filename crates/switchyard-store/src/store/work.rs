@@ -4,13 +4,13 @@
 use async_trait::async_trait;
 use sqlx::types::Json;
 
-use crate::batch::{NewRow, check_batch};
+use crate::batch::{NewRow, check_batch, replay};
 use crate::dialect::{BindNow, for_each_backend, sql};
-use crate::error::{Entity, Invalid, StoreError, StoreResult};
+use crate::error::{Conflict, Entity, Invalid, StoreError, StoreResult};
 use crate::ids::{BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 use crate::model::{
     Acked, DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState, Message, NewIntent,
-    NewMessage,
+    NewMessage, Phase,
 };
 use crate::rules::{EXPIRED, INTENT, MESSAGE};
 
@@ -30,6 +30,24 @@ pub trait WorkStore: Send + Sync {
         let mut rows = self.insert_intents(vec![intent]).await?;
         rows.pop().ok_or(StoreError::Invalid(Invalid::EmptyInsert))
     }
+
+    /// A lifecycle intent, written as one atomic step with its checks (the
+    /// agent's row is locked throughout, so concurrent calls on one agent
+    /// take turns):
+    /// 1. a key that names an existing row answers with it (see the
+    ///    idempotency rule of [`WorkStore::insert_intents`]), whatever the
+    ///    agent's phase is now;
+    /// 2. `Conflict::Phase` if the agent's phase is not in `allowed`;
+    ///    `NotFound` if there is no such agent;
+    /// 3. if the agent's latest intent is still open and does the same
+    ///    operation, the call joins it (`created: false`): a hundred
+    ///    concurrent starts make one dispatch;
+    /// 4. otherwise the intent is inserted, next in the agent's order.
+    async fn insert_lifecycle(
+        &self,
+        intent: NewIntent,
+        allowed: &[Phase],
+    ) -> StoreResult<Inserted<DispatchIntent>>;
 
     /// Claims up to `limit` pending intents for `claimer` (`pending ->
     /// in_progress`, attempts + 1) of those brokers whose live session is
@@ -152,6 +170,90 @@ for_each_backend! {
         ) -> StoreResult<Vec<Inserted<DispatchIntent>>> {
             check_batch(intents.iter().map(NewRow::key), intents.len())?;
             self.insert_intent_batch(intents).await
+        }
+
+        async fn insert_lifecycle(
+            &self,
+            intent: NewIntent,
+            allowed: &[Phase],
+        ) -> StoreResult<Inserted<DispatchIntent>> {
+            let mut tx = self.write().await?;
+            if let Some(key) = intent.idempotency_key.as_deref() {
+                let existing = sqlx::query_as(sql!(
+                    "SELECT * FROM dispatch_intents
+                     WHERE idempotency_key = $1 AND idempotency_key IS NOT NULL"
+                ))
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(row) = existing {
+                    return replay(&intent, row);
+                }
+            }
+            let (phase, broker): (String, BrokerId) = sqlx::query_as(sql!(
+                "SELECT phase, broker_id FROM agents WHERE id = $1 @for_update"
+            ))
+            .bind(intent.agent_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound(Entity::Agent))?;
+            let phase: Phase = phase.parse()?;
+            if !allowed.contains(&phase) {
+                return Err(StoreError::Conflict(Conflict::Phase(phase)));
+            }
+            let latest: Option<DispatchIntent> = sqlx::query_as(sql!(
+                "SELECT * FROM dispatch_intents WHERE agent_id = $1 ORDER BY seq DESC LIMIT 1"
+            ))
+            .bind(intent.agent_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(open) = latest.filter(|l| {
+                l.op == intent.op && matches!(l.state, IntentState::Pending | IntentState::InProgress)
+            }) {
+                return Ok(Inserted {
+                    row: open,
+                    created: false,
+                    owner: None,
+                });
+            }
+            // The owner is read under a lock `claim_affinity` waits for (see
+            // `Inserted::owner`); a wait re-reads the newest row.
+            let owner: Option<ReplicaId> = sqlx::query_scalar(sql!(
+                "SELECT connected_replica FROM brokers WHERE id = $1 @for_key_share"
+            ))
+            .bind(broker)
+            .fetch_one(&mut *tx)
+            .await?;
+            let seq: i64 = sqlx::query_scalar(sql!(
+                "UPDATE agents SET intent_seq = intent_seq + 1 WHERE id = $1 RETURNING intent_seq"
+            ))
+            .bind(intent.agent_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let row = sqlx::query_as(sql!(
+                "INSERT INTO dispatch_intents
+                     (id, broker_id, agent_id, seq, op, args, deadline, idempotency_key,
+                      request_digest, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, @now, @now) RETURNING *"
+            ))
+            .bind(intent.id)
+            .bind(broker)
+            .bind(intent.agent_id)
+            .bind(seq)
+            .bind(intent.op.as_str())
+            .bind(Json(intent.args))
+            .bind(intent.deadline)
+            .bind(intent.idempotency_key)
+            .bind(intent.request_digest)
+            .bind_now()
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Inserted {
+                row,
+                created: true,
+                owner,
+            })
         }
 
         async fn claim_intents(
