@@ -537,7 +537,11 @@ async fn a_hundred_parallel_starts_make_one_dispatch(db: TestDb) {
     let (_, list) = hub
         .call("GET", &format!("/v1/dispatches?broker_id={broker}"), None)
         .await;
-    let starts = list.as_array().unwrap().iter().filter(|d| d["op"] == "start");
+    let starts = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["op"] == "start");
     assert_eq!(starts.count(), 1, "{list}");
     hub.shutdown().await;
 }

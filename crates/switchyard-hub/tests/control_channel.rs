@@ -23,6 +23,7 @@ switchyard_testkit::on_both_backends!(
     lifecycle_call_answers_with_the_brokers_outcome,
     reports_about_another_brokers_agents_are_refused,
     protocol_violations_get_an_error_frame_and_a_close,
+    the_close_handshake_completes_so_the_broker_reads_the_code,
     handshake_timestamps_at_the_ends_of_the_range_are_refused_without_overflow,
     a_broker_that_stops_reading_is_disconnected_and_its_work_waits,
 );
@@ -367,6 +368,37 @@ async fn reports_about_another_brokers_agents_are_refused(db: TestDb) {
         )
         .await;
     assert_eq!(row["state"], "pending");
+    hub.shutdown().await;
+}
+
+/// The hub finishes the close handshake: after its close frame it keeps
+/// the connection (reading) until the broker's close frame, for a short
+/// while at most, instead of dropping the socket at once. A drop with data
+/// still unread makes the kernel reset the connection and discard what it
+/// had not sent yet, often the close frame itself: the broker would see
+/// 1006 instead of the code that says why.
+async fn the_close_handshake_completes_so_the_broker_reads_the_code(db: TestDb) {
+    use tokio::io::AsyncReadExt;
+    let hub = TestHub::start(db).await;
+    let (id, secret) = hub.broker("edge").await;
+    let mut b = RawBroker::connect(&hub.base, &id, &secret).await;
+    b.socket
+        .send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut b.socket).await, Some(1003));
+    // The broker has not answered with its own close frame yet: the hub
+    // waits for it rather than ending the connection.
+    let mut tcp = match b.socket.into_inner() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp,
+        _ => unreachable!("the test hub speaks plain TCP"),
+    };
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(500), tcp.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "the hub ended the connection before the broker's close: {early:?}"
+    );
     hub.shutdown().await;
 }
 

@@ -2,6 +2,11 @@
 //! and the private 4000 range) and the error frame that tells the broker
 //! why, sent just before the close frame.
 
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures::StreamExt;
+use futures::stream::SplitStream;
 use switchyard_proto::{ErrorCode, ErrorFrame, HubFrame};
 
 pub(crate) const GOING_AWAY: u16 = 1001;
@@ -12,6 +17,26 @@ pub(crate) const TOO_BIG: u16 = 1009;
 pub(crate) const INTERNAL: u16 = 1011;
 pub(crate) const SUPERSEDED: u16 = 4000;
 pub(crate) const SILENT: u16 = 4001;
+
+/// How long the hub keeps reading after its close frame for the broker's.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Finishes the close handshake after the hub's close frame went out:
+/// reads (and drops) whatever the broker still sends until its close frame
+/// or end of stream, for at most [`LINGER`]. Dropping a socket with unread
+/// data makes the kernel answer with a TCP reset, which can destroy the
+/// close frame in flight: the broker would see 1006 instead of the code
+/// that tells it why.
+pub(crate) async fn linger(stream: &mut SplitStream<WebSocket>) {
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
 
 /// Why a session ends, as the broker is told.
 #[derive(Debug)]

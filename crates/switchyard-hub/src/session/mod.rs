@@ -110,6 +110,7 @@ async fn run(state: HubState, broker: Broker, socket: WebSocket) {
             tracing::warn!(broker = %broker.id, %err, "control channel refused");
             outbox.close(err.close());
             let _ = writer.await;
+            close::linger(&mut stream).await;
             return;
         }
     };
@@ -167,6 +168,7 @@ async fn run(state: HubState, broker: Broker, socket: WebSocket) {
     state.registry.remove(broker.id, handle.session_id);
     affinity.release().await;
     let _ = writer.await;
+    close::linger(&mut stream).await;
 }
 
 /// Claims affinity, replaces an older local session, requeues in-flight
