@@ -50,15 +50,18 @@ impl Affinity {
     /// Makes this session the broker's live one, whatever held it. Claim
     /// before the session's first drain: work inserted before the claim is
     /// found by that drain, work inserted after it reads this owner.
-    pub(crate) async fn claim(&self) -> Result<(), AffinityError> {
+    ///
+    /// Returns whether it took over from a session that still held the
+    /// affinity (one that had not ended by itself).
+    pub(crate) async fn claim(&self) -> Result<bool, AffinityError> {
         let previous = self
             .store
             .claim_affinity(self.broker, self.replica, self.session)
             .await?;
-        if let Some(previous) = previous {
+        if let Some(previous) = &previous {
             tracing::debug!(broker = %self.broker, previous = ?previous, "took over affinity");
         }
-        Ok(())
+        Ok(previous.is_some())
     }
 
     /// Records that the session is alive, if it is still the live one.

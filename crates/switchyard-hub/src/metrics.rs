@@ -29,6 +29,9 @@ pub struct Metrics {
     pub messages_accepted: IntCounter,
     pub messages_delivered: IntCounter,
     pub messages_expired: IntCounter,
+    /// Work failed after `max_attempts` claims (dead letters), by kind
+    /// (`message`, `dispatch`).
+    pub dead_letters: IntCounterVec,
     /// Where this replica's API calls sent their work: local, forward, queued.
     pub routes: IntCounterVec,
     /// Seconds one drain pass (claim and send until empty) took.
@@ -42,6 +45,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts the dead letters of a requeue.
+    pub(crate) fn observe_requeue(&self, report: &switchyard_store::RequeueReport) {
+        self.dead_letters
+            .with_label_values(&["message"])
+            .inc_by(report.messages_failed);
+        self.dead_letters
+            .with_label_values(&["dispatch"])
+            .inc_by(report.intents_failed);
+    }
+
     /// Creates and registers every metric, labelled with the backend.
     pub fn new(backend: &str) -> Self {
         let registry = Registry::new_custom(Some("switchyard".into()), None)
@@ -131,6 +144,11 @@ impl Metrics {
             messages_expired: counter(
                 "messages_expired_total",
                 "Messages expired past their TTL by this replica's sweeper.",
+            ),
+            dead_letters: counter_vec(
+                "dead_letters_total",
+                "Messages and dispatches failed by this replica after max_attempts claims.",
+                &["kind"],
             ),
             routes: counter_vec(
                 "routes_total",

@@ -75,6 +75,7 @@ impl Sweeper {
         if report != Default::default() {
             tracing::info!(?report, "requeued abandoned work");
         }
+        self.metrics.observe_requeue(&report);
         for id in self.store.expire_intents().await? {
             let row = self.store.intent(id).await?;
             if row.state == IntentState::Failed {

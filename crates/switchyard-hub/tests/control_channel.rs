@@ -24,6 +24,7 @@ switchyard_testkit::on_both_backends!(
     reports_about_another_brokers_agents_are_refused,
     protocol_violations_get_an_error_frame_and_a_close,
     the_close_handshake_completes_so_the_broker_reads_the_code,
+    a_message_that_ends_every_session_is_dead_lettered_and_the_queue_moves_on,
     handshake_timestamps_at_the_ends_of_the_range_are_refused_without_overflow,
     a_broker_that_stops_reading_is_disconnected_and_its_work_waits,
 );
@@ -398,6 +399,85 @@ async fn the_close_handshake_completes_so_the_broker_reads_the_code(db: TestDb) 
     assert!(
         early.is_err(),
         "the hub ended the connection before the broker's close: {early:?}"
+    );
+    hub.shutdown().await;
+}
+
+/// Poison work: a message the broker dies on (it disconnects without an
+/// ack every time it gets it) used to be resent at every reconnect for as
+/// long as it lived, holding back every later message of its agent. After
+/// `max_attempts` sessions it fails with a reason, is counted, and the
+/// agent's next message is delivered.
+async fn a_message_that_ends_every_session_is_dead_lettered_and_the_queue_moves_on(db: TestDb) {
+    let config = switchyard_hub::HubConfig {
+        max_attempts: 3,
+        ..common::fast_config()
+    };
+    let hub = TestHub::start_with(db, config).await;
+    let (id, secret) = hub.broker("edge").await;
+    let agent = hub.agent(&id, "worker").await;
+    let path = format!("/v1/agents/{agent}/messages");
+    let (_, poison) = hub
+        .call("POST", &path, Some(json!({"body": "poison"})))
+        .await;
+    let (_, next) = hub.call("POST", &path, Some(json!({"body": "next"}))).await;
+    for attempt in 1..=3 {
+        let mut b = RawBroker::connect(&hub.base, &id, &secret).await;
+        loop {
+            match b.recv().await {
+                // The agent's create: done, it is not what this test poisons.
+                Some(HubFrame::Dispatch(d)) => {
+                    let result = DispatchResult {
+                        dispatch_id: d.id,
+                        ok: true,
+                        result: None,
+                        error: None,
+                    };
+                    b.send(&BrokerFrame::Result(result)).await;
+                }
+                Some(HubFrame::Message(m)) => {
+                    assert_eq!(m.body, "poison", "attempt {attempt}");
+                    break;
+                }
+                other => panic!("attempt {attempt}: expected the poison message, got {other:?}"),
+            }
+        }
+        drop(b);
+        hub.wait_until("/v1/brokers/edge", |b| b["status"] == "offline")
+            .await;
+    }
+    let mut b = RawBroker::connect(&hub.base, &id, &secret).await;
+    match b.recv().await {
+        Some(HubFrame::Message(m)) => {
+            assert_eq!(m.body, "next");
+            assert_eq!(json!(m.id), next["id"]);
+        }
+        other => panic!("expected the next message, got {other:?}"),
+    }
+    let (_, row) = hub
+        .call(
+            "GET",
+            &format!("/v1/messages/{}", poison["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(row["state"], "failed", "{row}");
+    assert!(
+        row["error"].as_str().unwrap().contains("session ended"),
+        "{row}"
+    );
+    let metrics = hub
+        .http
+        .get(hub.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("switchyard_dead_letters_total{kind=\"message\"} 1"),
+        "{metrics}"
     );
     hub.shutdown().await;
 }

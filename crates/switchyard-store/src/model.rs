@@ -185,6 +185,8 @@ pub struct Message {
     pub claimed_by: Option<ReplicaId>,
     pub claimed_at: Option<DateTime<Utc>>,
     pub attempts: i32,
+    /// Why the message failed (a dead letter), if it did.
+    pub error: Option<String>,
     pub idempotency_key: Option<String>,
     /// Digest of the request that created the row under its key.
     #[serde(skip_serializing)]
@@ -247,6 +249,25 @@ pub struct RequeueReport {
     pub intents_failed: u64,
     pub messages_requeued: u64,
     pub messages_failed: u64,
+}
+
+impl RequeueReport {
+    /// The report of requeue statements that returned each row's new state.
+    pub(crate) fn counted(intents: &[String], messages: &[String]) -> Self {
+        let count =
+            |rows: &[String], state: &str| rows.iter().filter(|s| *s == state).count() as u64;
+        Self {
+            intents_requeued: count(intents, IntentState::Pending.as_str()),
+            intents_failed: count(intents, IntentState::Failed.as_str()),
+            messages_requeued: count(messages, MessageState::Pending.as_str()),
+            messages_failed: count(messages, MessageState::Failed.as_str()),
+        }
+    }
+
+    /// Rows that went back to `pending`.
+    pub fn requeued(&self) -> u64 {
+        self.intents_requeued + self.messages_requeued
+    }
 }
 
 /// When claimed work counts as abandoned.

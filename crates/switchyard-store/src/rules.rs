@@ -83,6 +83,47 @@ pub(crate) static MESSAGE: LazyLock<WorkStates> = LazyLock::new(|| WorkStates {
     failed: Lit(MessageState::Failed.as_str()),
 });
 
+impl WorkStates {
+    /// The `SET` clause of a requeue, the dead-letter rule written once: a
+    /// claimed row goes back to `pending`, unless it has been claimed
+    /// `max_param` times already; then it fails with `why` and the number of
+    /// attempts as its error, keeping its last claim for the record, and
+    /// its agent's queue moves on.
+    pub(crate) fn requeue_set(&self, max_param: &str, why: &str) -> String {
+        assert!(
+            !why.contains('\''),
+            "a reason is spliced into the SQL as a literal"
+        );
+        let (failed, pending) = (self.failed, self.pending);
+        format!(
+            "state = CASE WHEN attempts >= {max_param} THEN {failed} ELSE {pending} END,
+             error = CASE WHEN attempts >= {max_param}
+                          THEN '{why} (' || attempts || ' attempts)' ELSE error END,
+             claimed_by = CASE WHEN attempts >= {max_param} THEN claimed_by END,
+             claimed_at = CASE WHEN attempts >= {max_param} THEN claimed_at END"
+        )
+    }
+}
+
+impl WorkStates {
+    /// The `SET` clause that puts a claimed row back to `pending` without
+    /// counting its claim as an attempt (it was sent behind the row that
+    /// ended the session, which the broker never got past).
+    pub(crate) fn uncounted_requeue_set(&self) -> String {
+        let pending = self.pending;
+        format!(
+            "state = {pending}, claimed_by = NULL, claimed_at = NULL,
+             attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"
+        )
+    }
+}
+
+/// Why the sweeper failed a row: its claims kept being abandoned.
+pub(crate) const ABANDONED: &str = "abandoned by its claimer every time";
+/// Why a new session failed a row: every session it was sent on ended
+/// before the broker answered (a poison message or dispatch).
+pub(crate) const SESSION_ENDED: &str = "the broker session ended every time it was sent";
+
 /// The final state of an acked message.
 pub(crate) static DELIVERED: LazyLock<Lit> =
     LazyLock::new(|| Lit(MessageState::Delivered.as_str()));

@@ -73,6 +73,7 @@ switchyard_testkit::on_both_backends!(
     concurrent_message_claimers_deliver_each_once_in_order,
     messages_past_ttl_expire,
     a_new_session_requeues_the_brokers_in_flight_work,
+    work_sent_on_max_attempts_sessions_is_dead_lettered_and_its_agent_moves_on,
     a_superseded_session_claims_nothing,
     one_singleton_at_a_time_and_a_successor_when_it_goes,
     finished_rows_are_pruned_and_stuck_work_is_counted,
@@ -1114,6 +1115,59 @@ async fn concurrent_lifecycle_calls_on_one_agent_write_one_intent(f: Fixture) {
     assert_eq!(all.len(), 3, "{all:?}");
 }
 
+/// The dead-letter rule of a new session's requeue: after a session that
+/// ended by itself, the oldest row of an agent in flight, claimed
+/// `max_attempts` times, fails with a reason instead of going back; the
+/// rows sent behind it go back uncounted, and the agent's next row becomes
+/// claimable. After a superseded session nothing counts.
+async fn work_sent_on_max_attempts_sessions_is_dead_lettered_and_its_agent_moves_on(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let poison = s
+        .insert_messages(vec![message(a, json!("poison"))])
+        .await
+        .unwrap();
+    s.insert_messages(vec![message(a, json!("next"))])
+        .await
+        .unwrap();
+    let start = s.insert_intent(intent(a, Op::Start)).await.unwrap();
+    // A superseded session's claims never count.
+    for _ in 0..5 {
+        let session = session_of(s, b.id).await;
+        s.claim_messages(&[session], me, 10).await.unwrap();
+        let report = s.requeue_broker_in_flight(b.id, None).await.unwrap();
+        assert_eq!((report.requeued(), report.messages_failed), (2, 0));
+    }
+    assert_eq!(s.message(poison[0].row.id).await.unwrap().attempts, 0);
+    for attempt in 1..=3 {
+        let session = session_of(s, b.id).await;
+        let claimed = s.claim_messages(&[session], me, 10).await.unwrap();
+        assert_eq!(claimed.len(), 2, "attempt {attempt}: both are sent");
+        assert_eq!(claimed[0].id, poison[0].row.id, "attempt {attempt}");
+        s.claim_intents(&[session], me, 1).await.unwrap();
+        let report = s.requeue_broker_in_flight(b.id, Some(3)).await.unwrap();
+        let failed = attempt == 3;
+        assert_eq!(
+            (report.messages_failed, report.intents_failed),
+            (u64::from(failed), u64::from(failed))
+        );
+    }
+    let row = s.message(poison[0].row.id).await.unwrap();
+    assert_eq!(row.state, MessageState::Failed);
+    assert!(row.error.unwrap().contains("session ended"));
+    let intent = s.intent(start.row.id).await.unwrap();
+    assert_eq!(intent.state, IntentState::Failed);
+    let session = session_of(s, b.id).await;
+    let claimed = s.claim_messages(&[session], me, 1).await.unwrap();
+    assert_eq!(claimed[0].body.0, json!("next"), "the queue moved on");
+    assert_eq!(
+        claimed[0].attempts, 1,
+        "sent behind the poison, its earlier claims did not count"
+    );
+}
+
 async fn message_idempotency_and_idempotent_ack(f: Fixture) {
     let s = &*f.store;
     let me = ReplicaId::new();
@@ -1294,7 +1348,13 @@ async fn a_new_session_requeues_the_brokers_in_flight_work(f: Fixture) {
     )
     .await
     .unwrap();
-    assert_eq!(s.requeue_broker_in_flight(b.id).await.unwrap(), 2);
+    assert_eq!(
+        s.requeue_broker_in_flight(b.id, Some(5))
+            .await
+            .unwrap()
+            .requeued(),
+        2
+    );
     let again = s
         .claim_messages(
             &[

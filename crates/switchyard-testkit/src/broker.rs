@@ -98,8 +98,10 @@ pub async fn send(socket: &mut Socket, frame: &BrokerFrame) {
 
 /// The next hub frame within 10 s, skipping pings; None when closed.
 pub async fn recv(socket: &mut Socket) -> Option<HubFrame> {
+    // One deadline for the whole wait: pings must not extend it.
+    let deadline = tokio::time::Instant::now() + FRAME_TIMEOUT;
     loop {
-        let next = tokio::time::timeout(FRAME_TIMEOUT, socket.next())
+        let next = tokio::time::timeout_at(deadline, socket.next())
             .await
             .expect("a frame within 10 s");
         match next {

@@ -180,12 +180,27 @@ async fn start(
     handle: &SessionHandle,
     agents: Vec<AgentStatus>,
 ) -> Result<(), StartError> {
-    affinity.claim().await?;
+    let took_over = affinity.claim().await?;
     state.registry.insert(broker.id, handle.clone());
-    let requeued = state.store.requeue_broker_in_flight(broker.id).await?;
-    if requeued > 0 {
+    // Work in flight counts an attempt only if the last session ended by
+    // itself (the broker closed, crashed or went silent), not when a new
+    // connection superseded a live one.
+    let dead_letter_after = (!took_over).then_some(state.config.max_attempts);
+    let report = state
+        .store
+        .requeue_broker_in_flight(broker.id, dead_letter_after)
+        .await?;
+    if report.requeued() > 0 {
+        let requeued = report.requeued();
         tracing::info!(broker = %broker.id, requeued, "resending work in flight on older sockets");
     }
+    if report.messages_failed + report.intents_failed > 0 {
+        tracing::warn!(
+            broker = %broker.id, ?report,
+            "failed work that ended every session it was sent on (dead letters)"
+        );
+    }
+    state.metrics.observe_requeue(&report);
     for report in agents {
         match apply::status(state, broker, report).await {
             Ok(()) | Err(ApplyError::NotOwn(_)) => {}

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 
 use crate::dialect::{BindNow, Dialect, for_each_backend, sql};
 use crate::error::StoreResult;
-use crate::model::{IntentState, MessageState, RequeuePolicy, RequeueReport};
-use crate::rules::{INTENT, MESSAGE};
+use crate::model::{RequeuePolicy, RequeueReport};
+use crate::rules::{ABANDONED, INTENT, MESSAGE};
 
 /// One replica's claim on the cluster-singleton role.
 #[async_trait]
@@ -71,23 +71,16 @@ for_each_backend! {
 
         async fn requeue_abandoned(&self, policy: RequeuePolicy) -> StoreResult<RequeueReport> {
             let mut tx = self.write().await?;
-            // `$3` is the attempt limit; at it, the row fails and keeps its
-            // last claim for the record.
+            // `$3` is the attempt limit (see `WorkStates::requeue_set`).
             let intents: Vec<String> = sqlx::query_scalar(sql!(
-                "UPDATE dispatch_intents SET
-                     state = CASE WHEN attempts >= $3 THEN {failed} ELSE {pending} END,
-                     error = CASE WHEN attempts >= $3
-                                  THEN 'abandoned after ' || attempts || ' attempt(s)' ELSE error END,
-                     claimed_by = CASE WHEN attempts >= $3 THEN claimed_by END,
-                     claimed_at = CASE WHEN attempts >= $3 THEN claimed_at END,
+                "UPDATE dispatch_intents SET {requeue},
                      updated_at = @now
                  WHERE state = {in_flight}
                    AND (claimed_at < @ago($1)
                         OR NOT EXISTS (SELECT 1 FROM replicas r
                                        WHERE r.instance_id = claimed_by AND r.last_seen >= @ago($2)))
                  RETURNING state",
-                failed = INTENT.failed,
-                pending = INTENT.pending,
+                requeue = INTENT.requeue_set("$3", ABANDONED),
                 in_flight = INTENT.in_flight,
             ))
             .bind(Backend::ago(policy.lease))
@@ -97,18 +90,14 @@ for_each_backend! {
             .fetch_all(&mut *tx)
             .await?;
             let messages: Vec<String> = sqlx::query_scalar(sql!(
-                "UPDATE messages SET
-                     state = CASE WHEN attempts >= $3 THEN {failed} ELSE {pending} END,
-                     claimed_by = CASE WHEN attempts >= $3 THEN claimed_by END,
-                     claimed_at = CASE WHEN attempts >= $3 THEN claimed_at END,
+                "UPDATE messages SET {requeue},
                      updated_at = @now
                  WHERE state = {in_flight}
                    AND (claimed_at < @ago($1)
                         OR NOT EXISTS (SELECT 1 FROM replicas r
                                        WHERE r.instance_id = claimed_by AND r.last_seen >= @ago($2)))
                  RETURNING state",
-                failed = MESSAGE.failed,
-                pending = MESSAGE.pending,
+                requeue = MESSAGE.requeue_set("$3", ABANDONED),
                 in_flight = MESSAGE.in_flight,
             ))
             .bind(Backend::ago(policy.lease))
@@ -118,14 +107,7 @@ for_each_backend! {
             .fetch_all(&mut *tx)
             .await?;
             tx.commit().await?;
-            let count =
-                |rows: &[String], state: &str| rows.iter().filter(|s| *s == state).count() as u64;
-            Ok(RequeueReport {
-                intents_requeued: count(&intents, IntentState::Pending.as_str()),
-                intents_failed: count(&intents, IntentState::Failed.as_str()),
-                messages_requeued: count(&messages, MessageState::Pending.as_str()),
-                messages_failed: count(&messages, MessageState::Failed.as_str()),
-            })
+            Ok(RequeueReport::counted(&intents, &messages))
         }
 
         async fn prune_finished(&self, older_than: Duration) -> StoreResult<u64> {

@@ -10,9 +10,9 @@ use crate::error::{Conflict, Entity, Invalid, StoreError, StoreResult};
 use crate::ids::{BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 use crate::model::{
     Acked, DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState, Message, NewIntent,
-    NewMessage, Phase,
+    NewMessage, Phase, RequeueReport,
 };
-use crate::rules::{EXPIRED, INTENT, MESSAGE};
+use crate::rules::{EXPIRED, INTENT, MESSAGE, SESSION_ENDED};
 
 /// Keeps dispatch intents and messages.
 #[async_trait]
@@ -126,7 +126,21 @@ pub trait WorkStore: Send + Sync {
     /// back to `pending`. Called when a new session of the broker starts:
     /// whatever was sent on an older socket may or may not have arrived, and
     /// the broker drops duplicates, so resending is safe and keeps order.
-    async fn requeue_broker_in_flight(&self, broker: BrokerId) -> StoreResult<u64>;
+    ///
+    /// With `dead_letter_after: Some(max_attempts)` (the broker's last
+    /// session ended by itself: the broker closed, crashed or went silent),
+    /// the oldest row of each agent in flight is the one the broker was
+    /// handling: its claim counts as an attempt, and once it has been
+    /// claimed `max_attempts` times it fails instead (a dead letter, with
+    /// the reason as its error), so work that ends every session it is sent
+    /// on holds back only itself, never its agent's queue. Every other row
+    /// goes back without its claim counting, as do all rows with `None`
+    /// (the last session was superseded while alive: nobody died of it).
+    async fn requeue_broker_in_flight(
+        &self,
+        broker: BrokerId,
+        dead_letter_after: Option<i32>,
+    ) -> StoreResult<RequeueReport>;
 }
 
 /// The work statements whose text genuinely differs between backends: the
@@ -386,24 +400,66 @@ for_each_backend! {
             .await?)
         }
 
-        async fn requeue_broker_in_flight(&self, broker: BrokerId) -> StoreResult<u64> {
+        async fn requeue_broker_in_flight(
+            &self,
+            broker: BrokerId,
+            dead_letter_after: Option<i32>,
+        ) -> StoreResult<RequeueReport> {
             let mut tx = self.write().await?;
-            let intents = sqlx::query(sql!(
-                "UPDATE dispatch_intents SET state = {pending}, claimed_by = NULL, claimed_at = NULL,
-                        updated_at = @now
+            let (mut intents, mut messages) = (Vec::new(), Vec::new());
+            // Per agent, the oldest row in flight is the one the broker was
+            // handling when its session ended: its claim counts, and at
+            // `max_attempts` it fails.
+            if let Some(max_attempts) = dead_letter_after {
+                intents = sqlx::query_scalar(sql!(
+                    "UPDATE dispatch_intents SET {requeue}, updated_at = @now
+                     WHERE broker_id = $1 AND state = {in_flight}
+                       AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
+                                       WHERE o.agent_id = dispatch_intents.agent_id
+                                         AND o.state = {in_flight}
+                                         AND o.seq < dispatch_intents.seq)
+                     RETURNING state",
+                    requeue = INTENT.requeue_set("$2", SESSION_ENDED),
+                    in_flight = INTENT.in_flight,
+                ))
+                .bind(broker)
+                .bind(max_attempts)
+                .bind_now()
+                .fetch_all(&mut *tx)
+                .await?;
+                messages = sqlx::query_scalar(sql!(
+                    "UPDATE messages SET {requeue}, updated_at = @now
+                     WHERE broker_id = $1 AND state = {in_flight}
+                       AND NOT EXISTS (SELECT 1 FROM messages o
+                                       WHERE o.agent_id = messages.agent_id
+                                         AND o.state = {in_flight}
+                                         AND o.seq < messages.seq)
+                     RETURNING state",
+                    requeue = MESSAGE.requeue_set("$2", SESSION_ENDED),
+                    in_flight = MESSAGE.in_flight,
+                ))
+                .bind(broker)
+                .bind(max_attempts)
+                .bind_now()
+                .fetch_all(&mut *tx)
+                .await?;
+            }
+            // The rest were never reached (or the session did not end by
+            // itself): their claims do not count.
+            let intents_behind = sqlx::query(sql!(
+                "UPDATE dispatch_intents SET {uncounted}, updated_at = @now
                  WHERE broker_id = $1 AND state = {in_flight}",
-                pending = INTENT.pending,
+                uncounted = INTENT.uncounted_requeue_set(),
                 in_flight = INTENT.in_flight,
             ))
             .bind(broker)
             .bind_now()
             .execute(&mut *tx)
             .await?;
-            let messages = sqlx::query(sql!(
-                "UPDATE messages SET state = {pending}, claimed_by = NULL, claimed_at = NULL,
-                        updated_at = @now
+            let messages_behind = sqlx::query(sql!(
+                "UPDATE messages SET {uncounted}, updated_at = @now
                  WHERE broker_id = $1 AND state = {in_flight}",
-                pending = MESSAGE.pending,
+                uncounted = MESSAGE.uncounted_requeue_set(),
                 in_flight = MESSAGE.in_flight,
             ))
             .bind(broker)
@@ -411,7 +467,10 @@ for_each_backend! {
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
-            Ok(intents.rows_affected() + messages.rows_affected())
+            let mut report = RequeueReport::counted(&intents, &messages);
+            report.intents_requeued += intents_behind.rows_affected();
+            report.messages_requeued += messages_behind.rows_affected();
+            Ok(report)
         }
     }
 }
