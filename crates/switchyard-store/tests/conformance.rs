@@ -74,6 +74,7 @@ switchyard_testkit::on_both_backends!(
     messages_past_ttl_expire,
     a_new_session_requeues_the_brokers_in_flight_work,
     work_sent_on_max_attempts_sessions_is_dead_lettered_and_its_agent_moves_on,
+    intent_and_message_claims_for_one_broker_at_once_both_claim,
     a_superseded_session_claims_nothing,
     one_singleton_at_a_time_and_a_successor_when_it_goes,
     finished_rows_are_pruned_and_stuck_work_is_counted,
@@ -1166,6 +1167,35 @@ async fn work_sent_on_max_attempts_sessions_is_dead_lettered_and_its_agent_moves
         claimed[0].attempts, 1,
         "sent behind the poison, its earlier claims did not count"
     );
+}
+
+/// A drain claims a broker's intents and messages at the same time; each
+/// claim must get its rows. (With one claim lock per broker, the loser
+/// claimed nothing: its work waited for the backstop, and messages
+/// overtook the dispatches written before them.)
+async fn intent_and_message_claims_for_one_broker_at_once_both_claim(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let session = [session_of(s, b.id).await];
+    for round in 0..50 {
+        let i = s.insert_intent(intent(a, Op::Restart)).await.unwrap();
+        let m = s
+            .insert_messages(vec![message(a, json!(round))])
+            .await
+            .unwrap();
+        let (intents, messages) = tokio::join!(
+            s.claim_intents(&session, me, 10),
+            s.claim_messages(&session, me, 10),
+        );
+        assert_eq!(intents.unwrap().len(), 1, "round {round}: the intent");
+        assert_eq!(messages.unwrap().len(), 1, "round {round}: the message");
+        s.finish_intent(i.row.id, IntentOutcome::Done(json!({})))
+            .await
+            .unwrap();
+        s.ack_message(b.id, m[0].row.id).await.unwrap();
+    }
 }
 
 async fn message_idempotency_and_idempotent_ack(f: Fixture) {

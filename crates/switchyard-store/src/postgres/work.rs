@@ -199,7 +199,11 @@ impl Sequenced {
     ///    no WAL): the common case for one of the two tables on every drain.
     ///    `KEY SHARE` does not conflict with the insert's lock on the broker.
     /// 2. `live`: of those, the brokers no other claim is working on, by a
-    ///    transaction-scoped advisory try-lock per broker (released at commit).
+    ///    transaction-scoped advisory try-lock per broker and table (released
+    ///    at commit; per table, because a drain claims intents and messages
+    ///    at the same time, and with one lock per broker one of the two
+    ///    claimed nothing: that work waited for the backstop, and messages
+    ///    overtook the dispatches written before them).
     ///    Concurrent claims for one broker therefore never update the same
     ///    rows in different orders (which deadlocked); the one that loses
     ///    claims nothing for that broker. The hub runs one drain per session,
@@ -241,7 +245,8 @@ impl Sequenced {
                  FOR KEY SHARE OF b
              ), live AS MATERIALIZED (
                  SELECT id FROM candidates
-                 WHERE pg_try_advisory_xact_lock(hashtextextended('switchyard-claim:' || id::text, 0))
+                 WHERE pg_try_advisory_xact_lock(
+                     hashtextextended('switchyard-claim:{table}:' || id::text, 0))
              ), ready AS (
                  SELECT a.id FROM agents a
                  WHERE a.broker_id IN (SELECT id FROM live)
