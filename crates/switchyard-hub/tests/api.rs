@@ -499,8 +499,7 @@ async fn a_retried_lifecycle_call_gets_its_original_dispatch(db: TestDb) {
         .apply_agent_status(
             broker.parse().unwrap(),
             agent.parse().unwrap(),
-            switchyard_store::Phase::Running,
-            1,
+            switchyard_store::StatusReport::phase(switchyard_store::Phase::Running, 1),
         )
         .await
         .unwrap();

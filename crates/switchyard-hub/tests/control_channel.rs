@@ -25,6 +25,7 @@ switchyard_testkit::on_both_backends!(
     protocol_violations_get_an_error_frame_and_a_close,
     the_close_handshake_completes_so_the_broker_reads_the_code,
     a_message_that_ends_every_session_is_dead_lettered_and_the_queue_moves_on,
+    what_an_agent_reports_is_kept_on_the_agent,
     handshake_timestamps_at_the_ends_of_the_range_are_refused_without_overflow,
     a_broker_that_stops_reading_is_disconnected_and_its_work_waits,
 );
@@ -479,6 +480,49 @@ async fn a_message_that_ends_every_session_is_dead_lettered_and_the_queue_moves_
         metrics.contains("switchyard_dead_letters_total{kind=\"message\"} 1"),
         "{metrics}"
     );
+    hub.shutdown().await;
+}
+
+/// The exit code and detail of a status report used to be dropped: an
+/// operator saw `error` and not why. They are kept from the last applied
+/// report, bounded (a detail with a NUL byte or of any length is stored,
+/// not refused), shown on the agent and carried by the event.
+async fn what_an_agent_reports_is_kept_on_the_agent(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (id, secret) = hub.broker("edge").await;
+    let agent = hub.agent(&id, "worker").await;
+    let mut b = RawBroker::connect(&hub.base, &id, &secret).await;
+    let report = |seq, exit_code, detail: Option<String>| {
+        BrokerFrame::Status(AgentStatus {
+            agent_id: agent.parse().unwrap(),
+            phase: Phase::Error,
+            seq,
+            exit_code,
+            detail,
+        })
+    };
+    b.send(&report(1, Some(3), Some("exited with 3".into())))
+        .await;
+    let row = hub
+        .wait_until(&format!("/v1/agents/{agent}"), |a| a["phase"] == "error")
+        .await;
+    assert_eq!(
+        (row["exit_code"].as_i64(), row["detail"].as_str()),
+        (Some(3), Some("exited with 3"))
+    );
+
+    let hostile = format!("nul\u{0}{}", "x".repeat(100_000));
+    b.send(&report(2, Some(-9), Some(hostile))).await;
+    let row = hub
+        .wait_until(&format!("/v1/agents/{agent}"), |a| a["exit_code"] == -9)
+        .await;
+    let detail = row["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("nul\u{fffd}x") && detail.ends_with('…'),
+        "{detail:.40}"
+    );
+    assert!(detail.len() <= 4096);
+    assert_eq!(row["phase"], "error", "the session lived on: {row}");
     hub.shutdown().await;
 }
 

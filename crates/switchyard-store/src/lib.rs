@@ -17,7 +17,7 @@ pub use ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 pub use model::{
     Acked, Affinity, Agent, Broker, BrokerStatus, DispatchIntent, Inserted, IntentFilter,
     IntentOutcome, IntentState, Message, MessageState, NewAgent, NewIntent, NewMessage, Op, Phase,
-    Replica, RequeuePolicy, RequeueReport, SessionHeartbeat, UnknownWord,
+    Replica, RequeuePolicy, RequeueReport, SessionHeartbeat, StatusReport, UnknownWord,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

@@ -115,8 +115,75 @@ pub struct Agent {
     pub phase: Phase,
     /// Highest status sequence applied; older reports are ignored.
     pub status_seq: i64,
+    /// The exit code in the last applied status report, if it had one.
+    pub exit_code: Option<i32>,
+    /// The broker's explanation in the last applied status report (why
+    /// the agent is in `error`, say), if it had one.
+    pub detail: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// A broker's status report about one of its agents, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusReport {
+    pub phase: Phase,
+    /// The broker's report sequence; only a newer report is applied.
+    pub seq: i64,
+    pub exit_code: Option<i32>,
+    /// At most [`StatusReport::MAX_DETAIL_BYTES`], without NUL bytes.
+    pub detail: Option<String>,
+}
+
+impl StatusReport {
+    /// The longest detail kept; a longer one is cut (at a character
+    /// boundary) and marked with `…`.
+    pub const MAX_DETAIL_BYTES: usize = 4096;
+
+    /// A report of a phase alone.
+    pub fn phase(phase: Phase, seq: i64) -> Self {
+        Self::new(phase, seq, None, None)
+    }
+
+    /// A report as a broker sent it, bounded for storage: the detail is cut
+    /// to [`Self::MAX_DETAIL_BYTES`] and NUL bytes (which PostgreSQL cannot
+    /// store) become U+FFFD, so no report is refused for its detail.
+    pub fn new(phase: Phase, seq: i64, exit_code: Option<i32>, detail: Option<String>) -> Self {
+        let detail = detail.map(|d| {
+            let mut d = d.replace('\0', "\u{fffd}");
+            if d.len() > Self::MAX_DETAIL_BYTES {
+                let mut cut = Self::MAX_DETAIL_BYTES - '…'.len_utf8();
+                while !d.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                d.truncate(cut);
+                d.push('…');
+            }
+            d
+        });
+        Self {
+            phase,
+            seq,
+            exit_code,
+            detail,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_detail_is_bounded_and_free_of_nul() {
+        let long = "é".repeat(StatusReport::MAX_DETAIL_BYTES);
+        let report = StatusReport::new(Phase::Error, 1, Some(1), Some(long));
+        let detail = report.detail.unwrap();
+        assert!(detail.len() <= StatusReport::MAX_DETAIL_BYTES);
+        assert!(detail.ends_with('…'));
+        let report = StatusReport::new(Phase::Error, 1, None, Some("a\0b".into()));
+        assert_eq!(report.detail.as_deref(), Some("a\u{fffd}b"));
+    }
 }
 
 /// Input of [`crate::AgentStore::create_agent`].

@@ -13,7 +13,7 @@ use serde_json::json;
 use switchyard_store::{
     AgentId, Broker, BrokerId, BrokerStatus, Conflict, IntentFilter, IntentId, IntentOutcome,
     IntentState, MessageId, MessageState, NewAgent, NewIntent, NewMessage, Op, Phase, ReplicaId,
-    RequeuePolicy, SessionHeartbeat, SessionId, Store, StoreError, open,
+    RequeuePolicy, SessionHeartbeat, SessionId, StatusReport, Store, StoreError, open,
 };
 use switchyard_testkit::{FromTestDb, TestDb};
 
@@ -391,7 +391,7 @@ async fn broker_names_are_unique_and_delete_is_refused_while_agents_live(f: Fixt
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert_eq!(s.list_brokers().await.unwrap().len(), 1);
 
-    s.apply_agent_status(b.id, a, Phase::Deleted, 1)
+    s.apply_agent_status(b.id, a, StatusReport::phase(Phase::Deleted, 1))
         .await
         .unwrap();
     let (replica, session) = (ReplicaId::new(), SessionId::new());
@@ -445,7 +445,7 @@ async fn agent_definitions_validate_broker_and_name(f: Fixture) {
     assert_eq!(s.list_agents(Some(BrokerId::new())).await.unwrap().len(), 0);
 
     // A deleted agent's name can be used again.
-    s.apply_agent_status(b.id, a, Phase::Deleted, 1)
+    s.apply_agent_status(b.id, a, StatusReport::phase(Phase::Deleted, 1))
         .await
         .unwrap();
     agent(s, b.id, "worker").await;
@@ -458,21 +458,21 @@ async fn agent_status_applies_only_newer_reports_from_its_own_broker(f: Fixture)
     let a = agent(s, b.id, "w").await;
 
     let (row, applied) = s
-        .apply_agent_status(b.id, a, Phase::Running, 2)
+        .apply_agent_status(b.id, a, StatusReport::phase(Phase::Running, 2))
         .await
         .unwrap();
     assert!(applied);
     assert_eq!((row.phase, row.status_seq), (Phase::Running, 2));
     // An older report (reordered on the wire) is ignored.
     let (row, applied) = s
-        .apply_agent_status(b.id, a, Phase::Starting, 1)
+        .apply_agent_status(b.id, a, StatusReport::phase(Phase::Starting, 1))
         .await
         .unwrap();
     assert!(!applied);
     assert_eq!(row.phase, Phase::Running);
     // Another broker cannot report on this agent.
     let err = s
-        .apply_agent_status(other.id, a, Phase::Error, 9)
+        .apply_agent_status(other.id, a, StatusReport::phase(Phase::Error, 9))
         .await
         .unwrap_err();
     assert!(
@@ -991,7 +991,7 @@ async fn message_batch_with_one_invalid_item_inserts_nothing(f: Fixture) {
     );
 
     // A deleted agent takes no new messages either.
-    s.apply_agent_status(b.id, a, Phase::Deleted, 1)
+    s.apply_agent_status(b.id, a, StatusReport::phase(Phase::Deleted, 1))
         .await
         .unwrap();
     let err = s
@@ -1462,7 +1462,7 @@ async fn agents_are_found_by_name_until_deleted(f: Fixture) {
         "the row stays"
     );
     let (row, applied) = s
-        .apply_agent_status(b.id, a, Phase::Running, i64::MAX)
+        .apply_agent_status(b.id, a, StatusReport::phase(Phase::Running, i64::MAX))
         .await
         .unwrap();
     assert!(!applied, "reports about a deleted agent are ignored");

@@ -7,7 +7,9 @@
 //! broker reconnects and resends).
 
 use switchyard_proto::{AgentStatus, BrokerFrame, DispatchResult, ErrorCode};
-use switchyard_store::{AgentId, Broker, Entity, IntentId, IntentOutcome, MessageId, StoreError};
+use switchyard_store::{
+    AgentId, Broker, Entity, IntentId, IntentOutcome, MessageId, StatusReport, StoreError,
+};
 
 use super::close::error_frame;
 use super::writer::Outbox;
@@ -63,7 +65,8 @@ pub(crate) async fn apply(
     }
 }
 
-/// `status`: an agent's phase, applied only if newer than the last report.
+/// `status`: an agent's phase (with its exit code and detail), applied only
+/// if newer than the last report.
 pub(crate) async fn status(
     state: &HubState,
     broker: &Broker,
@@ -74,8 +77,7 @@ pub(crate) async fn status(
         .apply_agent_status(
             broker.id,
             AgentId(report.agent_id),
-            report.phase,
-            report.seq,
+            StatusReport::new(report.phase, report.seq, report.exit_code, report.detail),
         )
         .await?;
     if applied {

@@ -6,7 +6,7 @@ use sqlx::types::Json;
 use crate::dialect::{BindNow, for_each_backend, sql};
 use crate::error::{Conflict, Entity, Invalid, StoreError, StoreResult};
 use crate::ids::{AgentId, BrokerId};
-use crate::model::{Agent, NewAgent, Phase};
+use crate::model::{Agent, NewAgent, StatusReport};
 use crate::rules::DELETED;
 
 /// Keeps agent definitions.
@@ -25,8 +25,9 @@ pub trait AgentStore: Send + Sync {
     /// Agents (deleted ones included), optionally of one broker, by name.
     async fn list_agents(&self, broker: Option<BrokerId>) -> StoreResult<Vec<Agent>>;
 
-    /// Applies a status report of `broker` about one of its agents, if
-    /// `status_seq` is newer than the last applied. `NotOwned` if the agent
+    /// Applies a status report of `broker` about one of its agents (phase,
+    /// exit code and detail together), if its `seq` is newer than the last
+    /// applied. `NotOwned` if the agent
     /// is another broker's, `NotFound` if there is none (nothing changes
     /// either way). Returns the agent after the report, and whether the
     /// report was applied.
@@ -34,8 +35,7 @@ pub trait AgentStore: Send + Sync {
         &self,
         broker: BrokerId,
         agent: AgentId,
-        phase: Phase,
-        status_seq: i64,
+        report: StatusReport,
     ) -> StoreResult<(Agent, bool)>;
 
     /// Marks an agent deleted (after its broker confirmed the delete). Its
@@ -109,19 +109,21 @@ for_each_backend! {
             &self,
             broker: BrokerId,
             agent: AgentId,
-            phase: Phase,
-            status_seq: i64,
+            report: StatusReport,
         ) -> StoreResult<(Agent, bool)> {
             let applied: Option<Agent> = sqlx::query_as(sql!(
-                "UPDATE agents SET phase = $3, status_seq = $4, updated_at = @now
+                "UPDATE agents SET phase = $3, status_seq = $4, exit_code = $5, detail = $6,
+                        updated_at = @now
                  WHERE id = $1 AND broker_id = $2 AND status_seq < $4 AND phase <> {deleted}
                  RETURNING *",
                 deleted = *DELETED
             ))
             .bind(agent)
             .bind(broker)
-            .bind(phase.as_str())
-            .bind(status_seq)
+            .bind(report.phase.as_str())
+            .bind(report.seq)
+            .bind(report.exit_code)
+            .bind(report.detail)
             .bind_now()
             .fetch_optional(&self.pool)
             .await?;

@@ -117,6 +117,10 @@ pub(crate) struct Agent {
     #[serde(default)]
     phase: String,
     status_seq: Option<i64>,
+    #[serde(default)]
+    exit_code: Option<i32>,
+    #[serde(default)]
+    detail: Option<String>,
     created_at: Option<String>,
     updated_at: Option<String>,
 }
@@ -396,6 +400,12 @@ fn show(a: &Agent) -> String {
             a.status_seq
                 .map_or_else(|| table::NONE.to_owned(), |n| n.to_string()),
         ),
+        (
+            "exit code",
+            a.exit_code
+                .map_or_else(|| table::NONE.to_owned(), |n| n.to_string()),
+        ),
+        ("detail", table::or_none(a.detail.as_deref())),
         ("command", table::shell_words(&a.command)),
         (
             "env",
