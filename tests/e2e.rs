@@ -337,6 +337,44 @@ async fn the_cli_drives_a_broker_and_an_agent() {
     assert_eq!(code, Some(4), "unauthorized exits 4");
 }
 
+/// Two broker processes started with one credential used to take turns
+/// forever, each superseding the other every few seconds. Each now notices
+/// being superseded again and again, says so, and pauses (30 s, then
+/// longer), so the session stays put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_brokers_with_one_credential_stop_taking_turns() {
+    let db = TestDb::sqlite();
+    let setup = setup(&db).await;
+    let other = setup._dir.path().join("other-broker");
+    std::fs::create_dir_all(&other).unwrap();
+    let _first = setup.start_broker();
+    let _second = BrokerProcess::start(
+        &[&setup.server.base],
+        &setup.broker_id,
+        &setup.secret,
+        &other,
+    );
+    setup.wait_online().await;
+    // Both back off after a few rounds; then count takeovers for 12 s.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let path = format!("/v1/brokers/{}", setup.broker_id);
+    let mut sessions = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(12);
+    while tokio::time::Instant::now() < until {
+        let (_, broker) = setup.api.call("GET", &path, None).await;
+        let session = broker["session_id"].clone();
+        if !session.is_null() && sessions.last() != Some(&session) {
+            sessions.push(session);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        sessions.len() <= 2,
+        "the session changed hands {} times in 12 s",
+        sessions.len() - 1
+    );
+}
+
 /// Agents get a clean environment: nothing of the broker's own environment
 /// outside a short allowlist reaches them (not an admin token exported in
 /// the broker's shell, not anything else), while the agent's own `env` and

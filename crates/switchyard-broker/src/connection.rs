@@ -27,6 +27,17 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// How long one dial (TCP connect + upgrade) may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sessions superseded in a row (none ended any other way) after which the
+/// broker concludes that another process uses its credentials. A hub
+/// supersedes a session now and then on its own (after losing track of
+/// it); it does not do so every time.
+const CONTESTED_AFTER: u32 = 3;
+/// The pause after the [`CONTESTED_AFTER`]th supersession in a row; it
+/// doubles with each further one, up to [`MAX_CONTESTED_PAUSE`]. Two
+/// processes with one credential then hand the session back and forth a
+/// few times an hour instead of every second.
+const CONTESTED_PAUSE: Duration = Duration::from_secs(30);
+const MAX_CONTESTED_PAUSE: Duration = Duration::from_secs(300);
 
 /// What a broker needs to reach its hub.
 ///
@@ -70,8 +81,10 @@ impl std::fmt::Debug for BrokerConfig {
 
 /// Errors that stop the broker: configuration mistakes. Everything on the
 /// network is retried, including `superseded` (the hub also says it when it
-/// lost track of this session, e.g. after reaping a stalled replica; two
-/// processes with the same credentials then take turns, loudly logged).
+/// lost track of this session, e.g. after reaping a stalled replica). A
+/// broker superseded several times in a row concludes that another process
+/// uses its credentials: it logs that as an error and pauses 30 s, then
+/// longer, up to 5 min, before taking the session back.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// [`BrokerConfig::hubs`] is empty.
@@ -158,6 +171,7 @@ pub async fn run(
 
     let mut executor = Executor::new(runtime.clone(), config.workdir.clone());
     let mut backoff = new_backoff();
+    let mut superseded_in_a_row = 0u32;
     let mut next_hub = 0;
     'running: while !shutdown.is_cancelled() {
         for k in 0..urls.len() {
@@ -190,19 +204,33 @@ pub async fn run(
             let ended = session::run(socket, &runtime, &mut executor, &shutdown).await;
             match ended {
                 Ok(Ended::Shutdown) => break 'running,
-                Err(SessionError::Superseded(message)) => tracing::warn!(
-                    hub = %url,
-                    "session superseded ({message}); reconnecting. If this repeats, another \
-                     process is using this broker's credentials"
-                ),
-                Err(err) => tracing::warn!(hub = %url, "session ended: {err}"),
+                Err(SessionError::Superseded(message)) => {
+                    superseded_in_a_row += 1;
+                    tracing::warn!(hub = %url, "session superseded ({message}); reconnecting");
+                }
+                Err(err) => {
+                    superseded_in_a_row = 0;
+                    tracing::warn!(hub = %url, "session ended: {err}");
+                }
             }
             if started.elapsed() > HEALTHY_SESSION {
                 backoff = new_backoff();
             }
             break;
         }
-        let delay = backoff.next().unwrap_or(MAX_BACKOFF);
+        let mut delay = backoff.next().unwrap_or(MAX_BACKOFF);
+        if let Some(pause) = contested_pause(superseded_in_a_row) {
+            tracing::error!(
+                broker = %config.broker,
+                superseded_in_a_row,
+                pause_secs = pause.as_secs(),
+                "another process is using this broker's credentials: each of the last \
+                 {superseded_in_a_row} sessions was taken over by a newer connection. Stop \
+                 the other process (or give it its own broker); pausing before taking the \
+                 session back"
+            );
+            delay = pause;
+        }
         tracing::debug!(?delay, "reconnecting after a pause");
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -212,6 +240,14 @@ pub async fn run(
     tracing::info!("broker stopping; finishing queued work");
     executor.shutdown().await;
     Ok(())
+}
+
+/// The pause after `superseded_in_a_row` supersessions, once they say the
+/// credentials are contested.
+fn contested_pause(superseded_in_a_row: u32) -> Option<Duration> {
+    let beyond = superseded_in_a_row.checked_sub(CONTESTED_AFTER)?;
+    let pause = CONTESTED_PAUSE.saturating_mul(1 << beyond.min(16));
+    Some(pause.min(MAX_CONTESTED_PAUSE))
 }
 
 fn new_backoff() -> ExponentialBackoff {
@@ -284,6 +320,17 @@ fn signed_request(url: &str, config: &BrokerConfig) -> Result<Request, DialError
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_contested_credential_pauses_longer_each_time_up_to_five_minutes() {
+        assert_eq!(contested_pause(CONTESTED_AFTER - 1), None);
+        assert_eq!(contested_pause(CONTESTED_AFTER), Some(CONTESTED_PAUSE));
+        assert_eq!(
+            contested_pause(CONTESTED_AFTER + 1),
+            Some(CONTESTED_PAUSE * 2)
+        );
+        assert_eq!(contested_pause(u32::MAX), Some(MAX_CONTESTED_PAUSE));
+    }
 
     #[test]
     fn hub_urls_become_connect_urls() {
