@@ -263,3 +263,71 @@ async fn events_reach_watchers_and_waiters_on_another_replica() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// Invariant 5, NOTIFY is a hint: the owner's command-bus listener is
+/// connected to another database, so it hears none of the wake-ups the
+/// other replica sends, yet every message written there still reaches the
+/// broker, through the drain backstop. Prints how long work was stranded:
+/// about one backstop interval (the interval restarts after each drain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn work_arrives_through_the_backstop_when_every_wake_up_is_lost() {
+    let backstop = Duration::from_millis(500);
+    let elsewhere = TestDb::postgres().await;
+    let deaf = switchyard_hub::HubConfig {
+        drain_backstop: backstop,
+        listener_database_url: Some(elsewhere.url().to_owned()),
+        ..fast_config()
+    };
+    let owner = TestHub::start_with(TestDb::postgres().await, deaf).await;
+    let writer = second_replica(&owner).await;
+    let (id, secret) = owner.broker("edge").await;
+    let agent = owner.agent(&id, "worker").await;
+    let mut broker = RawBroker::connect(&owner.base, &id, &secret).await;
+
+    let path = format!("/v1/agents/{agent}/messages");
+    let mut stranded = Vec::new();
+    for i in 0..20 {
+        let (status, sent) = writer.call("POST", &path, Some(json!({ "body": i }))).await;
+        assert_eq!(status, 202, "{sent}");
+        assert_eq!(sent["route"], "forward", "{sent}");
+        let accepted = tokio::time::Instant::now();
+        loop {
+            match broker.recv().await {
+                Some(HubFrame::Message(m)) if m.body == i => {
+                    stranded.push(accepted.elapsed());
+                    broker
+                        .send(&BrokerFrame::Ack {
+                            message_ids: vec![m.id],
+                        })
+                        .await;
+                    break;
+                }
+                Some(HubFrame::Dispatch(d)) => {
+                    let result = DispatchResult {
+                        dispatch_id: d.id,
+                        ok: true,
+                        result: None,
+                        error: None,
+                    };
+                    broker.send(&BrokerFrame::Result(result)).await;
+                }
+                other => panic!("message {i}: unexpected {other:?}"),
+            }
+        }
+    }
+    let max = stranded.iter().max().copied().unwrap();
+    let mean = stranded.iter().sum::<Duration>() / stranded.len() as u32;
+    eprintln!(
+        "stranded with every wake-up lost: mean {mean:?}, max {max:?} (backstop {backstop:?})"
+    );
+    assert!(
+        max < backstop + Duration::from_secs(1),
+        "stranded {max:?}, longer than the backstop allows"
+    );
+    // A working bus delivers in milliseconds: waiting this long shows the
+    // wake-ups really were lost and the backstop did the work.
+    assert!(
+        mean > Duration::from_millis(50),
+        "mean {mean:?}: was the bus deaf?"
+    );
+}
