@@ -331,3 +331,99 @@ async fn work_arrives_through_the_backstop_when_every_wake_up_is_lost() {
         "mean {mean:?}: was the bus deaf?"
     );
 }
+
+/// The `switchyard_notifications_sent_total` counter of a replica.
+async fn notifications_sent(hub: &TestHub) -> u64 {
+    let text = hub
+        .http
+        .get(hub.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("switchyard_notifications_sent_total "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap()
+}
+
+/// Invariant 7, the local path stays fast: when the broker's socket is on
+/// the replica that took the call, nothing waits for NOTIFY. The replica's
+/// listener is deaf (connected to another database) and its backstop an
+/// hour long, so anything that needed a notification would never arrive;
+/// messages arrive at once, a lifecycle call is answered, and the messages
+/// sent no NOTIFY at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_calls_send_no_notify_and_wait_for_none() {
+    let elsewhere = TestDb::postgres().await;
+    let deaf = switchyard_hub::HubConfig {
+        drain_backstop: Duration::from_secs(3600),
+        listener_database_url: Some(elsewhere.url().to_owned()),
+        ..fast_config()
+    };
+    let hub = TestHub::start_with(TestDb::postgres().await, deaf).await;
+    let (id, secret) = hub.broker("edge").await;
+    let agent = hub.agent(&id, "worker").await;
+    let mut broker = RawBroker::connect(&hub.base, &id, &secret).await;
+    let (seen, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        while let Some(frame) = broker.recv().await {
+            match frame {
+                HubFrame::Message(m) => {
+                    let _ = seen.send(m.body.clone());
+                    let ack = BrokerFrame::Ack {
+                        message_ids: vec![m.id],
+                    };
+                    broker.send(&ack).await;
+                }
+                HubFrame::Dispatch(d) => {
+                    let result = DispatchResult {
+                        dispatch_id: d.id,
+                        ok: true,
+                        result: None,
+                        error: None,
+                    };
+                    broker.send(&BrokerFrame::Result(result)).await;
+                }
+                _ => {}
+            }
+        }
+    });
+
+    // The agent's create goes out on connect; its outcome is an event that
+    // other replicas hear by NOTIFY. Let that one pass first.
+    hub.wait_until(&format!("/v1/dispatches?broker_id={id}"), |list| {
+        list.as_array()
+            .is_some_and(|l| !l.is_empty() && l.iter().all(|d| d["state"] == "done"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = notifications_sent(&hub).await;
+    let path = format!("/v1/agents/{agent}/messages");
+    for i in 0..20 {
+        let (status, sent) = hub.call("POST", &path, Some(json!({ "body": i }))).await;
+        assert_eq!((status, &sent["route"]), (202, &json!("local")), "{sent}");
+        let got = tokio::time::timeout(Duration::from_secs(2), arrivals.recv()).await;
+        assert_eq!(
+            got.ok().flatten(),
+            Some(json!(i)),
+            "message {i} did not arrive at once"
+        );
+    }
+    assert_eq!(
+        notifications_sent(&hub).await,
+        before,
+        "local messages sent a NOTIFY"
+    );
+    let (status, body) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/start?timeout_secs=5"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    driver.abort();
+}
