@@ -427,3 +427,122 @@ async fn local_calls_send_no_notify_and_wait_for_none() {
     assert_eq!(status, 200, "{body}");
     driver.abort();
 }
+
+/// Reads the event stream until `what` appears or `within` passes; returns
+/// what was read.
+async fn read_events(watch: &mut reqwest::Response, what: &str, within: Duration) -> String {
+    let mut seen = String::new();
+    let until = tokio::time::Instant::now() + within;
+    while !seen.contains(what) {
+        match tokio::time::timeout_at(until, watch.chunk()).await {
+            Ok(chunk) => {
+                let chunk = chunk.unwrap().expect("the stream stays open");
+                seen.push_str(&String::from_utf8_lossy(&chunk));
+            }
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+/// Invariant 6, no ghost events: an event is published only after the
+/// transaction that makes it true has committed. The test holds a row lock
+/// on the dispatch (then on the agent), so the hub's update of it cannot
+/// commit: while it waits, no event about it may appear; once the lock is
+/// released, the event comes and the row already says what it says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_event_is_published_before_its_commit() {
+    use sqlx::Connection;
+    let hub = TestHub::start(TestDb::postgres().await).await;
+    let (id, secret) = hub.broker("edge").await;
+    let agent = hub.agent(&id, "watched").await;
+    let mut broker = RawBroker::connect(&hub.base, &id, &secret).await;
+    // The agent's create, answered, so only the start is left.
+    match broker.recv().await {
+        Some(HubFrame::Dispatch(d)) => {
+            let result = DispatchResult {
+                dispatch_id: d.id,
+                ok: true,
+                result: None,
+                error: None,
+            };
+            broker.send(&BrokerFrame::Result(result)).await;
+        }
+        other => panic!("expected the create dispatch, got {other:?}"),
+    }
+    let mut watch = hub
+        .http
+        .get(hub.url(&format!("/v1/events?agent={agent}")))
+        .bearer_auth(common::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(watch.status(), 200);
+    let (_, started) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/start?wait=false"),
+            None,
+        )
+        .await;
+    let dispatch = started["dispatch_id"].as_str().unwrap().to_owned();
+    let Some(HubFrame::Dispatch(d)) = broker.recv().await else {
+        panic!("expected the start dispatch");
+    };
+    let mut db = sqlx::PgConnection::connect(hub.db.url()).await.unwrap();
+
+    // The dispatch's outcome, while its row is locked.
+    let mut lock = db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM dispatch_intents WHERE id = $1::uuid FOR UPDATE")
+        .bind(&dispatch)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let result = DispatchResult {
+        dispatch_id: d.id,
+        ok: true,
+        result: None,
+        error: None,
+    };
+    broker.send(&BrokerFrame::Result(result)).await;
+    let early = read_events(&mut watch, &dispatch, Duration::from_secs(1)).await;
+    assert!(
+        !early.contains(&dispatch),
+        "an event about the dispatch came before its commit: {early}"
+    );
+    lock.commit().await.unwrap();
+    let seen = read_events(&mut watch, &dispatch, Duration::from_secs(5)).await;
+    assert!(seen.contains("event: dispatch_finished"), "{seen}");
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM dispatch_intents WHERE id = $1::uuid")
+            .bind(&dispatch)
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    assert_eq!(state, "done");
+
+    // An agent status, while the agent's row is locked.
+    let mut lock = db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM agents WHERE id = $1::uuid FOR UPDATE")
+        .bind(&agent)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    broker
+        .send(&BrokerFrame::Status(switchyard_proto::AgentStatus {
+            agent_id: agent.parse().unwrap(),
+            phase: switchyard_proto::Phase::Running,
+            seq: 7,
+            exit_code: None,
+            detail: None,
+        }))
+        .await;
+    let early = read_events(&mut watch, "\"phase\":\"running\"", Duration::from_secs(1)).await;
+    assert!(
+        !early.contains("\"phase\":\"running\""),
+        "an agent_status event came before its commit: {early}"
+    );
+    lock.commit().await.unwrap();
+    let seen = read_events(&mut watch, "\"phase\":\"running\"", Duration::from_secs(5)).await;
+    assert!(seen.contains("event: agent_status"), "{seen}");
+}
