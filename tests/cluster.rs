@@ -304,3 +304,96 @@ async fn killed_listeners_and_a_cut_database_connection_lose_nothing() {
         "A is ready again once its database is back"
     );
 }
+
+/// Invariant 1, state lives in storage: the originator (A) is killed with
+/// SIGKILL the moment its 100th 202 is answered, while more calls are in
+/// flight. Every message A answered 202 for reaches the agent through B,
+/// which owns the broker's session, exactly once; a message whose answer
+/// was lost may arrive too (it was committed), never twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_originator_killed_right_after_its_202_loses_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut c = Cluster::new().await;
+    let a = c.replica(c.db.url());
+    let b = c.replica(c.db.url());
+    let api_b = Api::new(&b.base, TOKEN);
+    c.register_broker(&api_b).await;
+    let _broker = c.broker(&[&b.base]);
+    c.online_at(&api_b, &b).await;
+    let agent = c.echo_agent(&api_b, "survivor").await;
+    api_b.lifecycle("start", &agent).await;
+
+    const KILL_AT: usize = 100;
+    let pid = a.child.id().to_string();
+    let accepted = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let senders: Vec<_> = (0..6u64)
+        .map(|k| {
+            let (accepted, answered, pid) = (accepted.clone(), answered.clone(), pid.clone());
+            let url = format!("{}/v1/agents/{agent}/messages", a.base);
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                for i in (k..600).step_by(6) {
+                    let sent = http
+                        .post(&url)
+                        .bearer_auth(TOKEN)
+                        .json(&json!({ "body": i }))
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) if r.status() == 202 => {
+                            accepted.lock().unwrap().push(i);
+                            if answered.fetch_add(1, Ordering::SeqCst) + 1 == KILL_AT {
+                                std::process::Command::new("kill")
+                                    .args(["-KILL", &pid])
+                                    .status()
+                                    .unwrap();
+                            }
+                        }
+                        // Refused or cut: A is gone.
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(
+        accepted.len() >= KILL_AT,
+        "A answered {} 202s",
+        accepted.len()
+    );
+    assert!(accepted.len() < 600, "A was killed before the last call");
+
+    let until = Instant::now() + Duration::from_secs(60);
+    let lines = loop {
+        let lines = inbox(&c.workdir, &agent);
+        let got: std::collections::HashSet<u64> =
+            lines.iter().filter_map(|l| l["body"].as_u64()).collect();
+        if accepted.iter().all(|i| got.contains(i)) {
+            break lines;
+        }
+        let missing = accepted.iter().filter(|i| !got.contains(i)).count();
+        assert!(
+            Instant::now() < until,
+            "{missing} of {} accepted messages never arrived",
+            accepted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut bodies: Vec<u64> = lines.iter().filter_map(|l| l["body"].as_u64()).collect();
+    let total = bodies.len();
+    bodies.sort_unstable();
+    bodies.dedup();
+    assert_eq!(bodies.len(), total, "no message arrived twice");
+    println!(
+        "A answered {} calls with 202 before and while it was killed; {} messages arrived",
+        accepted.len(),
+        total
+    );
+    drop(a);
+}
