@@ -137,21 +137,29 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Api
     Ok(Some(key.to_owned()))
 }
 
-/// Names of brokers and agents: 1-64 of `[A-Za-z0-9._-]`, not a UUID
-/// (references in paths accept either, so a name must not look like an id).
+/// Names of brokers and agents: 1-64 of `[A-Za-z0-9._-]`, not `.` or `..`,
+/// not a UUID (references in paths accept either, so a name must not look
+/// like an id).
 pub(crate) fn validate_name(kind: &str, name: &str) -> Result<(), ApiError> {
     let ok = (1..=64).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        && uuid::Uuid::parse_str(name).is_err();
+        && uuid::Uuid::parse_str(name).is_err()
+        // A path segment `.` or `..` is rewritten by URL normalization in
+        // most HTTP clients: such a name could never be addressed.
+        && name != "."
+        && name != "..";
     if ok {
         Ok(())
     } else {
         Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid",
-            format!("{kind} name must be 1-64 characters of A-Z a-z 0-9 . _ - and not a UUID"),
+            format!(
+                "{kind} name must be 1-64 characters of A-Z a-z 0-9 . _ -, not `.` or `..`, \
+                 and not a UUID"
+            ),
         ))
     }
 }
