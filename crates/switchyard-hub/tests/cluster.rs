@@ -132,13 +132,26 @@ async fn a_takeover_during_a_drain_delivers_the_backlog_once_each() {
     let mut first = RawBroker::connect(&a.base, &id, &secret).await;
     let mut acked_first = HashSet::new();
     while acked_first.len() < 50 {
-        if let Some(HubFrame::Message(m)) = first.recv().await {
-            first
-                .send(&BrokerFrame::Ack {
-                    message_ids: vec![m.id],
-                })
-                .await;
-            acked_first.insert(m.id.to_string());
+        match first.recv().await {
+            Some(HubFrame::Message(m)) => {
+                first
+                    .send(&BrokerFrame::Ack {
+                        message_ids: vec![m.id],
+                    })
+                    .await;
+                acked_first.insert(m.id.to_string());
+            }
+            // The agent's create, which its messages wait for.
+            Some(HubFrame::Dispatch(d)) => {
+                let result = DispatchResult {
+                    dispatch_id: d.id,
+                    ok: true,
+                    result: None,
+                    error: None,
+                };
+                first.send(&BrokerFrame::Result(result)).await;
+            }
+            _ => {}
         }
     }
     // Once those acks are recorded, they are final: B must not resend them.

@@ -26,6 +26,7 @@ switchyard_testkit::on_both_backends!(
     the_close_handshake_completes_so_the_broker_reads_the_code,
     a_message_that_ends_every_session_is_dead_lettered_and_the_queue_moves_on,
     what_an_agent_reports_is_kept_on_the_agent,
+    messages_and_operations_reach_the_broker_in_the_order_they_were_written,
     handshake_timestamps_at_the_ends_of_the_range_are_refused_without_overflow,
     a_broker_that_stops_reading_is_disconnected_and_its_work_waits,
 );
@@ -45,7 +46,25 @@ async fn a_broker_that_stops_reading_is_disconnected_and_its_work_waits(db: Test
     let hub = TestHub::start_with(db, config).await;
     let (id, secret) = hub.broker("edge").await;
     let agent = hub.agent(&id, "worker").await;
-    let stalled = RawBroker::connect(&hub.base, &id, &secret).await;
+    let mut stalled = RawBroker::connect(&hub.base, &id, &secret).await;
+    // The agent's create is answered first: its messages wait for it (one
+    // order per agent). Then the broker stops reading.
+    match stalled.recv().await {
+        Some(HubFrame::Dispatch(d)) => {
+            let result = DispatchResult {
+                dispatch_id: d.id,
+                ok: true,
+                result: None,
+                error: None,
+            };
+            stalled.send(&BrokerFrame::Result(result)).await;
+        }
+        other => panic!("expected the create dispatch, got {other:?}"),
+    }
+    hub.wait_until(&format!("/v1/dispatches?broker_id={id}"), |list| {
+        list[0]["state"] == "done"
+    })
+    .await;
 
     // About 25 MB: more than the socket buffers of both ends hold.
     let body = "x".repeat(250_000);
@@ -526,6 +545,53 @@ async fn what_an_agent_reports_is_kept_on_the_agent(db: TestDb) {
     hub.shutdown().await;
 }
 
+/// With the broker offline, `send m1`, `restart`, `send m2` used to reach
+/// it as restart, m1, m2. One order per agent across operations and
+/// messages: create, m1, restart, m2, as written.
+async fn messages_and_operations_reach_the_broker_in_the_order_they_were_written(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (id, secret) = hub.broker("edge").await;
+    let agent = hub.agent(&id, "worker").await;
+    let path = format!("/v1/agents/{agent}/messages");
+    hub.call("POST", &path, Some(json!({"body": "m1"}))).await;
+    let (status, _) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/restart?wait=false"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202);
+    hub.call("POST", &path, Some(json!({"body": "m2"}))).await;
+
+    let mut b = RawBroker::connect(&hub.base, &id, &secret).await;
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("m2") {
+        match b.recv().await {
+            Some(HubFrame::Dispatch(d)) => {
+                seen.push(d.op.to_string());
+                let result = DispatchResult {
+                    dispatch_id: d.id,
+                    ok: true,
+                    result: None,
+                    error: None,
+                };
+                b.send(&BrokerFrame::Result(result)).await;
+            }
+            Some(HubFrame::Message(m)) => {
+                seen.push(m.body.as_str().unwrap().to_owned());
+                b.send(&BrokerFrame::Ack {
+                    message_ids: vec![m.id],
+                })
+                .await;
+            }
+            other => panic!("unexpected {other:?} after {seen:?}"),
+        }
+    }
+    assert_eq!(seen, ["create", "m1", "restart", "m2"]);
+    hub.shutdown().await;
+}
+
 async fn protocol_violations_get_an_error_frame_and_a_close(db: TestDb) {
     let hub = TestHub::start(db).await;
     let (id, secret) = hub.broker("edge").await;
@@ -599,8 +665,9 @@ async fn protocol_violations_get_an_error_frame_and_a_close(db: TestDb) {
 }
 
 /// A drain claims intents and messages at once. When the intents claim
-/// fails (here: its table is renamed away), the messages the other claim
-/// got must still go out now, not wait in flight for their lease.
+/// fails (here: a trigger refuses every update of an intent, and another
+/// agent has one pending), the messages the other claim got must still go
+/// out now, not wait in flight for their lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claimed_messages_go_out_when_the_intents_claim_fails() {
     use sqlx::Connection;
@@ -628,10 +695,25 @@ async fn claimed_messages_go_out_when_the_intents_claim_fails() {
     .await;
 
     let mut admin = sqlx::PgConnection::connect(hub.db.url()).await.unwrap();
-    sqlx::raw_sql("ALTER TABLE dispatch_intents RENAME TO dispatch_intents_away")
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_claims() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RAISE EXCEPTION 'the intents claim fails'; END $$;
+         CREATE TRIGGER refuse_claims BEFORE UPDATE ON dispatch_intents
+             FOR EACH ROW EXECUTE FUNCTION refuse_claims();",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    // Another agent's pending start: the intents claim tries it, and fails.
+    let other = hub.agent(&id, "other").await;
+    let (status, body) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{other}/start?wait=false"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
     let (status, body) = hub
         .call(
             "POST",
@@ -647,7 +729,7 @@ async fn claimed_messages_go_out_when_the_intents_claim_fails() {
         panic!("expected the message, got {got:?}");
     };
     assert_eq!(got.body, json!("through"));
-    sqlx::raw_sql("ALTER TABLE dispatch_intents_away RENAME TO dispatch_intents")
+    sqlx::raw_sql("DROP TRIGGER refuse_claims ON dispatch_intents")
         .execute(&mut admin)
         .await
         .unwrap();

@@ -75,6 +75,7 @@ switchyard_testkit::on_both_backends!(
     a_new_session_requeues_the_brokers_in_flight_work,
     work_sent_on_max_attempts_sessions_is_dead_lettered_and_its_agent_moves_on,
     intent_and_message_claims_for_one_broker_at_once_both_claim,
+    operations_and_messages_of_one_agent_keep_one_order,
     a_superseded_session_claims_nothing,
     one_singleton_at_a_time_and_a_successor_when_it_goes,
     finished_rows_are_pruned_and_stuck_work_is_counted,
@@ -826,8 +827,13 @@ async fn requeue_returns_dead_claimers_work_then_fails_after_max_attempts(f: Fix
     s.register_replica(live, "live").await.unwrap();
     let b = broker(s, "b").await;
     let a = agent(s, b.id, "w").await;
+    // The message to another agent: one agent's would wait for its start.
+    let a2 = agent(s, b.id, "w2").await;
     let row = s.insert_intent(intent(a, Op::Start)).await.unwrap().row;
-    let m = s.insert_messages(vec![message(a, json!(1))]).await.unwrap()[0]
+    let m = s
+        .insert_messages(vec![message(a2, json!(1))])
+        .await
+        .unwrap()[0]
         .row
         .clone();
 
@@ -1133,7 +1139,10 @@ async fn work_sent_on_max_attempts_sessions_is_dead_lettered_and_its_agent_moves
     s.insert_messages(vec![message(a, json!("next"))])
         .await
         .unwrap();
-    let start = s.insert_intent(intent(a, Op::Start)).await.unwrap();
+    // The dispatch for another agent: one agent's would wait behind its
+    // messages (one order per agent).
+    let a2 = agent(s, b.id, "w2").await;
+    let start = s.insert_intent(intent(a2, Op::Start)).await.unwrap();
     // A superseded session's claims never count.
     for _ in 0..5 {
         let session = session_of(s, b.id).await;
@@ -1178,11 +1187,13 @@ async fn intent_and_message_claims_for_one_broker_at_once_both_claim(f: Fixture)
     let me = ReplicaId::new();
     let b = broker(s, "b").await;
     let a = agent(s, b.id, "w").await;
+    // Two agents: one agent's message would wait for its restart.
+    let a2 = agent(s, b.id, "w2").await;
     let session = [session_of(s, b.id).await];
     for round in 0..50 {
         let i = s.insert_intent(intent(a, Op::Restart)).await.unwrap();
         let m = s
-            .insert_messages(vec![message(a, json!(round))])
+            .insert_messages(vec![message(a2, json!(round))])
             .await
             .unwrap();
         let (intents, messages) = tokio::join!(
@@ -1196,6 +1207,52 @@ async fn intent_and_message_claims_for_one_broker_at_once_both_claim(f: Fixture)
             .unwrap();
         s.ack_message(b.id, m[0].row.id).await.unwrap();
     }
+}
+
+/// One order per agent across operations and messages: an operation waits
+/// for the messages written before it to be delivered, and the messages
+/// written after it wait for its outcome.
+async fn operations_and_messages_of_one_agent_keep_one_order(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let session = [session_of(s, b.id).await];
+    let m1 = s
+        .insert_messages(vec![message(a, json!("m1"))])
+        .await
+        .unwrap();
+    let restart = s.insert_intent(intent(a, Op::Restart)).await.unwrap();
+    s.insert_messages(vec![message(a, json!("m2"))])
+        .await
+        .unwrap();
+
+    let bodies = |rows: Vec<switchyard_store::Message>| -> Vec<serde_json::Value> {
+        rows.into_iter().map(|m| m.body.0).collect()
+    };
+    assert!(
+        s.claim_intents(&session, me, 10).await.unwrap().is_empty(),
+        "m1 first"
+    );
+    let first = s.claim_messages(&session, me, 10).await.unwrap();
+    assert_eq!(bodies(first), [json!("m1")], "m2 waits behind the restart");
+    assert!(
+        s.claim_intents(&session, me, 10).await.unwrap().is_empty(),
+        "m1 is not delivered yet"
+    );
+    s.ack_message(b.id, m1[0].row.id).await.unwrap();
+    let ops = s.claim_intents(&session, me, 10).await.unwrap();
+    assert_eq!(ops.len(), 1);
+    assert_eq!(ops[0].id, restart.row.id);
+    assert!(
+        s.claim_messages(&session, me, 10).await.unwrap().is_empty(),
+        "the restart is not done"
+    );
+    s.finish_intent(restart.row.id, IntentOutcome::Done(json!({})))
+        .await
+        .unwrap();
+    let last = s.claim_messages(&session, me, 10).await.unwrap();
+    assert_eq!(bodies(last), [json!("m2")]);
 }
 
 async fn message_idempotency_and_idempotent_ack(f: Fixture) {
@@ -1352,10 +1409,14 @@ async fn a_new_session_requeues_the_brokers_in_flight_work(f: Fixture) {
     let other = broker(s, "other").await;
     let a = agent(s, b.id, "w").await;
     let x = agent(s, other.id, "x").await;
+    // Messages to other agents: one agent's message would wait for its
+    // start (one order per agent).
+    let a2 = agent(s, b.id, "w2").await;
+    let x2 = agent(s, other.id, "x2").await;
     s.insert_intents(vec![intent(a, Op::Start), intent(x, Op::Start)])
         .await
         .unwrap();
-    s.insert_messages(vec![message(a, json!(1)), message(x, json!(2))])
+    s.insert_messages(vec![message(a2, json!(1)), message(x2, json!(2))])
         .await
         .unwrap();
     s.claim_intents(
@@ -1397,7 +1458,7 @@ async fn a_new_session_requeues_the_brokers_in_flight_work(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(again.len(), 1, "only b's message went back");
-    assert_eq!((again[0].agent_id, again[0].attempts), (a, 2));
+    assert_eq!((again[0].agent_id, again[0].attempts), (a2, 2));
     assert_eq!(
         s.claim_intents(
             &[
@@ -1477,12 +1538,17 @@ async fn a_superseded_session_claims_nothing(f: Fixture) {
     let s = &*f.store;
     let b = broker(s, "b").await;
     let a = agent(s, b.id, "w").await;
+    // Messages to another agent: one agent's message would wait for its
+    // start (one order per agent).
+    let a2 = agent(s, b.id, "w2").await;
     let (old, new) = (SessionId::new(), SessionId::new());
     let (ra, rb) = (ReplicaId::new(), ReplicaId::new());
     s.claim_affinity(b.id, ra, old).await.unwrap();
     s.claim_affinity(b.id, rb, new).await.unwrap();
     s.insert_intents(vec![intent(a, Op::Start)]).await.unwrap();
-    s.insert_messages(vec![message(a, json!(1))]).await.unwrap();
+    s.insert_messages(vec![message(a2, json!(1))])
+        .await
+        .unwrap();
     assert!(
         s.claim_intents(&[(b.id, old)], ra, 10)
             .await
@@ -1508,7 +1574,9 @@ async fn a_superseded_session_claims_nothing(f: Fixture) {
     );
     // No session at all: nothing is claimed either.
     s.release_affinity(b.id, rb, new).await.unwrap();
-    s.insert_messages(vec![message(a, json!(2))]).await.unwrap();
+    s.insert_messages(vec![message(a2, json!(2))])
+        .await
+        .unwrap();
     assert!(
         s.claim_messages(&[(b.id, new)], rb, 10)
             .await

@@ -47,6 +47,11 @@ struct Sequenced {
     key_index: &'static str,
     /// The table's states.
     states: &'static LazyLock<WorkStates>,
+    /// The other table of sequenced work, and its states: a row is claimed
+    /// only when no unfinished row of the other table comes before it in
+    /// the agent's one order (`ord`).
+    other: &'static str,
+    other_states: &'static LazyLock<WorkStates>,
     /// The `agents` column holding the last sequence number handed out.
     counter: &'static str,
     /// The table's own columns, with their types, bound as arrays after
@@ -57,6 +62,8 @@ struct Sequenced {
 const MESSAGES: Sequenced = Sequenced {
     table: "messages",
     states: &MESSAGE,
+    other: "dispatch_intents",
+    other_states: &INTENT,
     key_index: "messages_idempotency_key",
     counter: "message_seq",
     payload: &[("body", "jsonb"), ("expires_at", "timestamptz")],
@@ -65,6 +72,8 @@ const MESSAGES: Sequenced = Sequenced {
 const INTENTS: Sequenced = Sequenced {
     table: "dispatch_intents",
     states: &INTENT,
+    other: "messages",
+    other_states: &MESSAGE,
     key_index: "dispatch_intents_idempotency_key",
     counter: "intent_seq",
     payload: &[
@@ -128,7 +137,7 @@ impl Sequenced {
             "WITH input AS (
                  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], {arrays})
                      WITH ORDINALITY AS t(id, agent_id, idempotency_key, request_digest,
-                                          {columns}, ord)
+                                          {columns}, pos)
              ), existing AS (
                  SELECT * FROM {table}
                  WHERE idempotency_key IN (SELECT idempotency_key FROM input)
@@ -150,18 +159,20 @@ impl Sequenced {
                  ORDER BY a.id
                  FOR UPDATE OF a FOR KEY SHARE OF b
              ), reserved AS (
-                 UPDATE agents a SET {counter} = a.{counter} + c.n
+                 UPDATE agents a SET {counter} = a.{counter} + c.n, work_seq = a.work_seq + c.n
                  FROM counts c
                  WHERE a.id = c.agent_id AND a.id IN (SELECT id FROM locked)
-                 RETURNING a.id, a.broker_id, a.{counter} - c.n AS before
+                 RETURNING a.id, a.broker_id, a.{counter} - c.n AS before,
+                           a.work_seq - c.n AS ord_before
              ), inserted AS (
                  INSERT INTO {table}
-                     (id, agent_id, broker_id, seq, idempotency_key, request_digest, {columns})
+                     (id, agent_id, broker_id, seq, ord, idempotency_key, request_digest, {columns})
                  SELECT f.id, f.agent_id, r.broker_id,
-                        r.before + row_number() OVER (PARTITION BY f.agent_id ORDER BY f.ord),
+                        r.before + row_number() OVER (PARTITION BY f.agent_id ORDER BY f.pos),
+                        r.ord_before + row_number() OVER (PARTITION BY f.agent_id ORDER BY f.pos),
                         f.idempotency_key, f.request_digest, {from_fresh}
                  FROM fresh f LEFT JOIN reserved r ON r.id = f.agent_id
-                 ORDER BY f.ord
+                 ORDER BY f.pos
                  RETURNING *
              )
              SELECT true AS created, l.connected_replica AS owner, i.*
@@ -222,9 +233,15 @@ impl Sequenced {
     ///    did, made a claim skip every agent an insert was writing to, and
     ///    under load the drain lost that race most of the time.)
     /// 4. The `UPDATE` of the first `$4` pending rows of those agents in
-    ///    (agent, seq) order, guarded by `state = 'pending'`, so a row changed
-    ///    after the statement's snapshot is re-checked on its newest version
-    ///    and never claimed twice.
+    ///    (agent, seq) order that no unfinished row of the other table
+    ///    precedes in the agent's one order (`ord`: an operation waits for
+    ///    the messages written before it to be acked, a message for the
+    ///    operations written before it to finish), guarded by `state =
+    ///    'pending'`, so a row changed after the statement's snapshot is
+    ///    re-checked on its newest version and never claimed twice. Both
+    ///    tables take `ord` from `agents.work_seq` under the agent's row
+    ///    lock, so a snapshot never sees a later row without the earlier
+    ///    ones of the other table.
     ///
     /// Rows committed after the statement's snapshot are not seen; their
     /// writer wakes the drain after committing, so they are claimed by the
@@ -232,6 +249,11 @@ impl Sequenced {
     fn claim_sql(&self) -> String {
         let table = self.table;
         let (pending, in_flight) = (self.states.pending, self.states.in_flight);
+        // One probe per state, each matching a partial index's predicate
+        // (`state IN (...)` implies neither, and would scan the table).
+        let other = self.other;
+        let (other_pending, other_in_flight) =
+            (self.other_states.pending, self.other_states.in_flight);
         format!(
             "WITH relaxed AS MATERIALIZED (
                  SELECT set_config('synchronous_commit', 'off', true)
@@ -266,6 +288,12 @@ impl Sequenced {
              WHERE state = {pending} AND id IN (
                  SELECT w.id FROM {table} w
                  WHERE w.agent_id IN (SELECT id FROM ready) AND w.state = {pending}
+                   AND NOT EXISTS (SELECT 1 FROM {other} x
+                                   WHERE x.agent_id = w.agent_id
+                                     AND x.state = {other_pending} AND x.ord < w.ord)
+                   AND NOT EXISTS (SELECT 1 FROM {other} x
+                                   WHERE x.agent_id = w.agent_id
+                                     AND x.state = {other_in_flight} AND x.ord < w.ord)
                  ORDER BY w.agent_id, w.seq
                  LIMIT $4)
              RETURNING *"

@@ -17,8 +17,8 @@ use crate::store::WorkDialect;
 /// `UPDATE <table> ... WHERE id IN (pending rows of these brokers, per-agent
 /// order, not behind another claimer's in-flight row) RETURNING *`.
 fn claim_query(
-    table: &str,
-    states: &WorkStates,
+    (table, states): (&str, &WorkStates),
+    (other, other_states): (&str, &WorkStates),
     sessions: &[(BrokerId, SessionId)],
     claimer: ReplicaId,
     limit: u32,
@@ -49,8 +49,15 @@ fn claim_query(
             .push(")");
     }
     q.push(format!(
-        ") AND NOT EXISTS (SELECT 1 FROM {table} o WHERE o.agent_id = r.agent_id \
-         AND o.state = {in_flight} AND o.claimed_by IS NOT "
+        ") AND NOT EXISTS (SELECT 1 FROM {other} x WHERE x.agent_id = r.agent_id \
+         AND x.state = {other_pending} AND x.ord < r.ord) \
+         AND NOT EXISTS (SELECT 1 FROM {other} x WHERE x.agent_id = r.agent_id \
+         AND x.state = {other_in_flight} AND x.ord < r.ord) \
+         AND NOT EXISTS (SELECT 1 FROM {table} o WHERE o.agent_id = r.agent_id \
+         AND o.state = {in_flight} AND o.claimed_by IS NOT ",
+        // One probe per state, each matching a partial index's predicate.
+        other_pending = other_states.pending,
+        other_in_flight = other_states.in_flight,
     ))
     .push_bind(claimer)
     .push(") ORDER BY r.agent_id, r.seq LIMIT ")
@@ -59,20 +66,21 @@ fn claim_query(
     q
 }
 
-/// Takes the agent's next sequence number from `counter` (refusing a
-/// missing or deleted agent), and answers with the agent's broker and the
-/// replica owning its session (read in the same write transaction, so no
+/// Takes the agent's next sequence number from `counter` and its next
+/// place in the agent's one order (`work_seq`), refusing a missing or
+/// deleted agent, and answers with the agent's broker and the replica
+/// owning its session (read in the same write transaction, so no
 /// session can be claimed before this row commits; see
 /// [`Inserted::owner`]).
 async fn next_seq(
     tx: &mut Transaction<'static, Sqlite>,
     agent: AgentId,
     counter: &str,
-) -> StoreResult<(BrokerId, i64, Option<ReplicaId>)> {
+) -> StoreResult<(BrokerId, i64, i64, Option<ReplicaId>)> {
     let sql = format!(
-        "UPDATE agents SET {counter} = {counter} + 1
+        "UPDATE agents SET {counter} = {counter} + 1, work_seq = work_seq + 1
          WHERE id = $1 AND phase <> {deleted}
-         RETURNING broker_id, {counter},
+         RETURNING broker_id, {counter}, work_seq,
                    (SELECT connected_replica FROM brokers WHERE brokers.id = agents.broker_id)",
         deleted = *DELETED
     );
@@ -115,12 +123,12 @@ impl WorkDialect for SqliteStore {
                 rows.push(replay(&i, existing)?);
                 continue;
             }
-            let (broker, seq, owner) = next_seq(&mut tx, i.agent_id, "intent_seq").await?;
+            let (broker, seq, ord, owner) = next_seq(&mut tx, i.agent_id, "intent_seq").await?;
             let row: DispatchIntent = sqlx::query_as(
                 "INSERT INTO dispatch_intents
                      (id, broker_id, agent_id, seq, op, args, deadline, idempotency_key,
-                      request_digest, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING *",
+                      request_digest, created_at, updated_at, ord)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11) RETURNING *",
             )
             .bind(i.id)
             .bind(broker)
@@ -132,6 +140,7 @@ impl WorkDialect for SqliteStore {
             .bind(i.idempotency_key)
             .bind(i.request_digest)
             .bind(Utc::now())
+            .bind(ord)
             .fetch_one(&mut *tx)
             .await?;
             rows.push(Inserted {
@@ -157,12 +166,12 @@ impl WorkDialect for SqliteStore {
                 rows.push(replay(&m, existing)?);
                 continue;
             }
-            let (broker, seq, owner) = next_seq(&mut tx, m.agent_id, "message_seq").await?;
+            let (broker, seq, ord, owner) = next_seq(&mut tx, m.agent_id, "message_seq").await?;
             let row: Message = sqlx::query_as(
                 "INSERT INTO messages
                      (id, agent_id, broker_id, seq, body, expires_at, idempotency_key,
-                      request_digest, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING *",
+                      request_digest, created_at, updated_at, ord)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10) RETURNING *",
             )
             .bind(m.id)
             .bind(m.agent_id)
@@ -173,6 +182,7 @@ impl WorkDialect for SqliteStore {
             .bind(m.idempotency_key)
             .bind(m.request_digest)
             .bind(Utc::now())
+            .bind(ord)
             .fetch_one(&mut *tx)
             .await?;
             rows.push(Inserted {
@@ -192,7 +202,13 @@ impl WorkDialect for SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<DispatchIntent>> {
         let mut tx = self.write().await?;
-        let mut q = claim_query("dispatch_intents", &INTENT, sessions, claimer, limit);
+        let mut q = claim_query(
+            ("dispatch_intents", &INTENT),
+            ("messages", &MESSAGE),
+            sessions,
+            claimer,
+            limit,
+        );
         let rows = q.build_query_as().fetch_all(&mut *tx).await?;
         tx.commit().await?;
         Ok(rows)
@@ -205,7 +221,13 @@ impl WorkDialect for SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<Message>> {
         let mut tx = self.write().await?;
-        let mut q = claim_query("messages", &MESSAGE, sessions, claimer, limit);
+        let mut q = claim_query(
+            ("messages", &MESSAGE),
+            ("dispatch_intents", &INTENT),
+            sessions,
+            claimer,
+            limit,
+        );
         let rows = q.build_query_as().fetch_all(&mut *tx).await?;
         tx.commit().await?;
         Ok(rows)

@@ -7,7 +7,7 @@ use sqlx::types::Json;
 use crate::batch::{NewRow, check_batch, replay};
 use crate::dialect::{BindNow, for_each_backend, sql};
 use crate::error::{Conflict, Entity, Invalid, StoreError, StoreResult};
-use crate::ids::{BrokerId, IntentId, MessageId, ReplicaId, SessionId};
+use crate::ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 use crate::model::{
     Acked, DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState, Message, NewIntent,
     NewMessage, Phase, RequeueReport,
@@ -118,6 +118,10 @@ pub trait WorkStore: Send + Sync {
     }
 
     async fn message(&self, id: MessageId) -> StoreResult<Message>;
+
+    /// Whether the agent has messages waiting to be sent (`pending`): after
+    /// one of its operations finishes, they may be free to go.
+    async fn has_pending_messages(&self, agent: AgentId) -> StoreResult<bool>;
 
     /// Expires every undelivered message whose TTL has passed.
     async fn expire_messages(&self) -> StoreResult<Vec<MessageId>>;
@@ -238,17 +242,18 @@ for_each_backend! {
             .bind(broker)
             .fetch_one(&mut *tx)
             .await?;
-            let seq: i64 = sqlx::query_scalar(sql!(
-                "UPDATE agents SET intent_seq = intent_seq + 1 WHERE id = $1 RETURNING intent_seq"
+            let (seq, ord): (i64, i64) = sqlx::query_as(sql!(
+                "UPDATE agents SET intent_seq = intent_seq + 1, work_seq = work_seq + 1
+                 WHERE id = $1 RETURNING intent_seq, work_seq"
             ))
             .bind(intent.agent_id)
             .fetch_one(&mut *tx)
             .await?;
             let row = sqlx::query_as(sql!(
                 "INSERT INTO dispatch_intents
-                     (id, broker_id, agent_id, seq, op, args, deadline, idempotency_key,
+                     (id, broker_id, agent_id, seq, ord, op, args, deadline, idempotency_key,
                       request_digest, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, @now, @now) RETURNING *"
+                 VALUES ($1, $2, $3, $4, $10, $5, $6, $7, $8, $9, @now, @now) RETURNING *"
             ))
             .bind(intent.id)
             .bind(broker)
@@ -259,6 +264,7 @@ for_each_backend! {
             .bind(intent.deadline)
             .bind(intent.idempotency_key)
             .bind(intent.request_digest)
+            .bind(ord)
             .bind_now()
             .fetch_one(&mut *tx)
             .await?;
@@ -385,6 +391,17 @@ for_each_backend! {
                 .fetch_optional(&self.pool)
                 .await?
                 .ok_or(StoreError::NotFound(Entity::Message))
+        }
+
+        async fn has_pending_messages(&self, agent: AgentId) -> StoreResult<bool> {
+            Ok(sqlx::query_scalar::<_, i32>(sql!(
+                "SELECT 1 FROM messages WHERE agent_id = $1 AND state = {pending} LIMIT 1",
+                pending = MESSAGE.pending,
+            ))
+            .bind(agent)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
         }
 
         async fn expire_messages(&self) -> StoreResult<Vec<MessageId>> {
