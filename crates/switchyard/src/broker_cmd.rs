@@ -37,8 +37,8 @@ pub(crate) struct BrokerArgs {
         conflicts_with = "secret_file"
     )]
     secret: Option<String>,
-    /// A file whose first line is the secret: unlike --secret, it does not
-    /// show in the process list (`/proc/PID/cmdline`).
+    /// A file whose first line is the secret (at most 4 KiB): unlike --secret,
+    /// it does not show in the process list (`/proc/PID/cmdline`).
     #[arg(long, env = "SWITCHYARD_BROKER_SECRET_FILE", value_name = "PATH")]
     secret_file: Option<PathBuf>,
     /// Where agents live: `<workdir>/agents/<agent-id>/`.

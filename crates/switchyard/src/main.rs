@@ -142,11 +142,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The largest secret file read: a secret is one short line, and a path
+/// given by mistake (a log, a device) must not be read whole.
+const MAX_SECRET_FILE_BYTES: u64 = 4096;
+
 /// Reads a secret from the first line of a file (a trailing newline is not
 /// part of it), so that it never appears on a command line.
 fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the {what} file {}", path.display()))?;
+    use std::io::Read;
+    let cannot = || format!("cannot read the {what} file {}", path.display());
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .with_context(cannot)?
+        .take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .with_context(cannot)?;
+    if text.len() as u64 > MAX_SECRET_FILE_BYTES {
+        anyhow::bail!(
+            "the {what} file {} is larger than {MAX_SECRET_FILE_BYTES} bytes; it should hold one line",
+            path.display()
+        );
+    }
     let secret = text
         .lines()
         .next()
@@ -230,5 +246,26 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_secret_file_is_one_bounded_line() {
+        let dir = std::env::temp_dir().join(format!("sy-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "s3cret\r\nignored\n").unwrap();
+        assert_eq!(read_secret_file(&file, "broker secret").unwrap(), "s3cret");
+        std::fs::write(&file, "x".repeat(MAX_SECRET_FILE_BYTES as usize + 1)).unwrap();
+        let err = read_secret_file(&file, "broker secret").unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(read_secret_file(&file, "broker secret").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
