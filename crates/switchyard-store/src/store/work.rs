@@ -72,9 +72,6 @@ pub trait WorkStore: Send + Sync {
 
     async fn intent(&self, id: IntentId) -> StoreResult<DispatchIntent>;
 
-    /// The intent created with this idempotency key, if any.
-    async fn intent_by_key(&self, key: &str) -> StoreResult<Option<DispatchIntent>>;
-
     async fn list_intents(&self, filter: IntentFilter) -> StoreResult<Vec<DispatchIntent>>;
 
     /// Fails every unfinished intent whose deadline has passed.
@@ -320,16 +317,6 @@ for_each_backend! {
                 .fetch_optional(&self.pool)
                 .await?
                 .ok_or(StoreError::NotFound(Entity::Intent))
-        }
-
-        async fn intent_by_key(&self, key: &str) -> StoreResult<Option<DispatchIntent>> {
-            Ok(sqlx::query_as(sql!(
-                "SELECT * FROM dispatch_intents
-                 WHERE idempotency_key = $1 AND idempotency_key IS NOT NULL"
-            ))
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?)
         }
 
         async fn list_intents(&self, filter: IntentFilter) -> StoreResult<Vec<DispatchIntent>> {
