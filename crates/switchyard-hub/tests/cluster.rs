@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{TestHub, fast_config};
 use serde_json::json;
-use switchyard_proto::{BrokerFrame, DispatchResult, HubFrame};
+use switchyard_proto::{BrokerFrame, HubFrame};
 use switchyard_testkit::{RawBroker, TestDb};
 
 /// A second replica on the same database as `first`.
@@ -74,21 +74,10 @@ async fn flapping_100_times_while_work_is_written_loses_nothing() {
                 if received.insert(m.id.to_string()) {
                     order.push(m.body.as_u64().unwrap());
                 }
-                broker
-                    .send(&BrokerFrame::Ack {
-                        message_ids: vec![m.id],
-                    })
-                    .await;
+                broker.ack(m.id).await;
             }
             Ok(Some(HubFrame::Dispatch(d))) => {
-                broker
-                    .send(&BrokerFrame::Result(DispatchResult {
-                        dispatch_id: d.id,
-                        ok: true,
-                        result: None,
-                        error: None,
-                    }))
-                    .await;
+                broker.done(d.id).await;
             }
             Ok(other) => panic!("unexpected {other:?}"),
             Err(_) => panic!("only {} of {} messages arrived", received.len(), sent.len()),
@@ -134,22 +123,12 @@ async fn a_takeover_during_a_drain_delivers_the_backlog_once_each() {
     while acked_first.len() < 50 {
         match first.recv().await {
             Some(HubFrame::Message(m)) => {
-                first
-                    .send(&BrokerFrame::Ack {
-                        message_ids: vec![m.id],
-                    })
-                    .await;
+                first.ack(m.id).await;
                 acked_first.insert(m.id.to_string());
             }
             // The agent's create, which its messages wait for.
             Some(HubFrame::Dispatch(d)) => {
-                let result = DispatchResult {
-                    dispatch_id: d.id,
-                    ok: true,
-                    result: None,
-                    error: None,
-                };
-                first.send(&BrokerFrame::Result(result)).await;
+                first.done(d.id).await;
             }
             _ => {}
         }
@@ -171,11 +150,7 @@ async fn a_takeover_during_a_drain_delivers_the_backlog_once_each() {
             Ok(Some(HubFrame::Message(m))) => {
                 from_b.push(m.id.to_string());
                 done.insert(m.id.to_string());
-                second
-                    .send(&BrokerFrame::Ack {
-                        message_ids: vec![m.id],
-                    })
-                    .await;
+                second.ack(m.id).await;
             }
             Ok(Some(HubFrame::Dispatch(_))) => {}
             other => panic!("{} of {} done; then {other:?}", done.len(), sent.len()),
@@ -222,14 +197,7 @@ async fn events_reach_watchers_and_waiters_on_another_replica() {
                         detail: None,
                     }))
                     .await;
-                broker
-                    .send(&BrokerFrame::Result(DispatchResult {
-                        dispatch_id: d.id,
-                        ok: true,
-                        result: None,
-                        error: None,
-                    }))
-                    .await;
+                broker.done(d.id).await;
             }
         }
     });
@@ -308,21 +276,11 @@ async fn work_arrives_through_the_backstop_when_every_wake_up_is_lost() {
             match broker.recv().await {
                 Some(HubFrame::Message(m)) if m.body == i => {
                     stranded.push(accepted.elapsed());
-                    broker
-                        .send(&BrokerFrame::Ack {
-                            message_ids: vec![m.id],
-                        })
-                        .await;
+                    broker.ack(m.id).await;
                     break;
                 }
                 Some(HubFrame::Dispatch(d)) => {
-                    let result = DispatchResult {
-                        dispatch_id: d.id,
-                        ok: true,
-                        result: None,
-                        error: None,
-                    };
-                    broker.send(&BrokerFrame::Result(result)).await;
+                    broker.done(d.id).await;
                 }
                 other => panic!("message {i}: unexpected {other:?}"),
             }
@@ -386,19 +344,10 @@ async fn local_calls_send_no_notify_and_wait_for_none() {
             match frame {
                 HubFrame::Message(m) => {
                     let _ = seen.send(m.body.clone());
-                    let ack = BrokerFrame::Ack {
-                        message_ids: vec![m.id],
-                    };
-                    broker.send(&ack).await;
+                    broker.ack(m.id).await;
                 }
                 HubFrame::Dispatch(d) => {
-                    let result = DispatchResult {
-                        dispatch_id: d.id,
-                        ok: true,
-                        result: None,
-                        error: None,
-                    };
-                    broker.send(&BrokerFrame::Result(result)).await;
+                    broker.done(d.id).await;
                 }
                 _ => {}
             }
@@ -473,13 +422,7 @@ async fn no_event_is_published_before_its_commit() {
     // The agent's create, answered, so only the start is left.
     match broker.recv().await {
         Some(HubFrame::Dispatch(d)) => {
-            let result = DispatchResult {
-                dispatch_id: d.id,
-                ok: true,
-                result: None,
-                error: None,
-            };
-            broker.send(&BrokerFrame::Result(result)).await;
+            broker.done(d.id).await;
         }
         other => panic!("expected the create dispatch, got {other:?}"),
     }
@@ -511,13 +454,7 @@ async fn no_event_is_published_before_its_commit() {
         .execute(&mut *lock)
         .await
         .unwrap();
-    let result = DispatchResult {
-        dispatch_id: d.id,
-        ok: true,
-        result: None,
-        error: None,
-    };
-    broker.send(&BrokerFrame::Result(result)).await;
+    broker.done(d.id).await;
     let early = read_events(&mut watch, &dispatch, Duration::from_secs(1)).await;
     assert!(
         !early.contains(&dispatch),

@@ -51,13 +51,7 @@ async fn a_broker_that_stops_reading_is_disconnected_and_its_work_waits(db: Test
     // order per agent). Then the broker stops reading.
     match stalled.recv().await {
         Some(HubFrame::Dispatch(d)) => {
-            let result = DispatchResult {
-                dispatch_id: d.id,
-                ok: true,
-                result: None,
-                error: None,
-            };
-            stalled.send(&BrokerFrame::Result(result)).await;
+            stalled.done(d.id).await;
         }
         other => panic!("expected the create dispatch, got {other:?}"),
     }
@@ -229,11 +223,7 @@ async fn queued_work_is_drained_in_order_when_the_broker_connects(db: TestDb) {
             }
             HubFrame::Message(m) => {
                 bodies.push(m.body.as_str().unwrap().to_owned());
-                broker
-                    .send(&BrokerFrame::Ack {
-                        message_ids: vec![m.id],
-                    })
-                    .await;
+                broker.ack(m.id).await;
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -447,13 +437,7 @@ async fn a_message_that_ends_every_session_is_dead_lettered_and_the_queue_moves_
             match b.recv().await {
                 // The agent's create: done, it is not what this test poisons.
                 Some(HubFrame::Dispatch(d)) => {
-                    let result = DispatchResult {
-                        dispatch_id: d.id,
-                        ok: true,
-                        result: None,
-                        error: None,
-                    };
-                    b.send(&BrokerFrame::Result(result)).await;
+                    b.done(d.id).await;
                 }
                 Some(HubFrame::Message(m)) => {
                     assert_eq!(m.body, "poison", "attempt {attempt}");
@@ -570,20 +554,11 @@ async fn messages_and_operations_reach_the_broker_in_the_order_they_were_written
         match b.recv().await {
             Some(HubFrame::Dispatch(d)) => {
                 seen.push(d.op.to_string());
-                let result = DispatchResult {
-                    dispatch_id: d.id,
-                    ok: true,
-                    result: None,
-                    error: None,
-                };
-                b.send(&BrokerFrame::Result(result)).await;
+                b.done(d.id).await;
             }
             Some(HubFrame::Message(m)) => {
                 seen.push(m.body.as_str().unwrap().to_owned());
-                b.send(&BrokerFrame::Ack {
-                    message_ids: vec![m.id],
-                })
-                .await;
+                b.ack(m.id).await;
             }
             other => panic!("unexpected {other:?} after {seen:?}"),
         }

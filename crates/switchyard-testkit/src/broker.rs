@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use switchyard_proto::auth::Handshake;
-use switchyard_proto::{BrokerFrame, CONNECT_PATH, HubFrame, decode, encode};
+use switchyard_proto::{BrokerFrame, CONNECT_PATH, DispatchResult, HubFrame, decode, encode};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -85,6 +85,25 @@ impl RawBroker {
     /// Reads until the close frame and returns its code.
     pub async fn close_code(&mut self) -> Option<u16> {
         close_code(&mut self.socket).await
+    }
+
+    /// Reports a dispatch as done, with no result.
+    pub async fn done(&mut self, dispatch: Uuid) {
+        let result = DispatchResult {
+            dispatch_id: dispatch,
+            ok: true,
+            result: None,
+            error: None,
+        };
+        self.send(&BrokerFrame::Result(result)).await;
+    }
+
+    /// Acks one message.
+    pub async fn ack(&mut self, message: Uuid) {
+        let ack = BrokerFrame::Ack {
+            message_ids: vec![message],
+        };
+        self.send(&ack).await;
     }
 }
 
