@@ -66,6 +66,25 @@ fn claim_query(
     q
 }
 
+/// Runs a [`claim_query`] of `tables` (the claimed one, then the other
+/// one) in one write transaction.
+async fn claim<R>(
+    store: &SqliteStore,
+    (this, other): ((&str, &WorkStates), (&str, &WorkStates)),
+    sessions: &[(BrokerId, SessionId)],
+    claimer: ReplicaId,
+    limit: u32,
+) -> StoreResult<Vec<R>>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+{
+    let mut tx = store.write().await?;
+    let mut q = claim_query(this, other, sessions, claimer, limit);
+    let rows = q.build_query_as().fetch_all(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
 /// Takes the agent's next sequence number from `counter` and its next
 /// place in the agent's one order (`work_seq`), refusing a missing or
 /// deleted agent, and answers with the agent's broker and the replica
@@ -201,17 +220,8 @@ impl WorkDialect for SqliteStore {
         claimer: ReplicaId,
         limit: u32,
     ) -> StoreResult<Vec<DispatchIntent>> {
-        let mut tx = self.write().await?;
-        let mut q = claim_query(
-            ("dispatch_intents", &INTENT),
-            ("messages", &MESSAGE),
-            sessions,
-            claimer,
-            limit,
-        );
-        let rows = q.build_query_as().fetch_all(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(rows)
+        let tables = (("dispatch_intents", &*INTENT), ("messages", &*MESSAGE));
+        claim(self, tables, sessions, claimer, limit).await
     }
 
     async fn claim_message_rows(
@@ -220,17 +230,8 @@ impl WorkDialect for SqliteStore {
         claimer: ReplicaId,
         limit: u32,
     ) -> StoreResult<Vec<Message>> {
-        let mut tx = self.write().await?;
-        let mut q = claim_query(
-            ("messages", &MESSAGE),
-            ("dispatch_intents", &INTENT),
-            sessions,
-            claimer,
-            limit,
-        );
-        let rows = q.build_query_as().fetch_all(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(rows)
+        let tables = (("messages", &*MESSAGE), ("dispatch_intents", &*INTENT));
+        claim(self, tables, sessions, claimer, limit).await
     }
 
     async fn deliver(&self, broker: BrokerId, ids: &[MessageId]) -> StoreResult<Acked> {
