@@ -34,7 +34,7 @@ use bus::Bus;
 use bus::in_process::InProcessBus;
 use events::Events;
 use originator::Originator;
-use session::registry::Registry;
+use session::Registry;
 use state::{HubState, Shared};
 
 /// Why a replica could not start.

@@ -43,7 +43,7 @@ use crate::config::HubConfig;
 use crate::events::{Events, HubEvent};
 use crate::idempotency::Entry;
 use crate::metrics::Metrics;
-use crate::session::registry::Registry;
+use crate::session::Registry;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum OriginatorError {

@@ -11,7 +11,7 @@ use crate::config::HubConfig;
 use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::originator::Originator;
-use crate::session::registry::Registry;
+use crate::session::Registry;
 
 /// One allocation per replica; handlers clone the `Arc`.
 pub(crate) type HubState = Arc<Shared>;

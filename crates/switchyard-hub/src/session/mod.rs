@@ -5,7 +5,7 @@
 //! handshake, [`hello`]); the broker's first frame is `hello` with its
 //! agents' states; the hub claims the broker's [`Affinity`] for a fresh
 //! session id (newest wins) and closes any older local socket of the broker
-//! ([`registry`]); it puts work that was in flight on older sockets back to
+//! ([`Registry`]); it puts work that was in flight on older sockets back to
 //! pending, applies the reported states, answers `welcome` and starts the
 //! [`drain`]. Then the [`reader`] applies frames until the session ends; on
 //! the way out the affinity is released by compare-and-clear.
@@ -19,7 +19,6 @@ mod close;
 mod drain;
 mod hello;
 mod reader;
-pub(crate) mod registry;
 mod writer;
 
 use std::sync::Arc;
@@ -40,7 +39,7 @@ use crate::state::HubState;
 use apply::ApplyError;
 use close::Close;
 use drain::Drain;
-use registry::SessionHandle;
+pub(crate) use drain::{Registry, SessionHandle};
 
 /// Why a session could not start.
 #[derive(Debug, thiserror::Error)]

@@ -9,9 +9,9 @@ use switchyard_proto::{BrokerFrame, DecodeError, ErrorCode, decode};
 use switchyard_store::Broker;
 use tokio_tungstenite::tungstenite;
 
+use super::SessionHandle;
 use super::apply::{ApplyError, apply};
 use super::close::{self, Close};
-use super::registry::SessionHandle;
 use crate::state::HubState;
 
 /// Why reading stopped before the broker closed the socket.
