@@ -139,6 +139,7 @@ mod tests {
             ok: true,
             result: Some(serde_json::json!({ "n": n })),
             error: None,
+            code: None,
         }
     }
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use switchyard_proto::{AgentMessage, Dispatch, DispatchResult};
+use switchyard_proto::{AgentMessage, Dispatch, DispatchResult, Op};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::dedup::DispatchLog;
 use crate::inbox::Inbox;
 use crate::layout;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, RuntimeError};
 
 /// Work waiting per agent before the reader blocks (backpressure).
 const AGENT_QUEUE: usize = 1024;
@@ -139,12 +139,24 @@ impl Worker {
             return;
         }
         tracing::info!(%agent_id, dispatch_id = %dispatch.id, op = %dispatch.op, "running dispatch");
-        let outcome = match self.runtime.apply(&dispatch).await {
+        let ran = if dispatch.op == Op::Call {
+            self.runtime.call(&dispatch).await
+        } else {
+            self.runtime.apply(&dispatch).await
+        };
+        // The hub takes a result frame of at most MAX_MESSAGE_BYTES; a
+        // larger one would close the session at every resend.
+        let ran = ran.and_then(|result| match switchyard_proto::check_payload(&result) {
+            Ok(()) => Ok(result),
+            Err(too_large) => Err(RuntimeError::other(format!("the result is {too_large}"))),
+        });
+        let outcome = match ran {
             Ok(result) => DispatchResult {
                 dispatch_id: dispatch.id,
                 ok: true,
                 result: Some(result),
                 error: None,
+                code: None,
             },
             Err(error) => {
                 tracing::warn!(%agent_id, dispatch_id = %dispatch.id, op = %dispatch.op, "dispatch failed: {error}");
@@ -153,6 +165,7 @@ impl Worker {
                     ok: false,
                     result: None,
                     error: Some(error.to_string()),
+                    code: error.code().map(str::to_owned),
                 }
             }
         };

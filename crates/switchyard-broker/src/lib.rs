@@ -6,6 +6,7 @@ mod executor;
 mod inbox;
 mod jsonl;
 mod layout;
+pub mod operations;
 mod process;
 mod runtime;
 mod session;

@@ -117,10 +117,17 @@ pub const INHERITED_ENV: &[&str] = &[
 ///     command: vec!["cat".into()], // copies its stdin to `stdout.log`
 ///     env: Default::default(),
 /// };
-/// let dispatch = |op| Dispatch { id: Uuid::new_v4(), agent_id, op, agent: spec.clone(), args: Value::Null };
+/// let dispatch = |op| Dispatch {
+///     id: Uuid::new_v4(), agent_id, op, name: None, agent: spec.clone(), args: Value::Null,
+/// };
 ///
 /// let started = runtime.apply(&dispatch(Op::Start)).await?;
 /// assert_eq!(started["phase"], "running");
+/// // A named operation (see `switchyard_broker::operations`).
+/// let inspect = Dispatch { name: Some("inspect".into()), ..dispatch(Op::Call) };
+/// let facts = runtime.call(&inspect).await?;
+/// assert_eq!(facts["phase"], "running");
+/// assert_eq!(facts["pid"], started["pid"]);
 /// let hello = AgentMessage { id: Uuid::new_v4(), agent_id, seq: 1, body: json!("hello") };
 /// runtime.deliver(&hello).await?; // one JSON line on the agent's stdin
 /// let stopped = runtime.apply(&dispatch(Op::Stop)).await?;
@@ -164,6 +171,16 @@ struct Process {
     /// Set while the broker stops it on purpose: the exit is then reported
     /// by the stopper, not as the agent's own doing.
     stopping: bool,
+    started: std::time::Instant,
+}
+
+/// An agent's phase, pid, uptime and last exit code.
+#[derive(Debug)]
+pub(crate) struct Facts {
+    pub(crate) phase: Phase,
+    pub(crate) pid: Option<u32>,
+    pub(crate) uptime: Option<Duration>,
+    pub(crate) exit_code: Option<i32>,
 }
 
 /// `state.json`: the last settled phase.
@@ -376,6 +393,7 @@ impl ProcessRuntime {
                 stdin: stdin_tx,
                 exited: exit_rx,
                 stopping: false,
+                started: std::time::Instant::now(),
             });
         }
         tokio::spawn(watch_exit(
@@ -404,6 +422,24 @@ impl ProcessRuntime {
                 .append(true)
                 .open(dir.join(name))
         };
+        self.command(agent_id, spec, program, args)
+            .stdin(Stdio::piped())
+            .stdout(log(layout::STDOUT)?)
+            .stderr(log(layout::STDERR)?)
+            .spawn()
+    }
+
+    /// `program` with `args` as the agent runs things: in its directory,
+    /// with its clean environment (see [`INHERITED_ENV`]), in a process
+    /// group of its own, killed if dropped.
+    pub(crate) fn command(
+        &self,
+        agent_id: Uuid,
+        spec: &AgentSpec,
+        program: &str,
+        args: &[String],
+    ) -> Command {
+        let dir = self.dir(agent_id);
         let inherited = INHERITED_ENV
             .iter()
             .filter_map(|name| std::env::var_os(name).map(|value| (*name, value)));
@@ -413,19 +449,34 @@ impl ProcessRuntime {
             ("SWITCHYARD_AGENT_DIR", dir.clone().into_os_string()),
             ("SWITCHYARD_INBOX", dir.join(layout::INBOX).into_os_string()),
         ];
-        Command::new(program)
+        let mut command = Command::new(program);
+        command
             .args(args)
             .env_clear()
             .envs(inherited)
             .envs(&spec.env)
             .envs(facts)
             .current_dir(&dir)
-            .stdin(Stdio::piped())
-            .stdout(log(layout::STDOUT)?)
-            .stderr(log(layout::STDERR)?)
             .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
+            .kill_on_drop(true);
+        command
+    }
+
+    /// What `inspect` reports of the agent, as this runtime knows it.
+    pub(crate) fn facts(&self, agent_id: Uuid) -> Option<Facts> {
+        let agents = self.inner.lock();
+        let agent = agents.get(&agent_id)?;
+        let process = agent.process.as_ref();
+        Some(Facts {
+            phase: agent.status.phase,
+            pid: process.map(|p| p.pid),
+            uptime: process.map(|p| p.started.elapsed()),
+            exit_code: agent.status.exit_code,
+        })
+    }
+
+    pub(crate) fn agent_dir_of(&self, agent_id: Uuid) -> PathBuf {
+        self.dir(agent_id)
     }
 
     /// Stops the agent if it runs; otherwise leaves its phase as it is.
@@ -587,7 +638,13 @@ impl Runtime for ProcessRuntime {
                 self.start_locked(agent_id).await
             }
             Op::Delete => self.delete_locked(agent_id).await,
+            Op::Call => Err(RuntimeError::other("a call is not a lifecycle op")),
         }
+    }
+
+    async fn call(&self, dispatch: &Dispatch) -> Result<Value, RuntimeError> {
+        self.ensure(dispatch.agent_id, &dispatch.agent).await?;
+        crate::operations::call(self, dispatch).await
     }
 
     async fn deliver(&self, message: &AgentMessage) -> Result<(), RuntimeError> {

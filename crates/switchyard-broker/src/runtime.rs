@@ -50,6 +50,15 @@ pub enum RuntimeError {
     /// The agent's process no longer reads its stdin.
     #[error("the agent's stdin is closed")]
     StdinClosed,
+    /// A call named an operation the runtime does not have.
+    #[error("unknown operation {0:?}")]
+    UnknownOperation(String),
+    /// A call's arguments do not suit its operation.
+    #[error("invalid arguments: {0}")]
+    InvalidArgs(String),
+    /// A call named a file or directory that does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
     /// Any other failure, with the text the hub should see.
     #[error("{0}")]
     Other(String),
@@ -70,6 +79,17 @@ impl RuntimeError {
     /// ```
     pub fn other(reason: impl Display) -> Self {
         Self::Other(reason.to_string())
+    }
+
+    /// The machine-readable reason sent with the failure
+    /// (`DispatchResult::code`), for the cases a caller can act on.
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            RuntimeError::UnknownOperation(_) => Some(switchyard_proto::UNKNOWN_OPERATION),
+            RuntimeError::InvalidArgs(_) => Some(switchyard_proto::INVALID_ARGS),
+            RuntimeError::NotFound(_) => Some("not_found"),
+            _ => None,
+        }
     }
 }
 
@@ -113,6 +133,8 @@ impl RuntimeError {
 ///             Op::Start | Op::Restart => Phase::Running,
 ///             Op::Stop => Phase::Stopped,
 ///             Op::Delete => Phase::Deleted,
+///             // The SDK hands calls to `Runtime::call`, never here.
+///             Op::Call => return Err(RuntimeError::other("not a lifecycle op")),
 ///         };
 ///         let mut agents = self.agents.lock().expect("not poisoned");
 ///         let agent = agents.entry(dispatch.agent_id).or_insert((Phase::Created, Vec::new()));
@@ -160,6 +182,7 @@ impl RuntimeError {
 ///     id: Uuid::new_v4(),
 ///     agent_id,
 ///     op: Op::Start,
+///     name: None,
 ///     agent: AgentSpec { name: "echo".into(), command: vec!["cat".into()], env: Default::default() },
 ///     args: Value::Null,
 /// };
@@ -181,6 +204,18 @@ pub trait Runtime: Send + Sync + 'static {
     /// `Err` is reported as a failed dispatch with its `Display` text. Called at
     /// most once per dispatch id (the SDK remembers outcomes).
     async fn apply(&self, dispatch: &Dispatch) -> Result<Value, RuntimeError>;
+
+    /// Runs the named operation of a call (`dispatch.op` is `call`,
+    /// `dispatch.name` the operation, `dispatch.args` its arguments) and
+    /// returns its result for the caller. Like `apply`, at most once per
+    /// dispatch id, in the agent's order. The default knows no operation:
+    /// every call is answered with [`RuntimeError::UnknownOperation`], a
+    /// failed result the caller reads as `unknown_operation`.
+    async fn call(&self, dispatch: &Dispatch) -> Result<Value, RuntimeError> {
+        Err(RuntimeError::UnknownOperation(
+            dispatch.name.clone().unwrap_or_default(),
+        ))
+    }
 
     /// Hands a message to the running agent. Called once per message id,
     /// after the SDK has durably appended it to the agent's `inbox.jsonl`;

@@ -15,7 +15,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::api::error::ApiError;
 use crate::api::{
-    AdminTokens, MAX_BODY_BYTES, agents, brokers, dispatches, events, messages, require_admin,
+    AdminTokens, MAX_BODY_BYTES, agents, brokers, dispatches, events, messages, ops, require_admin,
 };
 use crate::metrics::Metrics;
 use crate::session;
@@ -40,6 +40,7 @@ pub(crate) fn router(state: HubState) -> Router {
         .route("/v1/agents/{agent}/start", post(agents::start))
         .route("/v1/agents/{agent}/stop", post(agents::stop))
         .route("/v1/agents/{agent}/restart", post(agents::restart))
+        .route("/v1/agents/{agent}/ops/{name}", post(ops::call))
         .route("/v1/agents/{agent}/messages", post(messages::send))
         .route("/v1/messages", post(messages::send_batch))
         .route("/v1/messages/{id}", get(messages::show))

@@ -50,6 +50,17 @@ impl Entry {
         Self::new(format!("POST /v1/messages {agent}"), "message", key, body)
     }
 
+    /// A named operation: `POST /v1/agents/{agent}/ops/{name}` with its
+    /// arguments.
+    pub(crate) fn call(agent: AgentId, name: &str, key: &str, args: &Value) -> Self {
+        Self::new(
+            format!("POST /v1/agents/{agent}/ops/{name}"),
+            "call",
+            key,
+            args,
+        )
+    }
+
     /// A lifecycle call: `POST /v1/agents/{agent}/{op}`, or `DELETE
     /// /v1/agents/{agent}`.
     pub(crate) fn lifecycle(agent: AgentId, op: Op, key: &str) -> Self {

@@ -49,8 +49,8 @@ use crate::session::Registry;
 pub(crate) enum OriginatorError {
     /// The operation makes no sense for the agent's phase; nothing was
     /// written.
-    #[error("cannot {op} an agent that is {phase}")]
-    InvalidPhase { op: Op, phase: Phase },
+    #[error("cannot {what} an agent that is {phase}")]
+    InvalidPhase { what: String, phase: Phase },
     /// The group-commit writer has stopped: the replica is shutting down.
     #[error("this replica is shutting down")]
     WriterGone,
@@ -219,32 +219,35 @@ impl Originator {
     pub(crate) async fn dispatch(&self, agent: AgentId, op: Op) -> Result<Route, OriginatorError> {
         let inserted = self
             .store
-            .insert_intent(self.intent(agent, op, None))
+            .insert_intent(self.intent(agent, Ask::lifecycle(op), None))
             .await?;
         Ok(self.routed(&inserted, false).await)
     }
 
-    /// A lifecycle call: written (or joined, or answered from the dispatch
-    /// its idempotency key names) in one atomic step with the phase check
-    /// (see `WorkStore::insert_lifecycle`), routed, and waited for. A
-    /// retry acts on its original dispatch's agent only, and is answered at
-    /// once if that dispatch has finished.
+    /// A lifecycle call or a named operation: written (or, for a
+    /// lifecycle op, joined, or answered from the dispatch its idempotency
+    /// key names) in one atomic step with the phase check (see
+    /// `WorkStore::insert_lifecycle`), routed, and waited for. A retry acts
+    /// on its original dispatch's agent only, and is answered at once if
+    /// that dispatch has finished.
     pub(crate) async fn lifecycle(
         &self,
         agent: &Agent,
-        op: Op,
+        ask: Ask,
         entry: Option<Entry>,
         wait: Wait,
     ) -> Result<Lifecycle, OriginatorError> {
         // Subscribe before the intent exists, so its outcome cannot slip by.
         let mut events = self.events.subscribe();
+        let allowed = allowed_phases(ask.op);
+        let what = ask.to_string();
         let inserted = match self
             .store
-            .insert_lifecycle(self.intent(agent.id, op, entry), allowed_phases(op))
+            .insert_lifecycle(self.intent(agent.id, ask, entry), allowed)
             .await
         {
             Err(StoreError::Conflict(Conflict::Phase(phase))) => {
-                return Err(OriginatorError::InvalidPhase { op, phase });
+                return Err(OriginatorError::InvalidPhase { what, phase });
             }
             inserted => inserted?,
         };
@@ -284,13 +287,14 @@ impl Originator {
         })
     }
 
-    fn intent(&self, agent: AgentId, op: Op, entry: Option<Entry>) -> NewIntent {
+    fn intent(&self, agent: AgentId, ask: Ask, entry: Option<Entry>) -> NewIntent {
         let (idempotency_key, request_digest) = entry.map(|e| (e.key, e.digest)).unzip();
         NewIntent {
             id: IntentId::new(),
             agent_id: agent,
-            op,
-            args: json!({}),
+            op: ask.op,
+            name: ask.name,
+            args: ask.args,
             deadline: after(self.config.intent_deadline),
             idempotency_key,
             request_digest,
@@ -413,6 +417,46 @@ fn allowed_phases(op: Op) -> &'static [Phase] {
         Op::Stop => &[Starting, Running],
         Op::Restart => &[Created, Starting, Running, Stopped, Error],
         Op::Delete => &[Created, Starting, Running, Stopping, Stopped, Error],
+        // The runtime answers whatever the phase; a deleted agent has none.
+        Op::Call => &[Created, Starting, Running, Stopping, Stopped, Error],
+    }
+}
+
+/// What a dispatch asks of the broker: a lifecycle op, or a named
+/// operation with its arguments.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Ask {
+    op: Op,
+    name: Option<String>,
+    args: serde_json::Value,
+}
+
+impl Ask {
+    pub(crate) fn lifecycle(op: Op) -> Self {
+        Self {
+            op,
+            name: None,
+            args: json!({}),
+        }
+    }
+
+    /// The named operation `name` (checked by the caller with
+    /// `switchyard_proto::check_op_name`).
+    pub(crate) fn call(name: String, args: serde_json::Value) -> Self {
+        Self {
+            op: Op::Call,
+            name: Some(name),
+            args,
+        }
+    }
+}
+
+impl std::fmt::Display for Ask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(name) => write!(f, "run {name} on"),
+            None => write!(f, "{}", self.op),
+        }
     }
 }
 

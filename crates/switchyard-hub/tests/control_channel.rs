@@ -218,6 +218,7 @@ async fn queued_work_is_drained_in_order_when_the_broker_connects(db: TestDb) {
                         ok: true,
                         result: Some(json!({ "phase": "running" })),
                         error: None,
+                        code: None,
                     }))
                     .await;
             }
@@ -286,6 +287,7 @@ async fn lifecycle_call_answers_with_the_brokers_outcome(db: TestDb) {
                     dispatch_id: d.id,
                     ok,
                     result: ok.then(|| json!({ "phase": phase })),
+                    code: None,
                     error: (!ok).then(|| "cannot stop: simulated".to_owned()),
                 }))
                 .await;
@@ -662,6 +664,7 @@ async fn claimed_messages_go_out_when_the_intents_claim_fails() {
             ok: true,
             result: Some(json!({ "phase": "stopped" })),
             error: None,
+            code: None,
         }))
         .await;
     hub.wait_until(&format!("/v1/dispatches/{create}"), |d| {

@@ -126,6 +126,9 @@ pub struct Dispatch {
     pub id: Uuid,
     pub agent_id: Uuid,
     pub op: Op,
+    /// For [`Op::Call`]: the operation's name (see [`check_op_name`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub agent: AgentSpec,
     #[serde(default)]
     pub args: Value,
@@ -160,6 +163,43 @@ pub struct DispatchResult {
     /// On failure: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// On failure: a machine-readable reason, at most [`MAX_OP_NAME`]
+    /// bytes: [`UNKNOWN_OPERATION`], [`INVALID_ARGS`], or a word of the
+    /// runtime's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+/// [`DispatchResult::code`] of a call whose operation the runtime does not
+/// have.
+pub const UNKNOWN_OPERATION: &str = "unknown_operation";
+/// [`DispatchResult::code`] of a call whose `args` the operation refused.
+pub const INVALID_ARGS: &str = "invalid_args";
+
+/// Longest operation name (and result code), in bytes.
+pub const MAX_OP_NAME: usize = 64;
+
+/// An operation name that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "operation names are 1 to {MAX_OP_NAME} characters: a lowercase letter, then lowercase \
+     letters, digits, '.', '_' or '-'"
+)]
+pub struct BadOpName;
+
+/// Checks an operation name: `[a-z][a-z0-9._-]*`, at most [`MAX_OP_NAME`]
+/// bytes. Names are plain words so they can sit in a URL path, a metric
+/// label or a log line unescaped.
+pub fn check_op_name(name: &str) -> Result<(), BadOpName> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    if first_ok && rest_ok && name.len() <= MAX_OP_NAME {
+        Ok(())
+    } else {
+        Err(BadOpName)
+    }
 }
 
 /// An agent's phase as the broker sees it. `seq` increases with every
@@ -256,6 +296,7 @@ mod tests {
             id: Uuid::max(),
             agent_id: Uuid::max(),
             op: Op::Restart,
+            name: None,
             agent: spec.clone(),
             args: Value::Object(Default::default()),
         });
@@ -263,6 +304,36 @@ mod tests {
 
         spec.env.insert("L".into(), String::new());
         assert!(check_payload(&spec).is_err(), "one byte more is refused");
+
+        // A call: the hub checks the definition and the arguments together.
+        spec.env.clear();
+        let mut args = serde_json::json!({ "a": "" });
+        let room = MAX_PAYLOAD_BYTES - serde_json::to_vec(&(&spec, &args)).map_or(0, |v| v.len());
+        args["a"] = Value::String("x".repeat(room));
+        assert!(
+            check_payload(&(&spec, &args)).is_ok(),
+            "exactly at the limit"
+        );
+        let call = HubFrame::Dispatch(Dispatch {
+            id: Uuid::max(),
+            agent_id: Uuid::max(),
+            op: Op::Call,
+            name: Some("n".repeat(MAX_OP_NAME)),
+            agent: spec,
+            args,
+        });
+        assert!(encode(&call).len() <= MAX_FRAME_BYTES);
+    }
+
+    #[test]
+    fn operation_names_are_plain_words() {
+        for good in ["inspect", "files.read", "env-needs", "a", "x_1"] {
+            assert!(check_op_name(good).is_ok(), "{good}");
+        }
+        let long = "a".repeat(MAX_OP_NAME + 1);
+        for bad in ["", "Inspect", "1x", ".x", "a b", "a/b", "é", long.as_str()] {
+            assert!(check_op_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

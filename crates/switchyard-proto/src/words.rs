@@ -78,6 +78,14 @@ text_enum!(
     }
 );
 
+impl Op {
+    /// Whether the op moves the agent through phases (every op but
+    /// [`Op::Call`]).
+    pub fn is_lifecycle(self) -> bool {
+        self != Op::Call
+    }
+}
+
 impl Phase {
     /// Phases in which nothing is in motion: a lifecycle call waits for one.
     pub fn is_settled(self) -> bool {
@@ -98,5 +106,8 @@ text_enum!(
         Restart => "restart",
         /// Stop the agent and remove it from the broker.
         Delete => "delete",
+        /// Run the named operation (`Dispatch::name`) with its `args` and
+        /// answer with its result; the agent's phase does not change.
+        Call => "call",
     }
 );

@@ -149,18 +149,7 @@ impl StatusReport {
     /// to [`Self::MAX_DETAIL_BYTES`] and NUL bytes (which PostgreSQL cannot
     /// store) become U+FFFD, so no report is refused for its detail.
     pub fn new(phase: Phase, seq: i64, exit_code: Option<i32>, detail: Option<String>) -> Self {
-        let detail = detail.map(|d| {
-            let mut d = d.replace('\0', "\u{fffd}");
-            if d.len() > Self::MAX_DETAIL_BYTES {
-                let mut cut = Self::MAX_DETAIL_BYTES - '…'.len_utf8();
-                while !d.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                d.truncate(cut);
-                d.push('…');
-            }
-            d
-        });
+        let detail = detail.map(bounded_text);
         Self {
             phase,
             seq,
@@ -206,11 +195,16 @@ pub struct DispatchIntent {
     pub seq: i64,
     #[sqlx(try_from = "String")]
     pub op: Op,
+    /// For [`Op::Call`]: the operation's name.
+    pub name: Option<String>,
     pub args: Json<Value>,
     #[sqlx(try_from = "String")]
     pub state: IntentState,
     pub result: Option<Json<Value>>,
     pub error: Option<String>,
+    /// For a failed intent: the broker's machine-readable reason, if it
+    /// gave one (`unknown_operation`, `invalid_args`, ...).
+    pub error_code: Option<String>,
     pub claimed_by: Option<ReplicaId>,
     pub claimed_at: Option<DateTime<Utc>>,
     pub attempts: i32,
@@ -229,6 +223,8 @@ pub struct NewIntent {
     pub id: IntentId,
     pub agent_id: AgentId,
     pub op: Op,
+    /// The operation's name: `Some` exactly for [`Op::Call`].
+    pub name: Option<String>,
     pub args: Value,
     pub deadline: DateTime<Utc>,
     /// The ledger key: a repeated key is answered with the row it created.
@@ -297,7 +293,78 @@ pub struct Inserted<T> {
 #[derive(Clone, Debug, PartialEq)]
 pub enum IntentOutcome {
     Done(Value),
-    Failed(String),
+    /// Why, and the broker's machine-readable reason if it gave one.
+    Failed {
+        error: String,
+        code: Option<String>,
+    },
+}
+
+impl IntentOutcome {
+    /// A failure without a machine-readable reason.
+    pub fn failed(error: impl Into<String>) -> Self {
+        Self::Failed {
+            error: error.into(),
+            code: None,
+        }
+    }
+
+    /// An outcome as a broker reported it, bounded for storage the way
+    /// [`StatusReport::new`] bounds a detail, so no result is refused for
+    /// what it carries: NUL bytes (which PostgreSQL cannot store) in the
+    /// result's strings and keys and in the error become U+FFFD, the error
+    /// is cut to [`StatusReport::MAX_DETAIL_BYTES`], and a code that is not
+    /// a plain word (`[a-z][a-z0-9._-]*`, at most 64 bytes) is dropped.
+    pub fn from_broker(
+        ok: bool,
+        result: Option<Value>,
+        error: Option<String>,
+        code: Option<String>,
+    ) -> Self {
+        if ok {
+            let mut result = result.unwrap_or_default();
+            scrub_nul(&mut result);
+            return Self::Done(result);
+        }
+        let error =
+            error.unwrap_or_else(|| "the broker reported a failure without a reason".into());
+        Self::Failed {
+            error: bounded_text(error),
+            code: code.filter(|c| switchyard_proto::check_op_name(c).is_ok()),
+        }
+    }
+}
+
+/// Replaces NUL bytes in every string and key of `value` with U+FFFD.
+fn scrub_nul(value: &mut Value) {
+    match value {
+        Value::String(text) if text.contains('\0') => *text = text.replace('\0', "\u{fffd}"),
+        Value::Array(items) => items.iter_mut().for_each(scrub_nul),
+        Value::Object(fields) if fields.keys().any(|k| k.contains('\0')) => {
+            let taken = std::mem::take(fields);
+            for (key, mut field) in taken {
+                scrub_nul(&mut field);
+                fields.insert(key.replace('\0', "\u{fffd}"), field);
+            }
+        }
+        Value::Object(fields) => fields.values_mut().for_each(scrub_nul),
+        _ => {}
+    }
+}
+
+/// `text` with NUL bytes replaced and cut to
+/// [`StatusReport::MAX_DETAIL_BYTES`] at a character boundary, marked `…`.
+fn bounded_text(text: String) -> String {
+    let mut text = text.replace('\0', "\u{fffd}");
+    if text.len() > StatusReport::MAX_DETAIL_BYTES {
+        let mut cut = StatusReport::MAX_DETAIL_BYTES - '…'.len_utf8();
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
 }
 
 /// Filter for [`crate::WorkStore::list_intents`].

@@ -126,6 +126,7 @@ fn intent(agent: AgentId, op: Op) -> NewIntent {
         id: IntentId::new(),
         agent_id: agent,
         op,
+        name: (op == Op::Call).then(|| "inspect".to_owned()),
         args: json!({}),
         deadline: Utc::now() + chrono::Duration::minutes(5),
         idempotency_key: None,
@@ -741,7 +742,7 @@ async fn done_never_becomes_failed(f: Fixture) {
             .unwrap()
     );
     assert!(
-        !s.finish_intent(row.id, IntentOutcome::Failed("late".into()))
+        !s.finish_intent(row.id, IntentOutcome::failed("late"))
             .await
             .unwrap()
     );
@@ -762,7 +763,7 @@ async fn done_never_becomes_failed(f: Fixture) {
 
     let failed = s.insert_intent(intent(a, Op::Stop)).await.unwrap().row;
     assert!(
-        s.finish_intent(failed.id, IntentOutcome::Failed("boom".into()))
+        s.finish_intent(failed.id, IntentOutcome::failed("boom"))
             .await
             .unwrap()
     );
@@ -799,7 +800,7 @@ async fn racing_outcomes_leave_exactly_one(f: Fixture) {
                     .unwrap()
             });
             let failed = tokio::spawn(async move {
-                s2.finish_intent(id, IntentOutcome::Failed("x".into()))
+                s2.finish_intent(id, IntentOutcome::failed("x"))
                     .await
                     .unwrap()
             });

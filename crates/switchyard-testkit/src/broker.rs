@@ -94,6 +94,7 @@ impl RawBroker {
             ok: true,
             result: None,
             error: None,
+            code: None,
         };
         self.send(&BrokerFrame::Result(result)).await;
     }

@@ -41,8 +41,18 @@ pub fn dispatch(agent_id: Uuid, op: Op, spec: &AgentSpec) -> Dispatch {
         id: Uuid::new_v4(),
         agent_id,
         op,
+        name: None,
         agent: spec.clone(),
         args: serde_json::Value::Null,
+    }
+}
+
+/// A call of the named operation with `args`.
+pub fn call(agent_id: Uuid, name: &str, args: serde_json::Value, spec: &AgentSpec) -> Dispatch {
+    Dispatch {
+        name: Some(name.to_owned()),
+        args,
+        ..dispatch(agent_id, Op::Call, spec)
     }
 }
 

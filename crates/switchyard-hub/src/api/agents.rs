@@ -22,7 +22,7 @@ use super::request::{Path, Query};
 use super::{ApiJson, idempotency_key, validate_name};
 use crate::idempotency::Entry;
 use crate::lookup;
-use crate::originator::{Lifecycle, Wait};
+use crate::originator::{Ask, Lifecycle, Wait};
 use crate::state::HubState;
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +138,26 @@ fn yes() -> bool {
     true
 }
 
+impl LifecycleQuery {
+    /// How the caller wants to wait; a window out of range is a 400.
+    pub(crate) fn wait(&self, state: &HubState) -> Result<Wait, ApiError> {
+        let window = match self.timeout_secs {
+            Some(secs @ 1..=MAX_TIMEOUT_SECS) => Duration::from_secs(secs),
+            Some(secs) => {
+                return Err(ApiError::bad_request(format!(
+                    "timeout_secs must be 1 to {MAX_TIMEOUT_SECS}, not {secs}"
+                )));
+            }
+            None => state.config.lifecycle_timeout,
+        };
+        Ok(if self.wait {
+            Wait::For(window)
+        } else {
+            Wait::No
+        })
+    }
+}
+
 pub(crate) async fn start(
     state: State<HubState>,
     reference: Path<String>,
@@ -183,23 +203,14 @@ async fn lifecycle(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     // Checked before anything is looked up or written.
-    let window = match query.timeout_secs {
-        Some(secs @ 1..=MAX_TIMEOUT_SECS) => Duration::from_secs(secs),
-        Some(secs) => {
-            return Err(ApiError::bad_request(format!(
-                "timeout_secs must be 1 to {MAX_TIMEOUT_SECS}, not {secs}"
-            )));
-        }
-        None => state.config.lifecycle_timeout,
-    };
+    let wait = query.wait(&state)?;
     let agent = lookup::agent(&*state.store, &reference).await?;
-    let wait = if query.wait {
-        Wait::For(window)
-    } else {
-        Wait::No
-    };
     let entry = key.map(|key| Entry::lifecycle(agent.id, op, &key));
-    match state.originator.lifecycle(&agent, op, entry, wait).await? {
+    match state
+        .originator
+        .lifecycle(&agent, Ask::lifecycle(op), entry, wait)
+        .await?
+    {
         Lifecycle::Accepted { dispatch, route } => Ok((
             StatusCode::ACCEPTED,
             Json(json!({ "dispatch_id": dispatch, "route": route })),

@@ -12,6 +12,7 @@ pub(crate) mod dispatches;
 pub(crate) mod error;
 pub(crate) mod events;
 pub(crate) mod messages;
+pub(crate) mod ops;
 pub(crate) mod request;
 
 pub(crate) use request::{

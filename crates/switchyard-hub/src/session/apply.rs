@@ -98,15 +98,7 @@ async fn result(
     if intent.broker_id != broker.id {
         return Err(ApplyError::NotOwn(Entity::Intent));
     }
-    let outcome = if report.ok {
-        IntentOutcome::Done(report.result.unwrap_or_default())
-    } else {
-        IntentOutcome::Failed(
-            report
-                .error
-                .unwrap_or_else(|| "the broker reported a failure without a reason".into()),
-        )
-    };
+    let outcome = IntentOutcome::from_broker(report.ok, report.result, report.error, report.code);
     if state.store.finish_intent(id, outcome).await? {
         let finished = state.store.intent(id).await?;
         state.metrics.observe_finished(&finished);

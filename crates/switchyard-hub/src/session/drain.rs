@@ -174,6 +174,7 @@ impl Drain {
                     id: intent.id.0,
                     agent_id: intent.agent_id.0,
                     op: intent.op,
+                    name: intent.name.clone(),
                     agent,
                     args: intent.args.0.clone(),
                 }))

@@ -78,6 +78,7 @@ const INTENTS: Sequenced = Sequenced {
     counter: "intent_seq",
     payload: &[
         ("op", "text"),
+        ("name", "text"),
         ("args", "jsonb"),
         ("deadline", "timestamptz"),
     ],
@@ -371,6 +372,12 @@ impl WorkDialect for PgStore {
                 .bind(intents.iter().map(NewRow::key).collect::<Vec<_>>())
                 .bind(intents.iter().map(NewRow::digest).collect::<Vec<_>>())
                 .bind(intents.iter().map(|i| i.op.as_str()).collect::<Vec<_>>())
+                .bind(
+                    intents
+                        .iter()
+                        .map(|i| i.name.as_deref())
+                        .collect::<Vec<_>>(),
+                )
                 .bind(intents.iter().map(|i| Json(&i.args)).collect::<Vec<_>>())
                 .bind(intents.iter().map(|i| i.deadline).collect::<Vec<_>>())
         };

@@ -146,8 +146,8 @@ impl WorkDialect for SqliteStore {
             let row: DispatchIntent = sqlx::query_as(
                 "INSERT INTO dispatch_intents
                      (id, broker_id, agent_id, seq, op, args, deadline, idempotency_key,
-                      request_digest, created_at, updated_at, ord)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11) RETURNING *",
+                      request_digest, created_at, updated_at, ord, name)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12) RETURNING *",
             )
             .bind(i.id)
             .bind(broker)
@@ -160,6 +160,7 @@ impl WorkDialect for SqliteStore {
             .bind(i.request_digest)
             .bind(Utc::now())
             .bind(ord)
+            .bind(i.name)
             .fetch_one(&mut *tx)
             .await?;
             rows.push(Inserted {

@@ -223,7 +223,9 @@ for_each_backend! {
             .fetch_optional(&mut *tx)
             .await?;
             if let Some(open) = latest.filter(|l| {
-                l.op == intent.op && matches!(l.state, IntentState::Pending | IntentState::InProgress)
+                l.op == intent.op
+                    && l.op.is_lifecycle()
+                    && matches!(l.state, IntentState::Pending | IntentState::InProgress)
             }) {
                 return Ok(Inserted {
                     row: open,
@@ -249,8 +251,8 @@ for_each_backend! {
             let row = sqlx::query_as(sql!(
                 "INSERT INTO dispatch_intents
                      (id, broker_id, agent_id, seq, ord, op, args, deadline, idempotency_key,
-                      request_digest, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $10, $5, $6, $7, $8, $9, @now, @now) RETURNING *"
+                      request_digest, name, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $10, $5, $6, $7, $8, $9, $11, @now, @now) RETURNING *"
             ))
             .bind(intent.id)
             .bind(broker)
@@ -262,6 +264,7 @@ for_each_backend! {
             .bind(intent.idempotency_key)
             .bind(intent.request_digest)
             .bind(ord)
+            .bind(intent.name)
             .bind_now()
             .fetch_one(&mut *tx)
             .await?;
@@ -288,12 +291,13 @@ for_each_backend! {
         }
 
         async fn finish_intent(&self, id: IntentId, outcome: IntentOutcome) -> StoreResult<bool> {
-            let (state, result, error) = match outcome {
-                IntentOutcome::Done(result) => (IntentState::Done, Some(Json(result)), None),
-                IntentOutcome::Failed(error) => (IntentState::Failed, None, Some(error)),
+            let (state, result, error, code) = match outcome {
+                IntentOutcome::Done(result) => (IntentState::Done, Some(Json(result)), None, None),
+                IntentOutcome::Failed { error, code } => (IntentState::Failed, None, Some(error), code),
             };
             let done = sqlx::query(sql!(
-                "UPDATE dispatch_intents SET state = $2, result = $3, error = $4, updated_at = @now
+                "UPDATE dispatch_intents
+                 SET state = $2, result = $3, error = $4, error_code = $5, updated_at = @now
                  WHERE id = $1 AND state IN {unfinished}",
                 unfinished = INTENT.unfinished
             ))
@@ -301,6 +305,7 @@ for_each_backend! {
             .bind(state.as_str())
             .bind(result)
             .bind(error)
+            .bind(code)
             .bind_now()
             .execute(&self.pool)
             .await?;

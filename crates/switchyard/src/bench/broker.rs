@@ -200,6 +200,17 @@ async fn serve(
                             Op::Stop => Phase::Stopped,
                             Op::Create => Phase::Created,
                             Op::Delete => Phase::Deleted,
+                            // A no-op operation: its arguments come back.
+                            Op::Call => {
+                                replies.push(BrokerFrame::Result(DispatchResult {
+                                    dispatch_id: dispatch.id,
+                                    ok: true,
+                                    result: Some(dispatch.args),
+                                    error: None,
+                                    code: None,
+                                }));
+                                continue;
+                            }
                         };
                         replies.push(BrokerFrame::Status(AgentStatus {
                             agent_id: dispatch.agent_id,
@@ -213,6 +224,7 @@ async fn serve(
                             ok: true,
                             result: Some(serde_json::json!({ "phase": phase })),
                             error: None,
+                            code: None,
                         }));
                     }
                     HubFrame::Error(error) => {

@@ -1,0 +1,108 @@
+//! `/v1/agents/{agent}/ops/{name}`: named operations that answer.
+//!
+//! A call is a dispatch intent with op `call`, the operation's name and its
+//! `args`, written, routed, ordered and waited for exactly like a lifecycle
+//! call (the originator's `lifecycle`). This file checks the name and the
+//! arguments and maps the outcome: 200 with the dispatch (its `result` is
+//! what the broker's runtime answered), 202 when not waiting, 404
+//! `unknown_operation` or `not_found` and 422 `invalid_args` when the
+//! runtime said so, 502 for any other failure, 504 when the window passed
+//! without progress.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use switchyard_proto::{AgentSpec, INVALID_ARGS, UNKNOWN_OPERATION};
+
+use super::agents::LifecycleQuery;
+use super::error::ApiError;
+use super::request::{Path, Query};
+use super::{ApiJson, idempotency_key};
+use crate::idempotency::Entry;
+use crate::lookup;
+use crate::originator::{Ask, Lifecycle};
+use crate::state::HubState;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CallBody {
+    /// The operation's arguments: a JSON object (`{}` when absent).
+    #[serde(default)]
+    args: Option<Value>,
+}
+
+pub(crate) async fn call(
+    State(state): State<HubState>,
+    Path((reference, name)): Path<(String, String)>,
+    Query(query): Query<LifecycleQuery>,
+    headers: HeaderMap,
+    body: Option<ApiJson<CallBody>>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let wait = query.wait(&state)?;
+    switchyard_proto::check_op_name(&name).map_err(|err| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", err.to_string())
+    })?;
+    let args = match body.and_then(|ApiJson(body)| body.args) {
+        None => json!({}),
+        Some(args @ Value::Object(_)) => args,
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                "args must be a JSON object",
+            ));
+        }
+    };
+    let agent = lookup::agent(&*state.store, &reference).await?;
+    // The dispatch frame carries the agent's definition and the arguments
+    // together: both must fit in one frame.
+    let spec = AgentSpec {
+        name: agent.name.clone(),
+        command: agent.command.0.clone(),
+        env: agent.env.0.clone(),
+    };
+    switchyard_proto::check_payload(&(&spec, &args)).map_err(|too_large| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the arguments with the agent's definition are {too_large}"),
+        )
+    })?;
+    let entry = key.map(|key| Entry::call(agent.id, &name, &key, &args));
+    let ask = Ask::call(name.clone(), args);
+    match state.originator.lifecycle(&agent, ask, entry, wait).await? {
+        Lifecycle::Accepted { dispatch, route } => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "dispatch_id": dispatch, "route": route })),
+        )
+            .into_response()),
+        Lifecycle::Done { dispatch, .. } => Ok(Json(dispatch).into_response()),
+        Lifecycle::Failed(dispatch) => {
+            let (status, code) = match dispatch.error_code.as_deref() {
+                Some(UNKNOWN_OPERATION) => (StatusCode::NOT_FOUND, UNKNOWN_OPERATION),
+                Some(INVALID_ARGS) => (StatusCode::UNPROCESSABLE_ENTITY, INVALID_ARGS),
+                Some("not_found") => (StatusCode::NOT_FOUND, "not_found"),
+                _ => (StatusCode::BAD_GATEWAY, "broker_failed"),
+            };
+            let message = dispatch
+                .error
+                .clone()
+                .unwrap_or_else(|| format!("{name} failed on the broker"));
+            Err(ApiError::new(status, code, message).with_dispatch(dispatch.id.0))
+        }
+        Lifecycle::TimedOut { dispatch, window } => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "no answer to {name} within {}s without progress; the dispatch is still {}",
+                window.as_secs(),
+                dispatch.state
+            ),
+        )
+        .with_dispatch(dispatch.id.0)),
+    }
+}

@@ -1,0 +1,217 @@
+//! Named operations (`POST /v1/agents/{agent}/ops/{name}`) against a
+//! broker driven frame by frame over a real WebSocket.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use common::TestHub;
+use serde_json::{Value, json};
+use switchyard_proto::{BrokerFrame, DispatchResult, HubFrame, Op, UNKNOWN_OPERATION};
+use switchyard_testkit::TestDb;
+use switchyard_testkit::broker::RawBroker;
+
+switchyard_testkit::on_both_backends!(
+    a_call_is_answered_with_what_the_runtime_returned,
+    calls_are_checked_before_anything_is_written,
+    a_call_that_outlasts_its_window_answers_504_and_its_result_is_kept,
+);
+
+/// A broker that answers `create` and every call: `echo` returns its
+/// arguments, `fail` fails, anything else is an unknown operation. Calls
+/// named `slow` are held until the test says so (the returned sender).
+fn answer(d: &switchyard_proto::Dispatch) -> DispatchResult {
+    let name = d.name.as_deref().unwrap_or_default();
+    let (ok, result, error, code) = match (d.op, name) {
+        (Op::Create, _) => (true, Some(json!({})), None, None),
+        (Op::Call, "echo" | "slow") => (true, Some(json!({ "echo": d.args })), None, None),
+        (Op::Call, "fail") => (false, None, Some("it broke".to_owned()), None),
+        _ => (
+            false,
+            None,
+            Some(format!("unknown operation {name:?}")),
+            Some(UNKNOWN_OPERATION.to_owned()),
+        ),
+    };
+    DispatchResult {
+        dispatch_id: d.id,
+        ok,
+        result,
+        error,
+        code,
+    }
+}
+
+async fn drive(mut broker: RawBroker, hold: tokio::sync::watch::Receiver<bool>) {
+    while let Some(frame) = broker.recv().await {
+        let HubFrame::Dispatch(d) = frame else {
+            continue;
+        };
+        if d.name.as_deref() == Some("slow") {
+            let mut hold = hold.clone();
+            let _ = hold.wait_for(|released| *released).await;
+        }
+        broker.send(&BrokerFrame::Result(answer(&d))).await;
+    }
+}
+
+async fn setup(hub: &TestHub) -> (String, tokio::sync::watch::Sender<bool>) {
+    let (id, secret) = hub.broker("edge").await;
+    let agent = hub.agent(&id, "worker").await;
+    let broker = RawBroker::connect(&hub.base, &id, &secret).await;
+    let (release, hold) = tokio::sync::watch::channel(false);
+    tokio::spawn(drive(broker, hold));
+    (agent, release)
+}
+
+async fn a_call_is_answered_with_what_the_runtime_returned(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (agent, _release) = setup(&hub).await;
+
+    let args = json!({ "path": "prompt.md", "n": [1, 2] });
+    let (status, body) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/ops/echo"),
+            Some(json!({ "args": args })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["op"], "call");
+    assert_eq!(body["name"], "echo");
+    assert_eq!(body["state"], "done");
+    assert_eq!(body["result"], json!({ "echo": args }));
+
+    // No body at all: the arguments are {}.
+    let resp = hub
+        .http
+        .post(hub.url(&format!("/v1/agents/{agent}/ops/echo")))
+        .bearer_auth(common::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["result"], json!({ "echo": {} }));
+
+    // Not waiting: 202, then the dispatch carries the result.
+    let (status, body) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/ops/echo?wait=false"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["dispatch_id"].as_str().unwrap().to_owned();
+    let done = hub
+        .wait_until(&format!("/v1/dispatches/{id}"), |d| d["state"] == "done")
+        .await;
+    assert_eq!(done["result"], json!({ "echo": {} }));
+
+    // The runtime's refusals, each with the dispatch id.
+    let (status, body) = hub
+        .call("POST", &format!("/v1/agents/{agent}/ops/nope"), None)
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_operation");
+    assert!(body["error"]["dispatch_id"].is_string());
+    let (status, body) = hub
+        .call("POST", &format!("/v1/agents/{agent}/ops/fail"), None)
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "broker_failed");
+    assert_eq!(body["error"]["message"], "it broke");
+
+    // Two identical calls are two dispatches (only lifecycle ops join).
+    let echo = format!("/v1/agents/{agent}/ops/echo");
+    let (a, b) = tokio::join!(hub.call("POST", &echo, None), hub.call("POST", &echo, None),);
+    assert_eq!((a.0, b.0), (200, 200));
+    assert_ne!(a.1["id"], b.1["id"]);
+
+    // An Idempotency-Key replays the call; the same key with other
+    // arguments is refused.
+    let keyed = |args: Value| {
+        hub.http
+            .post(hub.url(&format!("/v1/agents/{agent}/ops/echo")))
+            .bearer_auth(common::TOKEN)
+            .header("Idempotency-Key", "call-1")
+            .json(&json!({ "args": args }))
+            .send()
+    };
+    let first: Value = keyed(json!({ "x": 1 }))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let again: Value = keyed(json!({ "x": 1 }))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["result"], json!({ "echo": { "x": 1 } }));
+    assert_eq!(first["id"], again["id"]);
+    let other = keyed(json!({ "x": 2 })).await.unwrap();
+    assert_eq!(other.status(), 422);
+    hub.shutdown().await;
+}
+
+async fn calls_are_checked_before_anything_is_written(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (agent, _release) = setup(&hub).await;
+    let count = || async {
+        let (_, list) = hub.call("GET", "/v1/dispatches", None).await;
+        list.as_array().unwrap().len()
+    };
+    hub.wait_until("/v1/dispatches", |l| l[0]["state"] == "done")
+        .await;
+    let before = count().await;
+
+    let big = "x".repeat(switchyard_proto::MAX_PAYLOAD_BYTES);
+    let long = "a".repeat(65);
+    let refused = [
+        ("Inspect", json!({}), 422),
+        ("a%20b", json!({}), 422),
+        (long.as_str(), json!({}), 422),
+        ("echo", json!({ "args": [1] }), 422),
+        ("echo", json!({ "args": "x" }), 422),
+        ("echo", json!({ "argz": {} }), 422),
+        ("echo", json!({ "args": { "big": big } }), 413),
+    ];
+    for (name, body, expected) in refused {
+        let (status, answer) = hub
+            .call(
+                "POST",
+                &format!("/v1/agents/{agent}/ops/{name}"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, expected, "{name}: {answer}");
+    }
+    let (status, _) = hub.call("POST", "/v1/agents/nobody/ops/echo", None).await;
+    assert_eq!(status, 404);
+    assert_eq!(count().await, before, "nothing was written");
+    hub.shutdown().await;
+}
+
+async fn a_call_that_outlasts_its_window_answers_504_and_its_result_is_kept(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (agent, release) = setup(&hub).await;
+    let (status, body) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/ops/slow?timeout_secs=1"),
+            Some(json!({ "args": { "k": "v" } })),
+        )
+        .await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["code"], "timeout");
+    let id = body["error"]["dispatch_id"].as_str().unwrap().to_owned();
+    release.send(true).unwrap();
+    let done = hub
+        .wait_until(&format!("/v1/dispatches/{id}"), |d| d["state"] == "done")
+        .await;
+    assert_eq!(done["result"], json!({ "echo": { "k": "v" } }));
+    hub.shutdown().await;
+}

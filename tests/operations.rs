@@ -1,0 +1,186 @@
+//! Named operations of the reference runtime, end to end: `switchyard
+//! serve` and `switchyard broker` as real processes, agents as real `sh`
+//! processes. On PostgreSQL the call goes to replica A while the broker's
+//! session is on replica B; on SQLite one replica does both.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use switchyard_testkit::TestDb;
+use switchyard_tests::{Api, BrokerProcess, Server, TOKEN, wait_inbox};
+
+switchyard_testkit::on_both_backends!(every_operation_of_the_process_runtime_answers);
+
+async fn every_operation_of_the_process_runtime_answers(db: TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let workdir = dir.path().join("broker");
+    std::fs::create_dir_all(&workdir).unwrap();
+    let a = Server::start(dir.path(), Some(db.url()));
+    // SQLite serves one replica: the broker is on A too.
+    let b = db
+        .url()
+        .starts_with("postgres")
+        .then(|| Server::start(dir.path(), Some(db.url())));
+    let api = Api::new(&a.base, TOKEN);
+    let (status, broker) = api
+        .call("POST", "/v1/brokers", Some(json!({"name": "edge"})))
+        .await;
+    assert_eq!(status, 201, "{broker}");
+    let broker_id = broker["id"].as_str().unwrap().to_owned();
+    let secret = broker["secret"].as_str().unwrap();
+    let owner = b.as_ref().unwrap_or(&a);
+    let _broker = BrokerProcess::start(&[&owner.base], &broker_id, secret, &workdir);
+    let health: Value = owner.get("/healthz").await.json().await.unwrap();
+    api.wait_until(
+        &format!("/v1/brokers/{broker_id}"),
+        Duration::from_secs(20),
+        |b| b["status"] == "online" && b["connected_replica"] == health["instance_id"],
+    )
+    .await;
+    let agent = api.echo_agent(&broker_id, "ops").await;
+    api.lifecycle("start", &agent).await;
+    for i in 0..3 {
+        api.send(&agent, json!(i)).await;
+    }
+    wait_inbox(&workdir, &agent, 3, Duration::from_secs(20)).await;
+    exercise(&api, &agent, &workdir).await;
+}
+
+async fn call(api: &Api, agent: &str, name: &str, args: Value) -> (u16, Value) {
+    api.call(
+        "POST",
+        &format!("/v1/agents/{agent}/ops/{name}"),
+        Some(json!({ "args": args })),
+    )
+    .await
+}
+
+/// The result of a call that must succeed.
+async fn result(api: &Api, agent: &str, name: &str, args: Value) -> Value {
+    let (status, body) = call(api, agent, name, args).await;
+    assert_eq!(status, 200, "{name}: {body}");
+    assert_eq!(body["state"], "done", "{body}");
+    body["result"].clone()
+}
+
+async fn exercise(api: &Api, agent: &str, workdir: &Path) {
+    let inspect = result(api, agent, "inspect", json!({})).await;
+    assert_eq!(inspect["phase"], "running", "{inspect}");
+    assert!(inspect["pid"].as_u64().unwrap() > 0, "{inspect}");
+    assert!(inspect["uptime_secs"].as_f64().unwrap() >= 0.0, "{inspect}");
+    assert_eq!(inspect["inbox_count"], 3, "{inspect}");
+
+    // exec: output, exit code, the agent's directory and environment.
+    let ran = result(
+        api,
+        agent,
+        "exec",
+        json!({ "argv": ["sh", "-c", "echo out; echo err >&2; pwd; \
+                echo \"[$SWITCHYARD_BROKER_SECRET][$SWITCHYARD_AGENT_NAME]\"; exit 3"] }),
+    )
+    .await;
+    assert_eq!(ran["exit_code"], 3, "{ran}");
+    assert_eq!(ran["timed_out"], false);
+    let dir = switchyard_broker::agent_dir(workdir, agent.parse().unwrap());
+    let dir = std::fs::canonicalize(dir).unwrap();
+    assert_eq!(
+        ran["stdout"],
+        format!("out\n{}\n[][ops]\n", dir.display()),
+        "runs in the agent's directory, without the broker's secret"
+    );
+    assert_eq!(ran["stderr"], "err\n");
+
+    // exec past its own timeout: killed, and said so.
+    let at = Instant::now();
+    let slow = result(
+        api,
+        agent,
+        "exec",
+        json!({ "argv": ["sh", "-c", "echo started; sleep 30"], "timeout_secs": 1 }),
+    )
+    .await;
+    assert_eq!(slow["timed_out"], true, "{slow}");
+    assert_eq!(slow["stdout"], "started\n");
+    assert!(at.elapsed() < Duration::from_secs(10), "{:?}", at.elapsed());
+
+    // exec output is capped.
+    let loud = result(
+        api,
+        agent,
+        "exec",
+        json!({ "argv": ["sh", "-c", "head -c 200000 /dev/zero | tr '\\0' x"] }),
+    )
+    .await;
+    assert_eq!(loud["stdout"].as_str().unwrap().len(), 64 * 1024);
+    assert_eq!(loud["stdout_truncated"], true);
+
+    // files.list and files.read, confined to the agent's directory.
+    let listed = result(api, agent, "files.list", json!({})).await;
+    let names: Vec<&str> = listed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"inbox.jsonl") && names.contains(&"got.txt"),
+        "{listed}"
+    );
+    let read = result(api, agent, "files.read", json!({ "path": "got.txt" })).await;
+    assert_eq!(read["encoding"], "utf8");
+    assert_eq!(read["eof"], true);
+    let lines: Vec<Value> = read["content"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{read}");
+    let part = result(
+        api,
+        agent,
+        "files.read",
+        json!({ "path": "got.txt", "offset": 1, "max_bytes": 2 }),
+    )
+    .await;
+    assert_eq!(part["content"].as_str().unwrap().len(), 2);
+    assert_eq!(part["eof"], false);
+    for escape in ["../../../../etc/passwd", "/etc/passwd"] {
+        let (status, body) = call(api, agent, "files.read", json!({ "path": escape })).await;
+        assert_eq!(status, 422, "{escape}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_args");
+    }
+    let (status, body) = call(api, agent, "files.read", json!({ "path": "missing.txt" })).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "not_found");
+
+    // What the runtime does not have, and arguments it refuses.
+    let (status, body) = call(api, agent, "no.such.op", json!({})).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_operation");
+    let (status, body) = call(api, agent, "exec", json!({ "argv": [] })).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_args");
+
+    // A call that outlasts the caller's window: 504 with the dispatch id,
+    // and the result is readable once the runtime answers.
+    let (status, body) = api
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/ops/exec?timeout_secs=1"),
+            Some(json!({ "args": { "argv": ["sh", "-c", "sleep 3; echo late"] } })),
+        )
+        .await;
+    assert_eq!(status, 504, "{body}");
+    let id = body["error"]["dispatch_id"].as_str().unwrap();
+    let done = api
+        .wait_until(
+            &format!("/v1/dispatches/{id}"),
+            Duration::from_secs(20),
+            |d| d["state"] == "done",
+        )
+        .await;
+    assert_eq!(done["result"]["stdout"], "late\n", "{done}");
+}
