@@ -43,9 +43,13 @@ pub(crate) fn router(state: HubState) -> Router {
         .route("/v1/agents/{agent}/ops/{name}", post(ops::call))
         .route("/v1/agents/{agent}/messages", post(messages::send))
         .route("/v1/messages", post(messages::send_batch))
-        .route("/v1/messages/{id}", get(messages::show))
+        .route(
+            "/v1/messages/{id}",
+            get(messages::show).delete(messages::cancel),
+        )
         .route("/v1/dispatches", get(dispatches::list))
         .route("/v1/dispatches/{id}", get(dispatches::show))
+        .route("/v1/dispatches/{id}/cancel", post(dispatches::cancel))
         .route("/v1/cluster", get(dispatches::cluster))
         .route("/v1/events", get(events::stream))
         .route_layer(middleware::from_fn_with_state(admin, require_admin))

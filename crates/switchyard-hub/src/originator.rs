@@ -105,6 +105,8 @@ pub(crate) enum Lifecycle {
     },
     /// The broker reported a failure.
     Failed(DispatchIntent),
+    /// Someone withdrew the dispatch before it was sent.
+    Cancelled(DispatchIntent),
     /// No outcome and no progress within the window; the row as re-read.
     TimedOut {
         dispatch: DispatchIntent,
@@ -280,6 +282,7 @@ impl Originator {
                 }
             }
             IntentState::Failed => Lifecycle::Failed(intent),
+            IntentState::Cancelled => Lifecycle::Cancelled(intent),
             IntentState::Pending | IntentState::InProgress => Lifecycle::TimedOut {
                 dispatch: intent,
                 window,
@@ -396,7 +399,10 @@ impl Originator {
 }
 
 fn finished(intent: &DispatchIntent) -> bool {
-    matches!(intent.state, IntentState::Done | IntentState::Failed)
+    matches!(
+        intent.state,
+        IntentState::Done | IntentState::Failed | IntentState::Cancelled
+    )
 }
 
 /// The owner of the broker's session that a created row's insert read.

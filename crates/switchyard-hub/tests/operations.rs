@@ -14,6 +14,7 @@ switchyard_testkit::on_both_backends!(
     a_call_is_answered_with_what_the_runtime_returned,
     calls_are_checked_before_anything_is_written,
     a_call_that_outlasts_its_window_answers_504_and_its_result_is_kept,
+    cancelled_work_never_reaches_the_broker,
 );
 
 /// A broker that answers `create` and every call: `echo` returns its
@@ -213,5 +214,105 @@ async fn a_call_that_outlasts_its_window_answers_504_and_its_result_is_kept(db: 
         .wait_until(&format!("/v1/dispatches/{id}"), |d| d["state"] == "done")
         .await;
     assert_eq!(done["result"], json!({ "echo": { "k": "v" } }));
+    hub.shutdown().await;
+}
+
+/// A start and a message queued for an offline broker are cancelled; when
+/// the broker connects it gets the agent's create and the message written
+/// after them, never the cancelled work. Work already sent cannot be
+/// cancelled (409, state named), and cancelling twice answers the same.
+async fn cancelled_work_never_reaches_the_broker(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (id, secret) = hub.broker("edge").await;
+    let agent = hub.agent(&id, "worker").await;
+    let (status, body) = hub
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/start?wait=false"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let start = body["dispatch_id"].as_str().unwrap().to_owned();
+    let send = |text: &'static str| {
+        let path = format!("/v1/agents/{agent}/messages");
+        let hub = &hub;
+        async move {
+            let (status, body) = hub.call("POST", &path, Some(json!({ "body": text }))).await;
+            assert_eq!(status, 202, "{body}");
+            body["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let dropped = send("withdrawn").await;
+    let kept = send("kept").await;
+
+    for _ in 0..2 {
+        let (status, body) = hub
+            .call("POST", &format!("/v1/dispatches/{start}/cancel"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["state"], "cancelled");
+        let (status, body) = hub
+            .call("DELETE", &format!("/v1/messages/{dropped}"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["state"], "cancelled");
+    }
+
+    let mut broker = RawBroker::connect(&hub.base, &id, &secret).await;
+    let mut got = Vec::new();
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while let Ok(Some(frame)) = tokio::time::timeout_at(until, broker.recv()).await {
+        match frame {
+            HubFrame::Dispatch(d) => {
+                got.push(d.op.to_string());
+                broker.done(d.id).await;
+            }
+            HubFrame::Message(m) => {
+                got.push(m.body.to_string());
+                broker.ack(m.id).await;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(got, ["create", "\"kept\""]);
+
+    // Sent and finished work cannot be withdrawn.
+    let (status, body) = hub
+        .call("DELETE", &format!("/v1/messages/{kept}"), None)
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "not_pending");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("delivered")
+    );
+    let (_, list) = hub
+        .call("GET", &format!("/v1/dispatches?broker_id={id}"), None)
+        .await;
+    let create = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["op"] == "create")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = hub
+        .call("POST", &format!("/v1/dispatches/{create}/cancel"), None)
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("done"));
+    let (status, _) = hub
+        .call(
+            "POST",
+            &format!("/v1/dispatches/{}/cancel", uuid::Uuid::new_v4()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
     hub.shutdown().await;
 }

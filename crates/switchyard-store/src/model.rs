@@ -25,23 +25,29 @@ text_enum!(
 );
 
 text_enum!(
-    /// State of a dispatch intent. `done` and `failed` are final.
+    /// State of a dispatch intent. `done`, `failed` and `cancelled` are
+    /// final.
     IntentState {
         Pending => "pending",
         InProgress => "in_progress",
         Done => "done",
         Failed => "failed",
+        /// Withdrawn before it was sent.
+        Cancelled => "cancelled",
     }
 );
 
 text_enum!(
-    /// State of a message. `delivered`, `expired` and `failed` are final.
+    /// State of a message. `delivered`, `expired`, `failed` and
+    /// `cancelled` are final.
     MessageState {
         Pending => "pending",
         Dispatched => "dispatched",
         Delivered => "delivered",
         Expired => "expired",
         Failed => "failed",
+        /// Withdrawn before it was sent.
+        Cancelled => "cancelled",
     }
 );
 

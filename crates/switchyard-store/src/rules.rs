@@ -52,6 +52,8 @@ pub(crate) struct WorkStates {
     pub(crate) finished: Any,
     /// The final state of a row that ran out of time or attempts.
     pub(crate) failed: Lit,
+    /// The final state of a row withdrawn while it was `pending`.
+    pub(crate) cancelled: Lit,
 }
 
 pub(crate) static INTENT: LazyLock<WorkStates> = LazyLock::new(|| WorkStates {
@@ -64,8 +66,10 @@ pub(crate) static INTENT: LazyLock<WorkStates> = LazyLock::new(|| WorkStates {
     finished: Any(vec![
         IntentState::Done.as_str(),
         IntentState::Failed.as_str(),
+        IntentState::Cancelled.as_str(),
     ]),
     failed: Lit(IntentState::Failed.as_str()),
+    cancelled: Lit(IntentState::Cancelled.as_str()),
 });
 
 pub(crate) static MESSAGE: LazyLock<WorkStates> = LazyLock::new(|| WorkStates {
@@ -79,8 +83,10 @@ pub(crate) static MESSAGE: LazyLock<WorkStates> = LazyLock::new(|| WorkStates {
         MessageState::Delivered.as_str(),
         MessageState::Expired.as_str(),
         MessageState::Failed.as_str(),
+        MessageState::Cancelled.as_str(),
     ]),
     failed: Lit(MessageState::Failed.as_str()),
+    cancelled: Lit(MessageState::Cancelled.as_str()),
 });
 
 impl WorkStates {

@@ -230,6 +230,12 @@ async fn lifecycle(
                 .unwrap_or_else(|| format!("{op} failed on the broker")),
         )
         .with_dispatch(dispatch.id.0)),
+        Lifecycle::Cancelled(dispatch) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "cancelled",
+            "the dispatch was cancelled before it was sent",
+        )
+        .with_dispatch(dispatch.id.0)),
         Lifecycle::TimedOut { dispatch, window } => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",

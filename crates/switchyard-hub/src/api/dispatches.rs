@@ -5,12 +5,14 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchyard_store::{DispatchIntent, IntentFilter, IntentId, IntentState};
 
 use super::error::ApiError;
 use super::request::{Path, Query};
+use crate::events::HubEvent;
 use crate::lookup;
 use crate::state::HubState;
 
@@ -32,7 +34,9 @@ pub(crate) async fn list(
     };
     let state_filter = match query.state {
         Some(word) => Some(word.parse::<IntentState>().map_err(|_| {
-            ApiError::bad_request("state must be one of pending, in_progress, done, failed")
+            ApiError::bad_request(
+                "state must be one of pending, in_progress, done, failed, cancelled",
+            )
         })?),
         None => None,
     };
@@ -52,6 +56,34 @@ pub(crate) async fn show(
         .parse()
         .map_err(|_| ApiError::bad_request("dispatch id must be a UUID"))?;
     Ok(Json(state.store.intent(id).await?))
+}
+
+/// `POST /v1/dispatches/{id}/cancel`: withdraws a dispatch that has not
+/// been sent. The state change is durable, so every replica's drain honours
+/// it (a claim only takes `pending` rows); waiting callers learn it from
+/// the finished-dispatch event. Cancelling a cancelled dispatch answers the
+/// same; one already sent or finished is a 409 naming its state.
+pub(crate) async fn cancel(
+    State(state): State<HubState>,
+    Path(id): Path<String>,
+) -> Result<Json<DispatchIntent>, ApiError> {
+    let id: IntentId = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("dispatch id must be a UUID"))?;
+    let (row, cancelled) = state.store.cancel_intent(id).await?;
+    if !cancelled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_pending",
+            format!(
+                "the dispatch is {}: only a pending dispatch can be cancelled",
+                row.state
+            ),
+        )
+        .with_dispatch(row.id.0));
+    }
+    state.bus.publish(HubEvent::DispatchFinished(row.clone()));
+    Ok(Json(row))
 }
 
 pub(crate) async fn cluster(State(state): State<HubState>) -> Result<Json<Value>, ApiError> {

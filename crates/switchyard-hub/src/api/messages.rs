@@ -124,6 +124,31 @@ pub(crate) async fn send_batch(
     Ok((StatusCode::ACCEPTED, Json(json!({ "messages": answers }))))
 }
 
+/// `DELETE /v1/messages/{id}`: withdraws a message that has not been sent
+/// (`cancelled`, final; no drain on any replica sends it). Cancelling a
+/// cancelled message answers the same; one already sent is a 409 naming
+/// its state.
+pub(crate) async fn cancel(
+    State(state): State<HubState>,
+    Path(id): Path<String>,
+) -> Result<Json<Message>, ApiError> {
+    let id: MessageId = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("message id must be a UUID"))?;
+    let (row, cancelled) = state.store.cancel_message(id).await?;
+    if !cancelled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_pending",
+            format!(
+                "the message is {}: only a pending message can be cancelled",
+                row.state
+            ),
+        ));
+    }
+    Ok(Json(row))
+}
+
 pub(crate) async fn show(
     State(state): State<HubState>,
     Path(id): Path<String>,

@@ -94,6 +94,12 @@ pub(crate) async fn call(
                 .unwrap_or_else(|| format!("{name} failed on the broker"));
             Err(ApiError::new(status, code, message).with_dispatch(dispatch.id.0))
         }
+        Lifecycle::Cancelled(dispatch) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "cancelled",
+            "the dispatch was cancelled before it was sent",
+        )
+        .with_dispatch(dispatch.id.0)),
         Lifecycle::TimedOut { dispatch, window } => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",

@@ -9,8 +9,8 @@ use crate::dialect::{BindNow, for_each_backend, sql};
 use crate::error::{Conflict, Entity, Invalid, StoreError, StoreResult};
 use crate::ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 use crate::model::{
-    Acked, DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState, Message, NewIntent,
-    NewMessage, Phase, RequeueReport,
+    Acked, DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState, Message,
+    MessageState, NewIntent, NewMessage, Phase, RequeueReport,
 };
 use crate::rules::{EXPIRED, INTENT, MESSAGE, SESSION_ENDED};
 
@@ -115,6 +115,15 @@ pub trait WorkStore: Send + Sync {
     }
 
     async fn message(&self, id: MessageId) -> StoreResult<Message>;
+
+    /// Withdraws an intent that has not been sent: `pending -> cancelled`,
+    /// a final state no claim takes. Returns the row and whether it is
+    /// cancelled (true again for one cancelled before); false with the row
+    /// as it is when it was already sent or finished.
+    async fn cancel_intent(&self, id: IntentId) -> StoreResult<(DispatchIntent, bool)>;
+
+    /// As [`WorkStore::cancel_intent`], for a message.
+    async fn cancel_message(&self, id: MessageId) -> StoreResult<(Message, bool)>;
 
     /// Whether the agent has messages waiting to be sent (`pending`): after
     /// one of its operations finishes, they may be free to go.
@@ -383,6 +392,48 @@ for_each_backend! {
                 .fetch_optional(&self.pool)
                 .await?
                 .ok_or(StoreError::NotFound(Entity::Message))
+        }
+
+        async fn cancel_intent(&self, id: IntentId) -> StoreResult<(DispatchIntent, bool)> {
+            let cancelled: Option<DispatchIntent> = sqlx::query_as(sql!(
+                "UPDATE dispatch_intents SET state = {cancelled}, updated_at = @now
+                 WHERE id = $1 AND state = {pending} RETURNING *",
+                cancelled = INTENT.cancelled,
+                pending = INTENT.pending,
+            ))
+            .bind(id)
+            .bind_now()
+            .fetch_optional(&self.pool)
+            .await?;
+            match cancelled {
+                Some(row) => Ok((row, true)),
+                None => {
+                    let row = self.intent(id).await?;
+                    let done = row.state == IntentState::Cancelled;
+                    Ok((row, done))
+                }
+            }
+        }
+
+        async fn cancel_message(&self, id: MessageId) -> StoreResult<(Message, bool)> {
+            let cancelled: Option<Message> = sqlx::query_as(sql!(
+                "UPDATE messages SET state = {cancelled}, updated_at = @now
+                 WHERE id = $1 AND state = {pending} RETURNING *",
+                cancelled = MESSAGE.cancelled,
+                pending = MESSAGE.pending,
+            ))
+            .bind(id)
+            .bind_now()
+            .fetch_optional(&self.pool)
+            .await?;
+            match cancelled {
+                Some(row) => Ok((row, true)),
+                None => {
+                    let row = self.message(id).await?;
+                    let done = row.state == MessageState::Cancelled;
+                    Ok((row, done))
+                }
+            }
         }
 
         async fn has_pending_messages(&self, agent: AgentId) -> StoreResult<bool> {
