@@ -50,6 +50,17 @@ impl Entry {
         Self::new(format!("POST /v1/messages {agent}"), "message", key, body)
     }
 
+    /// A broadcast of `POST /v1/messages`: one entry for the whole call,
+    /// its digest over the target and the body.
+    pub(crate) fn broadcast(key: &str, target: &Value, body: &Value) -> Self {
+        Self::new(
+            "POST /v1/messages broadcast".to_owned(),
+            "broadcast",
+            key,
+            &serde_json::json!({ "to": target, "body": body }),
+        )
+    }
+
     /// A named operation: `POST /v1/agents/{agent}/ops/{name}` with its
     /// arguments.
     pub(crate) fn call(agent: AgentId, name: &str, key: &str, args: &Value) -> Self {

@@ -32,8 +32,9 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::json;
 use switchyard_store::{
-    Agent, AgentId, BrokerId, Conflict, DispatchIntent, Inserted, IntentId, IntentState, Message,
-    MessageId, NewIntent, NewMessage, Op, Phase, ReplicaId, Store, StoreError, StoreResult,
+    Agent, AgentId, BroadcastId, BrokerId, Conflict, DispatchIntent, Inserted, IntentId,
+    IntentState, Message, MessageId, NewBroadcast, NewIntent, NewMessage, Op, Phase, ReplicaId,
+    Store, StoreError, StoreResult, Target,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -196,6 +197,37 @@ impl Originator {
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Sent>, OriginatorError> {
         let rows = self.store.insert_messages(batch).await?;
+        Ok(self.route_rows(rows))
+    }
+
+    /// One message to every agent `target` selects, in one transaction
+    /// (see `WorkStore::insert_broadcast`); each broker's owner is woken
+    /// once.
+    pub(crate) async fn broadcast(
+        &self,
+        target: Target,
+        body: serde_json::Value,
+        entry: Option<Entry>,
+    ) -> Result<(BroadcastId, Vec<Sent>), OriginatorError> {
+        let (idempotency_key, request_digest) = entry.map(|e| (e.key, e.digest)).unzip();
+        let written = self
+            .store
+            .insert_broadcast(NewBroadcast {
+                id: BroadcastId::new(),
+                target,
+                body,
+                expires_at: after(self.config.message_ttl),
+                idempotency_key,
+                request_digest,
+            })
+            .await?;
+        Ok((written.id, self.route_rows(written.messages)))
+    }
+
+    /// Counts the created rows and wakes each of their brokers' owners once.
+    /// A row answers with its broker's route if any row of that broker was
+    /// created.
+    fn route_rows(&self, rows: Vec<Inserted<Message>>) -> Vec<Sent> {
         let created = rows.iter().filter(|r| r.created).count();
         self.metrics.messages_accepted.inc_by(created as u64);
         let owners: BTreeMap<_, _> = rows
@@ -207,13 +239,12 @@ impl Originator {
             .into_iter()
             .map(|(broker, owner)| (broker, self.route_to_owner(broker, owner, false)))
             .collect();
-        Ok(rows
-            .into_iter()
+        rows.into_iter()
             .map(|r| Sent {
                 route: routes.get(&r.row.broker_id).copied(),
                 row: r.row,
             })
-            .collect())
+            .collect()
     }
 
     /// Writes an intent nobody waits for (preparing a new agent) and wakes

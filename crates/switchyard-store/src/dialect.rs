@@ -40,6 +40,9 @@ pub(crate) trait Dialect {
     fn ago_sql(param: &str) -> String;
     /// The value to bind for an `@ago($n)` parameter.
     fn ago(d: Duration) -> Self::Ago;
+    /// `@labels_contain($n)`: the row's `labels` hold every pair of the
+    /// JSON object bound as `$n`.
+    fn labels_contain(param: &str) -> String;
 
     /// The statement text of `template` in this dialect.
     fn render(template: &str) -> String {
@@ -58,6 +61,10 @@ pub(crate) trait Dialect {
             } else if let Some(after) = rest.strip_prefix("@for_key_share") {
                 out.push_str(Self::FOR_KEY_SHARE);
                 rest = after;
+            } else if let Some(after) = rest.strip_prefix("@labels_contain(") {
+                let close = after.find(')').expect("@labels_contain( is closed");
+                out.push_str(&Self::labels_contain(&after[..close]));
+                rest = &after[close + 1..];
             } else if let Some(after) = rest.strip_prefix("@ago(") {
                 let close = after.find(')').expect("@ago( is closed");
                 out.push_str(&Self::ago_sql(&after[..close]));

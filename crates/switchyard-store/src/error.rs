@@ -91,6 +91,10 @@ pub enum Invalid {
     EmptyCommand,
     #[error("empty batch")]
     EmptyBatch,
+    /// A broadcast's target matches more than
+    /// [`crate::MAX_BROADCAST_AGENTS`] agents; nothing was written.
+    #[error("the target matches more than {} agents", crate::MAX_BROADCAST_AGENTS)]
+    TooManyAgents,
     #[error("empty insert")]
     EmptyInsert,
     #[error("empty idempotency key")]

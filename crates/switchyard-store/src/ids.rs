@@ -67,3 +67,7 @@ id_type!(
     /// A message to an agent.
     MessageId
 );
+id_type!(
+    /// One message to many agents (each agent's copy is a message).
+    BroadcastId
+);

@@ -13,11 +13,12 @@ mod store;
 
 pub use connect::{Database, OpenError, open, open_database};
 pub use error::{Conflict, Entity, Invalid, StoreError, StoreResult};
-pub use ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
+pub use ids::{AgentId, BroadcastId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 pub use model::{
-    Acked, Affinity, Agent, Broker, BrokerStatus, DispatchIntent, Inserted, IntentFilter,
-    IntentOutcome, IntentState, Message, MessageState, NewAgent, NewIntent, NewMessage, Op, Phase,
-    Replica, RequeuePolicy, RequeueReport, SessionHeartbeat, StatusReport, UnknownWord,
+    Acked, Affinity, Agent, Broadcast, Broker, BrokerStatus, DispatchIntent, Inserted,
+    IntentFilter, IntentOutcome, IntentState, MAX_BROADCAST_AGENTS, Message, MessageState,
+    NewAgent, NewBroadcast, NewIntent, NewMessage, Op, Phase, Replica, RequeuePolicy,
+    RequeueReport, SessionHeartbeat, StatusReport, Target, UnknownWord,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

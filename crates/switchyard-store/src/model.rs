@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::types::Json;
 
-use crate::ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
+use crate::ids::{AgentId, BroadcastId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 
 use switchyard_proto::text_enum;
 pub use switchyard_proto::{Op, Phase, UnknownWord};
@@ -117,6 +117,8 @@ pub struct Agent {
     pub broker_id: BrokerId,
     pub command: Json<Vec<String>>,
     pub env: Json<BTreeMap<String, String>>,
+    /// `key=value` pairs a broadcast can select the agent by.
+    pub labels: Json<BTreeMap<String, String>>,
     #[sqlx(try_from = "String")]
     pub phase: Phase,
     /// Highest status sequence applied; older reports are ignored.
@@ -189,6 +191,7 @@ pub struct NewAgent {
     pub broker_id: BrokerId,
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A durable request to run `op` for an agent on its broker.
@@ -256,6 +259,8 @@ pub struct Message {
     pub attempts: i32,
     /// Why the message failed (a dead letter), if it did.
     pub error: Option<String>,
+    /// The broadcast this message is one agent's copy of.
+    pub broadcast_id: Option<BroadcastId>,
     pub idempotency_key: Option<String>,
     /// Digest of the request that created the row under its key.
     #[serde(skip_serializing)]
@@ -277,6 +282,40 @@ pub struct NewMessage {
     pub idempotency_key: Option<String>,
     /// As for [`NewIntent::request_digest`].
     pub request_digest: Option<String>,
+}
+
+/// Who a broadcast goes to: every live agent of a broker, or every live
+/// agent whose labels contain all of these pairs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Broker(BrokerId),
+    Labels(BTreeMap<String, String>),
+}
+
+/// The most agents one broadcast may reach; a target matching more is
+/// refused ([`crate::Invalid::TooManyAgents`]) and nothing is written.
+pub const MAX_BROADCAST_AGENTS: usize = 10_000;
+
+/// Input of [`crate::WorkStore::insert_broadcast`].
+#[derive(Clone, Debug)]
+pub struct NewBroadcast {
+    pub id: BroadcastId,
+    pub target: Target,
+    pub body: Value,
+    pub expires_at: DateTime<Utc>,
+    /// The ledger key of the whole broadcast (see [`NewIntent`]).
+    pub idempotency_key: Option<String>,
+    pub request_digest: Option<String>,
+}
+
+/// What [`crate::WorkStore::insert_broadcast`] wrote, or found under its
+/// key: one message per agent, by agent id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Broadcast {
+    pub id: BroadcastId,
+    /// False when the idempotency key named an earlier broadcast.
+    pub created: bool,
+    pub messages: Vec<Inserted<Message>>,
 }
 
 /// A row returned by an idempotent insert.

@@ -100,6 +100,7 @@ async fn agent(store: &dyn Store, broker: BrokerId, name: &str) -> AgentId {
             broker_id: broker,
             command: vec!["sleep".into(), "60".into()],
             env: BTreeMap::new(),
+            labels: Default::default(),
         })
         .await
         .expect("create agent")
@@ -426,6 +427,7 @@ async fn agent_definitions_validate_broker_and_name(f: Fixture) {
         broker_id,
         command,
         env: BTreeMap::new(),
+        labels: Default::default(),
     };
     let err = s
         .create_agent(new(BrokerId::new(), "x", vec!["true".into()]))

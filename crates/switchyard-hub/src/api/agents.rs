@@ -19,7 +19,7 @@ use switchyard_store::{Agent, AgentId, NewAgent, Op, Phase};
 
 use super::error::ApiError;
 use super::request::{Path, Query};
-use super::{ApiJson, idempotency_key, validate_name};
+use super::{ApiJson, idempotency_key, validate_labels, validate_name};
 use crate::idempotency::Entry;
 use crate::lookup;
 use crate::originator::{Ask, Lifecycle, Wait};
@@ -34,6 +34,9 @@ pub(crate) struct CreateAgent {
     command: Vec<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// `key=value` pairs a broadcast can select the agent by.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 pub(crate) async fn create(
@@ -59,6 +62,7 @@ pub(crate) async fn create(
             format!("invalid environment variable name {key:?}"),
         ));
     }
+    validate_labels(&body.labels)?;
     // Every dispatch of the agent carries its definition in one frame.
     let spec = AgentSpec {
         name: body.name.clone(),
@@ -81,6 +85,7 @@ pub(crate) async fn create(
             broker_id: broker.id,
             command: body.command,
             env: body.env,
+            labels: body.labels,
         })
         .await?;
     // The broker prepares the agent when it next drains; nobody waits.

@@ -7,13 +7,15 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use serde::Deserialize;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use switchyard_store::{AgentId, Message, MessageId};
+use switchyard_store::{AgentId, Message, MessageId, Target};
 
 use super::error::ApiError;
 use super::request::Path;
-use super::{ApiJson, idempotency_key};
+use super::{ApiJson, idempotency_key, validate_labels};
 use crate::idempotency::Entry;
 use crate::lookup;
 use crate::originator::Sent;
@@ -76,35 +78,112 @@ pub(crate) struct BatchItem {
     idempotency_key: Option<String>,
 }
 
+/// `POST /v1/messages`: either `messages` (explicit agents) or `to` and
+/// `body` (a broadcast).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SendBatch {
-    messages: Vec<BatchItem>,
+    messages: Option<Vec<BatchItem>>,
+    to: Option<To>,
+    body: Option<Value>,
 }
 
-/// `POST /v1/messages`: many messages, to one or many agents, in one
-/// all-or-none transaction. With `Idempotency-Key: K`, item i carries the
-/// key `K/i` (unless it names its own `idempotency_key`), so a retried
-/// batch returns the original rows.
+/// A broadcast's target: exactly one of a broker (id or name) or labels.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct To {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    labels: Option<BTreeMap<String, String>>,
+}
+
 pub(crate) async fn send_batch(
-    State(state): State<HubState>,
+    state: State<HubState>,
     headers: HeaderMap,
     ApiJson(request): ApiJson<SendBatch>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    match request {
+        SendBatch {
+            messages: Some(items),
+            to: None,
+            body: None,
+        } => send_items(state, headers, items).await,
+        SendBatch {
+            messages: None,
+            to: Some(to),
+            body: Some(body),
+        } => broadcast(state, headers, to, body).await,
+        _ => Err(invalid("send either \"messages\" or \"to\" with \"body\"")),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+}
+
+/// One message to every live agent of a broker, or every live agent whose
+/// labels contain `to.labels`, resolved and written in one transaction.
+/// `Idempotency-Key` covers the whole broadcast.
+async fn broadcast(
+    State(state): State<HubState>,
+    headers: HeaderMap,
+    to: To,
+    body: Value,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let key = idempotency_key(&headers)?;
-    if request.messages.is_empty() || request.messages.len() > MAX_BATCH {
+    fits_in_a_frame(&body, "the message body")?;
+    let target = match (&to.broker, &to.labels) {
+        (Some(broker), None) => Target::Broker(lookup::broker(&*state.store, broker).await?.id),
+        (None, Some(labels)) if !labels.is_empty() => {
+            validate_labels(labels)?;
+            Target::Labels(labels.clone())
+        }
+        _ => {
+            return Err(invalid(
+                "\"to\" names exactly one of \"broker\" or non-empty \"labels\"",
+            ));
+        }
+    };
+    let entry = key.map(|key| Entry::broadcast(&key, &json!(to), &body));
+    let (id, sent) = state.originator.broadcast(target, body, entry).await?;
+    let answers: Vec<Value> = sent
+        .iter()
+        .map(|s| {
+            let mut a = answer(s);
+            a["agent_id"] = json!(s.row.agent_id);
+            a
+        })
+        .collect();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "broadcast_id": id, "messages": answers })),
+    ))
+}
+
+/// Many messages, to one or many agents, in one all-or-none transaction.
+/// With `Idempotency-Key: K`, item i carries the key `K/i` (unless it
+/// names its own `idempotency_key`), so a retried batch returns the
+/// original rows.
+async fn send_items(
+    State(state): State<HubState>,
+    headers: HeaderMap,
+    messages: Vec<BatchItem>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let key = idempotency_key(&headers)?;
+    if messages.is_empty() || messages.len() > MAX_BATCH {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid",
             format!("a batch holds 1 to {MAX_BATCH} messages"),
         ));
     }
-    for (i, item) in request.messages.iter().enumerate() {
+    for (i, item) in messages.iter().enumerate() {
         fits_in_a_frame(&item.body, &format!("the body of message {i}"))?;
     }
     let mut agents = std::collections::HashMap::new();
-    let mut batch = Vec::with_capacity(request.messages.len());
-    for (i, item) in request.messages.into_iter().enumerate() {
+    let mut batch = Vec::with_capacity(messages.len());
+    for (i, item) in messages.into_iter().enumerate() {
         let agent = match agents.get(&item.agent) {
             Some(agent) => *agent,
             None => {

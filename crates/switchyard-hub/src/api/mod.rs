@@ -16,6 +16,7 @@ pub(crate) mod ops;
 pub(crate) mod request;
 
 pub(crate) use request::{
-    AdminTokens, ApiJson, MAX_BODY_BYTES, idempotency_key, require_admin, validate_name,
+    AdminTokens, ApiJson, MAX_BODY_BYTES, idempotency_key, require_admin, validate_labels,
+    validate_name,
 };
 pub use request::{random_secret, token_digest};

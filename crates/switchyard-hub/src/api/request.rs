@@ -14,7 +14,7 @@
 //! written. A malformed path or query answers 400 `bad_request`; a body
 //! 400, 413, 415 or 422 as [`ApiJson`] says.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -164,6 +164,47 @@ pub(crate) fn validate_name(kind: &str, name: &str) -> Result<(), ApiError> {
             ),
         ))
     }
+}
+
+/// Most labels on one agent.
+pub(crate) const MAX_LABELS: usize = 32;
+
+/// Checks an agent's labels (or a broadcast's selector): at most
+/// [`MAX_LABELS`] pairs; a key is 1-63 characters, a lowercase letter or
+/// digit then lowercase letters, digits, `.`, `_`, `/` or `-`; a value is
+/// 0-63 of `A-Z a-z 0-9 . _ -`. Plain words, so a selector can be written
+/// `k=v,k2=v2` on a command line and matched on either backend.
+pub(crate) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    let invalid =
+        |message: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message);
+    if labels.len() > MAX_LABELS {
+        return Err(invalid(format!("at most {MAX_LABELS} labels")));
+    }
+    for (key, value) in labels {
+        let key_ok = key.len() <= 63
+            && key
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && key.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '/' | '-')
+            });
+        if !key_ok {
+            return Err(invalid(format!(
+                "label key {key:?}: 1-63 of a-z 0-9 . _ / -, starting with a letter or digit"
+            )));
+        }
+        let value_ok = value.len() <= 63
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !value_ok {
+            return Err(invalid(format!(
+                "label {key:?} value {value:?}: 0-63 of A-Z a-z 0-9 . _ -"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `axum::Json` with errors in the API's error format. The body is read as

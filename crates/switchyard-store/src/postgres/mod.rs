@@ -50,6 +50,11 @@ impl Dialect for PgStore {
         "now()".to_owned()
     }
 
+    fn labels_contain(param: &str) -> String {
+        // Served by the GIN index agents_labels (jsonb_path_ops).
+        format!("labels @> {param}::jsonb")
+    }
+
     fn ago_sql(param: &str) -> String {
         format!("now() - make_interval(secs => {param})")
     }

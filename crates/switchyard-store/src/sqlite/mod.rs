@@ -49,6 +49,15 @@ impl Dialect for SqliteStore {
         format!("${}", last + 1)
     }
 
+    fn labels_contain(param: &str) -> String {
+        // Label keys are plain words (checked by the API), so they can be
+        // quoted into a JSON path as they are.
+        format!(
+            "NOT EXISTS (SELECT 1 FROM json_each({param}) AS want
+                         WHERE json_extract(labels, '$.\"' || want.key || '\"') IS NOT want.value)"
+        )
+    }
+
     fn ago_sql(param: &str) -> String {
         param.to_owned()
     }

@@ -53,19 +53,22 @@ for_each_backend! {
                 broker_id,
                 command,
                 env,
+                labels,
             } = agent;
             if command.is_empty() {
                 return Err(StoreError::Invalid(Invalid::EmptyCommand));
             }
             sqlx::query_as(sql!(
-                "INSERT INTO agents (id, name, broker_id, command, env, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, @now, @now) RETURNING *"
+                "INSERT INTO agents
+                     (id, name, broker_id, command, env, labels, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, @now, @now) RETURNING *"
             ))
             .bind(id)
             .bind(&name)
             .bind(broker_id)
             .bind(Json(command))
             .bind(Json(env))
+            .bind(Json(labels))
             .bind_now()
             .fetch_one(&self.pool)
             .await

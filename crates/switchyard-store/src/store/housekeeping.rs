@@ -126,6 +126,15 @@ for_each_backend! {
             .bind(Backend::ago(older_than))
             .execute(&mut *tx)
             .await?;
+            // A broadcast's entry (its idempotency key) lives as long as one
+            // of its messages does.
+            sqlx::query(sql!(
+                "DELETE FROM broadcasts WHERE created_at < @ago($1)
+                   AND NOT EXISTS (SELECT 1 FROM messages WHERE broadcast_id = broadcasts.id)"
+            ))
+            .bind(Backend::ago(older_than))
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
             Ok(intents.rows_affected() + messages.rows_affected())
         }

@@ -1,18 +1,21 @@
 //! Sequenced work: dispatch intents and messages, each in a per-agent
 //! order, claimed by one replica at a time and ended exactly once.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use sqlx::types::Json;
 
 use crate::batch::{NewRow, check_batch, replay};
 use crate::dialect::{BindNow, for_each_backend, sql};
 use crate::error::{Conflict, Entity, Invalid, StoreError, StoreResult};
-use crate::ids::{AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
+use crate::ids::{AgentId, BroadcastId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 use crate::model::{
-    Acked, DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState, Message,
-    MessageState, NewIntent, NewMessage, Phase, RequeueReport,
+    Acked, Broadcast, DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState,
+    MAX_BROADCAST_AGENTS, Message, MessageState, NewBroadcast, NewIntent, NewMessage, Phase,
+    RequeueReport, Target,
 };
-use crate::rules::{EXPIRED, INTENT, MESSAGE, SESSION_ENDED};
+use crate::rules::{DELETED, EXPIRED, INTENT, MESSAGE, SESSION_ENDED};
 
 /// Keeps dispatch intents and messages.
 #[async_trait]
@@ -124,6 +127,17 @@ pub trait WorkStore: Send + Sync {
 
     /// As [`WorkStore::cancel_intent`], for a message.
     async fn cancel_message(&self, id: MessageId) -> StoreResult<(Message, bool)>;
+
+    /// One message to every live agent the target selects, resolved and
+    /// written in one transaction: the agents are locked (in id order, like
+    /// every batch insert) as they are selected, so an agent created
+    /// concurrently is either selected or created after the broadcast
+    /// committed, and each copy goes to the end of its agent's FIFO. All or
+    /// none; more than [`crate::MAX_BROADCAST_AGENTS`] agents is refused.
+    /// The idempotency key is the whole broadcast's: a repeat answers with
+    /// the messages it wrote then (none are added for agents created
+    /// since), another digest is [`crate::Conflict::KeyReused`].
+    async fn insert_broadcast(&self, broadcast: NewBroadcast) -> StoreResult<Broadcast>;
 
     /// Whether the agent has messages waiting to be sent (`pending`): after
     /// one of its operations finishes, they may be free to go.
@@ -434,6 +448,110 @@ for_each_backend! {
                     Ok((row, done))
                 }
             }
+        }
+
+        async fn insert_broadcast(&self, b: NewBroadcast) -> StoreResult<Broadcast> {
+            let mut tx = self.write().await?;
+            if let Some(key) = b.idempotency_key.as_deref() {
+                let existing: Option<(BroadcastId, Option<String>)> = sqlx::query_as(sql!(
+                    "SELECT id, request_digest FROM broadcasts WHERE idempotency_key = $1"
+                ))
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some((id, digest)) = existing {
+                    if digest != b.request_digest {
+                        return Err(StoreError::Conflict(Conflict::KeyReused(key.to_owned())));
+                    }
+                    let rows: Vec<Message> = sqlx::query_as(sql!(
+                        "SELECT * FROM messages WHERE broadcast_id = $1 ORDER BY agent_id"
+                    ))
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let messages = rows
+                        .into_iter()
+                        .map(|row| Inserted { row, created: false, owner: None })
+                        .collect();
+                    return Ok(Broadcast { id, created: false, messages });
+                }
+            }
+            sqlx::query(sql!(
+                "INSERT INTO broadcasts (id, idempotency_key, request_digest, created_at)
+                 VALUES ($1, $2, $3, @now)"
+            ))
+            .bind(b.id)
+            .bind(b.idempotency_key.as_deref())
+            .bind(b.request_digest.as_deref())
+            .bind_now()
+            .execute(&mut *tx)
+            .await?;
+            let (broker, labels) = match &b.target {
+                Target::Broker(id) => (Some(*id), None),
+                Target::Labels(labels) => (None, Some(Json(labels))),
+            };
+            let limit = i64::try_from(MAX_BROADCAST_AGENTS + 1).unwrap_or(i64::MAX);
+            let agents: Vec<(AgentId, BrokerId)> = sqlx::query_as(sql!(
+                "SELECT id, broker_id FROM agents
+                 WHERE phase <> {deleted} AND ($1 IS NULL OR broker_id = $1)
+                   AND ($2 IS NULL OR @labels_contain($2))
+                 ORDER BY id LIMIT $3 @for_update",
+                deleted = *DELETED
+            ))
+            .bind(broker)
+            .bind(labels)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+            if agents.len() > MAX_BROADCAST_AGENTS {
+                return Err(StoreError::Invalid(Invalid::TooManyAgents));
+            }
+            // Each broker's owner, read under the lock `claim_affinity`
+            // waits for (see `Inserted::owner`).
+            let mut owners: HashMap<BrokerId, Option<ReplicaId>> = HashMap::new();
+            let mut messages = Vec::with_capacity(agents.len());
+            for (agent, broker) in agents {
+                let owner = match owners.get(&broker) {
+                    Some(owner) => *owner,
+                    None => {
+                        let owner: Option<ReplicaId> = sqlx::query_scalar(sql!(
+                            "SELECT connected_replica FROM brokers WHERE id = $1 @for_key_share"
+                        ))
+                        .bind(broker)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        owners.insert(broker, owner);
+                        owner
+                    }
+                };
+                let (seq, ord): (i64, i64) = sqlx::query_as(sql!(
+                    "UPDATE agents SET message_seq = message_seq + 1, work_seq = work_seq + 1
+                     WHERE id = $1 RETURNING message_seq, work_seq"
+                ))
+                .bind(agent)
+                .fetch_one(&mut *tx)
+                .await?;
+                let row: Message = sqlx::query_as(sql!(
+                    "INSERT INTO messages
+                         (id, agent_id, broker_id, seq, ord, body, expires_at, broadcast_id,
+                          created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, @now, @now) RETURNING *"
+                ))
+                .bind(MessageId::new())
+                .bind(agent)
+                .bind(broker)
+                .bind(seq)
+                .bind(ord)
+                .bind(Json(&b.body))
+                .bind(b.expires_at)
+                .bind(b.id)
+                .bind_now()
+                .fetch_one(&mut *tx)
+                .await?;
+                messages.push(Inserted { row, created: true, owner });
+            }
+            tx.commit().await?;
+            Ok(Broadcast { id: b.id, created: true, messages })
         }
 
         async fn has_pending_messages(&self, agent: AgentId) -> StoreResult<bool> {
