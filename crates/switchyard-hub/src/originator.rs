@@ -155,20 +155,22 @@ impl Originator {
         (originator, writer)
     }
 
-    /// A message to `agent` that lives for the configured TTL, under its
-    /// idempotency `entry` if the call had a key.
+    /// A message to `agent` with its `lifetime`, under its idempotency
+    /// `entry` if the call had a key.
     pub(crate) fn message(
         &self,
         agent: AgentId,
         body: serde_json::Value,
         entry: Option<Entry>,
+        lifetime: Lifetime,
     ) -> NewMessage {
         let (idempotency_key, request_digest) = entry.map(|e| (e.key, e.digest)).unzip();
         NewMessage {
             id: MessageId::new(),
             agent_id: agent,
             body,
-            expires_at: after(self.config.message_ttl),
+            expires_at: lifetime.expires_at,
+            deliver_after: lifetime.deliver_after,
             idempotency_key,
             request_digest,
         }
@@ -208,6 +210,7 @@ impl Originator {
         target: Target,
         body: serde_json::Value,
         entry: Option<Entry>,
+        lifetime: Lifetime,
     ) -> Result<(BroadcastId, Vec<Sent>), OriginatorError> {
         let (idempotency_key, request_digest) = entry.map(|e| (e.key, e.digest)).unzip();
         let written = self
@@ -216,7 +219,8 @@ impl Originator {
                 id: BroadcastId::new(),
                 target,
                 body,
-                expires_at: after(self.config.message_ttl),
+                expires_at: lifetime.expires_at,
+                deliver_after: lifetime.deliver_after,
                 idempotency_key,
                 request_digest,
             })
@@ -457,6 +461,15 @@ fn allowed_phases(op: Op) -> &'static [Phase] {
         // The runtime answers whatever the phase; a deleted agent has none.
         Op::Call => &[Created, Starting, Running, Stopping, Stopped, Error],
     }
+}
+
+/// When a message may go and until when: it is not sent before
+/// `deliver_after` (holding back its agent's later work meanwhile) and
+/// expires, undelivered, at `expires_at`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Lifetime {
+    pub(crate) expires_at: chrono::DateTime<chrono::Utc>,
+    pub(crate) deliver_after: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What a dispatch asks of the broker: a lifecycle op, or a named

@@ -266,6 +266,9 @@ pub struct Message {
     #[serde(skip_serializing)]
     pub request_digest: Option<String>,
     pub expires_at: DateTime<Utc>,
+    /// Not sent before this instant; until then it holds back its agent's
+    /// later work.
+    pub deliver_after: Option<DateTime<Utc>>,
     pub delivered_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -278,6 +281,7 @@ pub struct NewMessage {
     pub agent_id: AgentId,
     pub body: Value,
     pub expires_at: DateTime<Utc>,
+    pub deliver_after: Option<DateTime<Utc>>,
     /// As for [`NewIntent::idempotency_key`].
     pub idempotency_key: Option<String>,
     /// As for [`NewIntent::request_digest`].
@@ -303,6 +307,7 @@ pub struct NewBroadcast {
     pub target: Target,
     pub body: Value,
     pub expires_at: DateTime<Utc>,
+    pub deliver_after: Option<DateTime<Utc>>,
     /// The ledger key of the whole broadcast (see [`NewIntent`]).
     pub idempotency_key: Option<String>,
     pub request_digest: Option<String>,

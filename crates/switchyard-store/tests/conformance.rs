@@ -72,6 +72,7 @@ switchyard_testkit::on_both_backends!(
     batch_acks_deliver_their_own_and_report_the_rest,
     concurrent_message_claimers_deliver_each_once_in_order,
     messages_past_ttl_expire,
+    expired_messages_are_never_claimed_and_delayed_ones_hold_back_their_agent,
     a_new_session_requeues_the_brokers_in_flight_work,
     work_sent_on_max_attempts_sessions_is_dead_lettered_and_its_agent_moves_on,
     intent_and_message_claims_for_one_broker_at_once_both_claim,
@@ -141,6 +142,7 @@ fn message(agent: AgentId, body: serde_json::Value) -> NewMessage {
         agent_id: agent,
         body,
         expires_at: Utc::now() + chrono::Duration::minutes(5),
+        deliver_after: None,
         idempotency_key: None,
         request_digest: None,
     }
@@ -1400,6 +1402,67 @@ async fn messages_past_ttl_expire(f: Fixture) {
     assert!(
         !s.ack_message(b.id, stale.id).await.unwrap(),
         "expired stays expired"
+    );
+}
+
+/// An expired message is never claimed, even before the sweeper marks it;
+/// a message not due yet is not claimed and holds back its agent's later
+/// messages and operations, and goes once it is due.
+async fn expired_messages_are_never_claimed_and_delayed_ones_hold_back_their_agent(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    let b = broker(s, "b").await;
+    let (expiring, delayed, due) = (
+        agent(s, b.id, "expiring").await,
+        agent(s, b.id, "delayed").await,
+        agent(s, b.id, "due").await,
+    );
+    let mut stale = message(expiring, json!("stale"));
+    stale.expires_at = Utc::now() - chrono::Duration::seconds(1);
+    let fresh = message(expiring, json!("fresh"));
+    let mut later = message(delayed, json!("later"));
+    later.deliver_after = Some(Utc::now() + chrono::Duration::hours(1));
+    let behind = message(delayed, json!("behind"));
+    let mut ready = message(due, json!("ready"));
+    ready.deliver_after = Some(Utc::now() - chrono::Duration::seconds(1));
+    s.insert_messages(vec![
+        stale.clone(),
+        fresh.clone(),
+        later.clone(),
+        behind.clone(),
+        ready.clone(),
+    ])
+    .await
+    .unwrap();
+    let op = s
+        .insert_intent(intent(delayed, Op::Start))
+        .await
+        .unwrap()
+        .row;
+    let session = [session_of(s, b.id).await];
+    let mut claimed: Vec<MessageId> = s
+        .claim_messages(&session, me, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    claimed.sort();
+    let mut expected = vec![fresh.id, ready.id];
+    expected.sort();
+    assert_eq!(claimed, expected);
+    let intents = s.claim_intents(&session, me, 10).await.unwrap();
+    assert!(
+        intents.iter().all(|i| i.id != op.id),
+        "an operation behind a delayed message waits"
+    );
+    assert_eq!(
+        s.message(later.id).await.unwrap().state,
+        MessageState::Pending
+    );
+    assert_eq!(
+        s.message(behind.id).await.unwrap().state,
+        MessageState::Pending
     );
 }
 

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -84,6 +85,33 @@ struct ServeArgs {
     /// PgBouncer (LISTEN needs a session of its own).
     #[arg(long, env = "SWITCHYARD_LISTENER_DATABASE_URL", hide_env_values = true)]
     listener_database_url: Option<String>,
+    /// Seconds a message waits for delivery before it expires (1 to
+    /// 2,592,000, 30 days). A message may ask for its own `ttl_secs`.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MESSAGE_TTL_SECS",
+        default_value_t = 86_400,
+        value_parser = clap::value_parser!(u64).range(1..=2_592_000)
+    )]
+    message_ttl_secs: u64,
+    /// Seconds a dispatch waits for its broker before it fails (1 to
+    /// 2,592,000).
+    #[arg(
+        long,
+        env = "SWITCHYARD_INTENT_DEADLINE_SECS",
+        default_value_t = 600,
+        value_parser = clap::value_parser!(u64).range(1..=2_592_000)
+    )]
+    intent_deadline_secs: u64,
+    /// Seconds finished dispatches and messages, and with them their
+    /// idempotency keys, are kept (60 to 31,536,000, a year).
+    #[arg(
+        long,
+        env = "SWITCHYARD_RETENTION_SECS",
+        default_value_t = 604_800,
+        value_parser = clap::value_parser!(u64).range(60..=31_536_000)
+    )]
+    retention_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,6 +234,9 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         listen: args.listen,
         advertise: args.advertise,
         listener_database_url: args.listener_database_url,
+        message_ttl: Duration::from_secs(args.message_ttl_secs),
+        intent_deadline: Duration::from_secs(args.intent_deadline_secs),
+        retention: Duration::from_secs(args.retention_secs),
         ..HubConfig::default()
     };
     let hub = Hub::start(config, database).await?;
@@ -253,6 +284,32 @@ async fn shutdown_signal() {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn serve_defaults_are_the_hubs_defaults_and_out_of_range_is_refused() {
+        let cli = Cli::try_parse_from(["switchyard", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve parses as serve");
+        };
+        let defaults = HubConfig::default();
+        assert_eq!(
+            Duration::from_secs(args.message_ttl_secs),
+            defaults.message_ttl
+        );
+        assert_eq!(
+            Duration::from_secs(args.intent_deadline_secs),
+            defaults.intent_deadline
+        );
+        assert_eq!(Duration::from_secs(args.retention_secs), defaults.retention);
+        for bad in [
+            ["--message-ttl-secs", "0"],
+            ["--intent-deadline-secs", "2592001"],
+            ["--retention-secs", "59"],
+        ] {
+            let argv = ["switchyard", "serve", bad[0], bad[1]];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_secret_file_is_one_bounded_line() {

@@ -9,6 +9,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use switchyard_store::{AgentId, Message, MessageId, Target};
@@ -18,13 +20,88 @@ use super::request::Path;
 use super::{ApiJson, idempotency_key, validate_labels};
 use crate::idempotency::Entry;
 use crate::lookup;
-use crate::originator::Sent;
+use crate::originator::{Lifetime, Sent};
 use crate::state::HubState;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SendMessage {
     body: Value,
+    ttl_secs: Option<u64>,
+    deliver_after: Option<DateTime<Utc>>,
+}
+
+/// The longest `ttl_secs` a message may ask for.
+pub(crate) const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
+/// How far ahead `deliver_after` may be.
+pub(crate) const MAX_DELAY_SECS: i64 = 7 * 24 * 3600;
+
+/// A message's optional lifetime fields (`ttl_secs`, `deliver_after` of
+/// a request body; not flattened, which serde cannot combine with
+/// `deny_unknown_fields`).
+#[derive(Debug, Default)]
+pub(crate) struct When {
+    /// Seconds until the message expires undelivered (1 to
+    /// [`MAX_TTL_SECS`]; the server's default when absent).
+    ttl_secs: Option<u64>,
+    /// Not sent before this instant (RFC 3339), at most
+    /// [`MAX_DELAY_SECS`] ahead and before the message expires.
+    deliver_after: Option<DateTime<Utc>>,
+}
+
+impl When {
+    fn new(ttl_secs: Option<u64>, deliver_after: Option<DateTime<Utc>>) -> Self {
+        Self {
+            ttl_secs,
+            deliver_after,
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        self.ttl_secs.is_none() && self.deliver_after.is_none()
+    }
+
+    /// The lifetime these fields ask for, checked; 422 when out of range.
+    fn lifetime(&self, state: &HubState, what: &str) -> Result<Lifetime, ApiError> {
+        let now = Utc::now();
+        let ttl = match self.ttl_secs {
+            None => state.config.message_ttl,
+            Some(secs @ 1..=MAX_TTL_SECS) => std::time::Duration::from_secs(secs),
+            Some(secs) => {
+                return Err(invalid(format!(
+                    "{what}: ttl_secs must be 1 to {MAX_TTL_SECS}, not {secs}"
+                )));
+            }
+        };
+        let expires_at = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        if let Some(at) = self.deliver_after {
+            if at > now + chrono::Duration::seconds(MAX_DELAY_SECS) {
+                return Err(invalid(format!(
+                    "{what}: deliver_after is at most {} days ahead",
+                    MAX_DELAY_SECS / 86_400
+                )));
+            }
+            if at >= expires_at {
+                return Err(invalid(format!(
+                    "{what}: deliver_after is after the message expires (ttl_secs)"
+                )));
+            }
+        }
+        Ok(Lifetime {
+            expires_at,
+            deliver_after: self.deliver_after,
+        })
+    }
+
+    /// What the idempotency digest covers: the body alone when no lifetime
+    /// was asked for (as before these fields existed), else all of it.
+    fn digested(&self, body: &Value) -> Value {
+        if self.is_default() {
+            body.clone()
+        } else {
+            json!({ "body": body, "ttl_secs": self.ttl_secs, "deliver_after": self.deliver_after })
+        }
+    }
 }
 
 pub(crate) async fn send(
@@ -35,14 +112,18 @@ pub(crate) async fn send(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let key = idempotency_key(&headers)?;
     fits_in_a_frame(&request.body, "the message body")?;
+    let when = When::new(request.ttl_secs, request.deliver_after);
+    let lifetime = when.lifetime(&state, "the message")?;
     // An id needs no lookup: the insert checks that the agent exists and is
     // live, and the row it returns names the broker.
     let agent_id = match reference.parse::<AgentId>() {
         Ok(id) => id,
         Err(_) => lookup::agent(&*state.store, &reference).await?.id,
     };
-    let entry = key.map(|key| Entry::message(agent_id, &key, &request.body));
-    let message = state.originator.message(agent_id, request.body, entry);
+    let entry = key.map(|key| Entry::message(agent_id, &key, &when.digested(&request.body)));
+    let message = state
+        .originator
+        .message(agent_id, request.body, entry, lifetime);
     let sent = state.originator.send(message).await?;
     Ok((StatusCode::ACCEPTED, Json(answer(&sent))))
 }
@@ -76,6 +157,8 @@ pub(crate) struct BatchItem {
     body: Value,
     /// This item's own idempotency key (overrides the derived `K/i`).
     idempotency_key: Option<String>,
+    ttl_secs: Option<u64>,
+    deliver_after: Option<DateTime<Utc>>,
 }
 
 /// `POST /v1/messages`: either `messages` (explicit agents) or `to` and
@@ -86,6 +169,8 @@ pub(crate) struct SendBatch {
     messages: Option<Vec<BatchItem>>,
     to: Option<To>,
     body: Option<Value>,
+    ttl_secs: Option<u64>,
+    deliver_after: Option<DateTime<Utc>>,
 }
 
 /// A broadcast's target: exactly one of a broker (id or name) or labels.
@@ -108,12 +193,16 @@ pub(crate) async fn send_batch(
             messages: Some(items),
             to: None,
             body: None,
+            ttl_secs: None,
+            deliver_after: None,
         } => send_items(state, headers, items).await,
         SendBatch {
             messages: None,
             to: Some(to),
             body: Some(body),
-        } => broadcast(state, headers, to, body).await,
+            ttl_secs,
+            deliver_after,
+        } => broadcast(state, headers, to, body, When::new(ttl_secs, deliver_after)).await,
         _ => Err(invalid("send either \"messages\" or \"to\" with \"body\"")),
     }
 }
@@ -130,9 +219,11 @@ async fn broadcast(
     headers: HeaderMap,
     to: To,
     body: Value,
+    when: When,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let key = idempotency_key(&headers)?;
     fits_in_a_frame(&body, "the message body")?;
+    let lifetime = when.lifetime(&state, "the broadcast")?;
     let target = match (&to.broker, &to.labels) {
         (Some(broker), None) => Target::Broker(lookup::broker(&*state.store, broker).await?.id),
         (None, Some(labels)) if !labels.is_empty() => {
@@ -145,8 +236,11 @@ async fn broadcast(
             ));
         }
     };
-    let entry = key.map(|key| Entry::broadcast(&key, &json!(to), &body));
-    let (id, sent) = state.originator.broadcast(target, body, entry).await?;
+    let entry = key.map(|key| Entry::broadcast(&key, &json!(to), &when.digested(&body)));
+    let (id, sent) = state
+        .originator
+        .broadcast(target, body, entry, lifetime)
+        .await?;
     let answers: Vec<Value> = sent
         .iter()
         .map(|s| {
@@ -184,6 +278,7 @@ async fn send_items(
     let mut agents = std::collections::HashMap::new();
     let mut batch = Vec::with_capacity(messages.len());
     for (i, item) in messages.into_iter().enumerate() {
+        let when = When::new(item.ttl_secs, item.deliver_after);
         let agent = match agents.get(&item.agent) {
             Some(agent) => *agent,
             None => {
@@ -195,8 +290,13 @@ async fn send_items(
         let entry = item
             .idempotency_key
             .or_else(|| key.as_ref().map(|k| format!("{k}/{i}")))
-            .map(|key| Entry::batch_item(agent.0, &key, &item.body));
-        batch.push(state.originator.message(agent.0, item.body, entry));
+            .map(|key| Entry::batch_item(agent.0, &key, &when.digested(&item.body)));
+        let lifetime = when.lifetime(&state, &format!("message {i}"))?;
+        batch.push(
+            state
+                .originator
+                .message(agent.0, item.body, entry, lifetime),
+        );
     }
     let sent = state.originator.send_batch(batch).await?;
     let answers: Vec<Value> = sent.iter().map(answer).collect();

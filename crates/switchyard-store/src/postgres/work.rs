@@ -57,6 +57,10 @@ struct Sequenced {
     /// The table's own columns, with their types, bound as arrays after
     /// ids, agents, idempotency keys and request digests (`$5`, `$6`, ...).
     payload: &'static [(&'static str, &'static str)],
+    /// Rows have lifetimes (`expires_at`, `deliver_after`; messages): a
+    /// claim skips expired rows, and a row waits while a pending row of
+    /// its agent up to it (itself included) is not due yet.
+    timed: bool,
 }
 
 const MESSAGES: Sequenced = Sequenced {
@@ -66,7 +70,12 @@ const MESSAGES: Sequenced = Sequenced {
     other_states: &INTENT,
     key_index: "messages_idempotency_key",
     counter: "message_seq",
-    payload: &[("body", "jsonb"), ("expires_at", "timestamptz")],
+    payload: &[
+        ("body", "jsonb"),
+        ("expires_at", "timestamptz"),
+        ("deliver_after", "timestamptz"),
+    ],
+    timed: true,
 };
 
 const INTENTS: Sequenced = Sequenced {
@@ -82,6 +91,7 @@ const INTENTS: Sequenced = Sequenced {
         ("args", "jsonb"),
         ("deadline", "timestamptz"),
     ],
+    timed: false,
 };
 
 static INSERT_MESSAGES: LazyLock<String> = LazyLock::new(|| MESSAGES.insert_sql());
@@ -255,6 +265,19 @@ impl Sequenced {
         let other = self.other;
         let (other_pending, other_in_flight) =
             (self.other_states.pending, self.other_states.in_flight);
+        // The delayed-row probe reads only the partial index of delayed
+        // pending rows (messages_delayed).
+        let timed = if self.timed {
+            format!(
+                "AND w.expires_at > now()
+                   AND NOT EXISTS (SELECT 1 FROM {table} d
+                                   WHERE d.agent_id = w.agent_id AND d.state = {pending}
+                                     AND d.deliver_after IS NOT NULL AND d.seq <= w.seq
+                                     AND d.deliver_after > now())"
+            )
+        } else {
+            String::new()
+        };
         format!(
             "WITH relaxed AS MATERIALIZED (
                  SELECT set_config('synchronous_commit', 'off', true)
@@ -295,6 +318,7 @@ impl Sequenced {
                    AND NOT EXISTS (SELECT 1 FROM {other} x
                                    WHERE x.agent_id = w.agent_id
                                      AND x.state = {other_in_flight} AND x.ord < w.ord)
+                   {timed}
                  ORDER BY w.agent_id, w.seq
                  LIMIT $4)
              RETURNING *"
@@ -396,6 +420,7 @@ impl WorkDialect for PgStore {
                 .bind(messages.iter().map(NewRow::digest).collect::<Vec<_>>())
                 .bind(messages.iter().map(|m| Json(&m.body)).collect::<Vec<_>>())
                 .bind(messages.iter().map(|m| m.expires_at).collect::<Vec<_>>())
+                .bind(messages.iter().map(|m| m.deliver_after).collect::<Vec<_>>())
         };
         insert_sequenced(&self.pool, &MESSAGES, &messages, query).await
     }

@@ -22,6 +22,7 @@ fn claim_query(
     sessions: &[(BrokerId, SessionId)],
     claimer: ReplicaId,
     limit: u32,
+    timed: bool,
 ) -> QueryBuilder<Sqlite> {
     let (pending, in_flight) = (states.pending, states.in_flight);
     let now = Utc::now();
@@ -60,9 +61,23 @@ fn claim_query(
         other_in_flight = other_states.in_flight,
     ))
     .push_bind(claimer)
-    .push(") ORDER BY r.agent_id, r.seq LIMIT ")
-    .push_bind(i64::from(limit))
-    .push(") RETURNING *");
+    .push(")");
+    if timed {
+        // Messages: an expired one is never claimed, and one not due yet
+        // holds back its agent's later ones (see the PostgreSQL claim).
+        q.push(" AND r.expires_at > ")
+            .push_bind(now)
+            .push(format!(
+                " AND NOT EXISTS (SELECT 1 FROM {table} d WHERE d.agent_id = r.agent_id \
+                 AND d.state = {pending} AND d.deliver_after IS NOT NULL AND d.seq <= r.seq \
+                 AND d.deliver_after > "
+            ))
+            .push_bind(now)
+            .push(")");
+    }
+    q.push(" ORDER BY r.agent_id, r.seq LIMIT ")
+        .push_bind(i64::from(limit))
+        .push(") RETURNING *");
     q
 }
 
@@ -79,7 +94,8 @@ where
     R: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
 {
     let mut tx = store.write().await?;
-    let mut q = claim_query(this, other, sessions, claimer, limit);
+    let timed = this.0 == "messages";
+    let mut q = claim_query(this, other, sessions, claimer, limit, timed);
     let rows = q.build_query_as().fetch_all(&mut *tx).await?;
     tx.commit().await?;
     Ok(rows)
@@ -190,8 +206,8 @@ impl WorkDialect for SqliteStore {
             let row: Message = sqlx::query_as(
                 "INSERT INTO messages
                      (id, agent_id, broker_id, seq, body, expires_at, idempotency_key,
-                      request_digest, created_at, updated_at, ord)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10) RETURNING *",
+                      request_digest, created_at, updated_at, ord, deliver_after)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11) RETURNING *",
             )
             .bind(m.id)
             .bind(m.agent_id)
@@ -203,6 +219,7 @@ impl WorkDialect for SqliteStore {
             .bind(m.request_digest)
             .bind(Utc::now())
             .bind(ord)
+            .bind(m.deliver_after)
             .fetch_one(&mut *tx)
             .await?;
             rows.push(Inserted {

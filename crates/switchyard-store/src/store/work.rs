@@ -534,8 +534,8 @@ for_each_backend! {
                 let row: Message = sqlx::query_as(sql!(
                     "INSERT INTO messages
                          (id, agent_id, broker_id, seq, ord, body, expires_at, broadcast_id,
-                          created_at, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, @now, @now) RETURNING *"
+                          deliver_after, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, @now, @now) RETURNING *"
                 ))
                 .bind(MessageId::new())
                 .bind(agent)
@@ -545,6 +545,7 @@ for_each_backend! {
                 .bind(Json(&b.body))
                 .bind(b.expires_at)
                 .bind(b.id)
+                .bind(b.deliver_after)
                 .bind_now()
                 .fetch_one(&mut *tx)
                 .await?;
