@@ -184,3 +184,74 @@ async fn exercise(api: &Api, agent: &str, workdir: &Path) {
         .await;
     assert_eq!(done["result"]["stdout"], "late\n", "{done}");
 }
+
+/// Replica B holds the broker's session and has claimed and sent a call
+/// made on replica A when B is killed (SIGKILL) while the operation runs.
+/// Nothing is lost: the broker reconnects to A, the call is sent again and
+/// answered from the broker's record of it (it does not run twice), and the
+/// caller on A gets the result, or a 504 naming the dispatch, whose result
+/// is readable afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_between_a_calls_claim_and_its_result_loses_nothing() {
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let workdir = dir.path().join("broker");
+    std::fs::create_dir_all(&workdir).unwrap();
+    let a = Server::start(dir.path(), Some(db.url()));
+    let b = Server::start(dir.path(), Some(db.url()));
+    let api = Api::new(&a.base, TOKEN);
+    let (_, broker) = api
+        .call("POST", "/v1/brokers", Some(json!({"name": "edge"})))
+        .await;
+    let broker_id = broker["id"].as_str().unwrap().to_owned();
+    let secret = broker["secret"].as_str().unwrap();
+    let _broker = BrokerProcess::start(&[&b.base, &a.base], &broker_id, secret, &workdir);
+    let health: Value = b.get("/healthz").await.json().await.unwrap();
+    api.wait_until(
+        &format!("/v1/brokers/{broker_id}"),
+        Duration::from_secs(20),
+        |row| row["status"] == "online" && row["connected_replica"] == health["instance_id"],
+    )
+    .await;
+    let agent = api.echo_agent(&broker_id, "survivor").await;
+    api.lifecycle("start", &agent).await;
+
+    // The operation appends a line each time it runs, so a second run shows.
+    let call = {
+        let base = a.base.clone();
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            Api::new(&base, TOKEN)
+                .call(
+                    "POST",
+                    &format!("/v1/agents/{agent}/ops/exec?timeout_secs=30"),
+                    Some(json!({ "args": { "argv": ["sh", "-c", "echo run >> runs.txt; sleep 2; echo finished"] } })),
+                )
+                .await
+        })
+    };
+    let dir_of_agent = switchyard_broker::agent_dir(&workdir, agent.parse().unwrap());
+    let until = Instant::now() + Duration::from_secs(20);
+    while !dir_of_agent.join("runs.txt").exists() {
+        assert!(Instant::now() < until, "the operation never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.kill9();
+    let (status, body) = call.await.unwrap();
+    let id = match status {
+        200 => body["id"].as_str().unwrap().to_owned(),
+        504 => body["error"]["dispatch_id"].as_str().unwrap().to_owned(),
+        other => panic!("the caller got {other}: {body}"),
+    };
+    println!("the caller on A got {status} after B was killed");
+    let done = api
+        .wait_until(
+            &format!("/v1/dispatches/{id}"),
+            Duration::from_secs(60),
+            |d| d["state"] == "done",
+        )
+        .await;
+    assert_eq!(done["result"]["stdout"], "finished\n", "{done}");
+    let runs = std::fs::read_to_string(dir_of_agent.join("runs.txt")).unwrap();
+    assert_eq!(runs, "run\n", "the operation ran once");
+}

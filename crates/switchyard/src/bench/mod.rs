@@ -21,7 +21,14 @@ use uuid::Uuid;
 use broker::{AckBook, BenchBroker};
 use stats::{Scrape, percentile_ms};
 
-const ALL_SCENARIOS: &[&str] = &["local", "cross-node", "lifecycle-local", "lifecycle-cross"];
+const ALL_SCENARIOS: &[&str] = &[
+    "local",
+    "cross-node",
+    "lifecycle-local",
+    "lifecycle-cross",
+    "op-local",
+    "op-cross",
+];
 /// Longest a scenario waits for its last ack after its last POST returned.
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest one HTTP call may take.
@@ -54,7 +61,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
     /// Comma-separated scenarios: local, cross-node, lifecycle-local,
-    /// lifecycle-cross (default: all; the cross ones need 2+ replicas).
+    /// lifecycle-cross, op-local, op-cross (default: all; the cross ones
+    /// need 2+ replicas).
     #[arg(long, value_delimiter = ',')]
     scenarios: Option<Vec<String>>,
     /// Offered load in messages per second, sent open-loop on a fixed
@@ -304,8 +312,10 @@ async fn bench(
         let line = match name.as_str() {
             "local" => message_scenario(&ctx, args, false).await?,
             "cross-node" => message_scenario(&ctx, args, true).await?,
-            "lifecycle-local" => lifecycle_scenario(&ctx, args, false).await?,
-            "lifecycle-cross" => lifecycle_scenario(&ctx, args, true).await?,
+            "lifecycle-local" => lifecycle_scenario(&ctx, args, false, Call::Restart).await?,
+            "lifecycle-cross" => lifecycle_scenario(&ctx, args, true, Call::Restart).await?,
+            "op-local" => lifecycle_scenario(&ctx, args, false, Call::NoOp).await?,
+            "op-cross" => lifecycle_scenario(&ctx, args, true, Call::NoOp).await?,
             other => bail!("unknown scenario {other}"),
         };
         let delta = ctx.scrape().await?.since(&before);
@@ -664,7 +674,22 @@ async fn message_scenario(ctx: &Ctx, args: &BenchArgs, cross: bool) -> anyhow::R
     Ok(out)
 }
 
-async fn lifecycle_scenario(ctx: &Ctx, args: &BenchArgs, cross: bool) -> anyhow::Result<Line> {
+/// What a synchronous-call scenario times.
+#[derive(Clone, Copy, Debug)]
+enum Call {
+    /// `POST /v1/agents/{id}/restart`, answered with the agent running.
+    Restart,
+    /// `POST /v1/agents/{id}/ops/noop`: a named operation the bench broker
+    /// answers with its arguments (the round trip of an operation).
+    NoOp,
+}
+
+async fn lifecycle_scenario(
+    ctx: &Ctx,
+    args: &BenchArgs,
+    cross: bool,
+    call: Call,
+) -> anyhow::Result<Line> {
     let ops = (args.messages / 20).max(50);
     let n = ctx.bases.len();
     let shared = Arc::new(ScenarioCtx {
@@ -685,10 +710,30 @@ async fn lifecycle_scenario(ctx: &Ctx, args: &BenchArgs, cross: bool) -> anyhow:
             } else {
                 agent.home
             };
-            let path = format!("/v1/agents/{}/restart", agent.id);
+            let path = match call {
+                Call::Restart => format!("/v1/agents/{}/restart", agent.id),
+                Call::NoOp => format!("/v1/agents/{}/ops/noop", agent.id),
+            };
             let mut samples = Vec::new();
-            while next.fetch_add(1, Ordering::Relaxed) < ops {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= ops {
+                    break;
+                }
                 let t0 = Instant::now();
+                if let Call::NoOp = call {
+                    let args = serde_json::json!({ "i": i });
+                    let body = serde_json::json!({ "args": args });
+                    let answer = shared
+                        .ctx
+                        .call(target, "POST", &path, Some(body), 200)
+                        .await?;
+                    samples.push(t0.elapsed());
+                    if answer["result"] != args {
+                        bail!("noop answered {answer}, expected its arguments back");
+                    }
+                    continue;
+                }
                 let answer = shared.ctx.call(target, "POST", &path, None, 200).await?;
                 samples.push(t0.elapsed());
                 // The agent is the body (older hubs wrapped it in "agent").
