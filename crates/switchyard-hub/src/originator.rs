@@ -253,10 +253,14 @@ impl Originator {
 
     /// Writes an intent nobody waits for (preparing a new agent) and wakes
     /// its owner.
-    pub(crate) async fn dispatch(&self, agent: AgentId, op: Op) -> Result<Route, OriginatorError> {
+    pub(crate) async fn dispatch(
+        &self,
+        agent: AgentId,
+        ask: Ask,
+    ) -> Result<Route, OriginatorError> {
         let inserted = self
             .store
-            .insert_intent(self.intent(agent, Ask::lifecycle(op), None))
+            .insert_intent(self.intent(agent, ask, None))
             .await?;
         Ok(self.routed(&inserted, false).await)
     }
@@ -453,7 +457,8 @@ fn after(duration: Duration) -> chrono::DateTime<chrono::Utc> {
 fn allowed_phases(op: Op) -> &'static [Phase] {
     use Phase::*;
     match op {
-        Op::Create => &[],
+        // Only a caller that waits for the create it wrote with the agent.
+        Op::Create => &[Created],
         Op::Start => &[Created, Stopped, Error],
         Op::Stop => &[Starting, Running],
         Op::Restart => &[Created, Starting, Running, Stopped, Error],
@@ -487,6 +492,16 @@ impl Ask {
             op,
             name: None,
             args: json!({}),
+        }
+    }
+
+    /// Preparing a new agent, with the arguments the runtime's create
+    /// takes.
+    pub(crate) fn create(args: serde_json::Value) -> Self {
+        Self {
+            op: Op::Create,
+            name: None,
+            args,
         }
     }
 

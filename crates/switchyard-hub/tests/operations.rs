@@ -15,6 +15,7 @@ switchyard_testkit::on_both_backends!(
     calls_are_checked_before_anything_is_written,
     a_call_that_outlasts_its_window_answers_504_and_its_result_is_kept,
     cancelled_work_never_reaches_the_broker,
+    a_create_that_waits_answers_with_the_brokers_create_result,
 );
 
 /// A broker that answers `create` and every call: `echo` returns its
@@ -314,5 +315,59 @@ async fn cancelled_work_never_reaches_the_broker(db: TestDb) {
         )
         .await;
     assert_eq!(status, 404);
+    hub.shutdown().await;
+}
+
+/// `POST /v1/agents?wait=true` carries `args` to the broker's create and
+/// answers 201 with the create's result; a create the broker fails is a
+/// 502 naming the dispatch, and the agent stays defined.
+async fn a_create_that_waits_answers_with_the_brokers_create_result(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (id, secret) = hub.broker("edge").await;
+    let mut broker = RawBroker::connect(&hub.base, &id, &secret).await;
+    tokio::spawn(async move {
+        while let Some(frame) = broker.recv().await {
+            let HubFrame::Dispatch(d) = frame else {
+                continue;
+            };
+            let fail = d.args["fail"] == true;
+            broker
+                .send(&BrokerFrame::Result(DispatchResult {
+                    dispatch_id: d.id,
+                    ok: !fail,
+                    result: (!fail).then(|| json!({ "needs": ["API_KEY"], "got": d.args })),
+                    error: fail.then(|| "no room".to_owned()),
+                    code: None,
+                }))
+                .await;
+        }
+    });
+    let create = |name: &str, args: Value| {
+        hub.call(
+            "POST",
+            "/v1/agents?wait=true&timeout_secs=5",
+            Some(json!({ "name": name, "broker_id": id, "command": ["true"], "args": args })),
+        )
+    };
+    let (status, body) = create("w1", json!({ "template": "t1" })).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["name"], "w1");
+    assert_eq!(body["dispatch"]["op"], "create");
+    assert_eq!(body["dispatch"]["args"], json!({ "template": "t1" }));
+    assert_eq!(
+        body["dispatch"]["result"],
+        json!({ "needs": ["API_KEY"], "got": { "template": "t1" } })
+    );
+
+    let (status, body) = create("w2", json!({ "fail": true })).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body["error"]["dispatch_id"].is_string());
+    let (status, _) = hub.call("GET", "/v1/agents/w2", None).await;
+    assert_eq!(status, 200, "the agent stays defined");
+
+    let (status, body) = create("w3", json!([1])).await;
+    assert_eq!(status, 422, "{body}");
+    let (status, _) = hub.call("GET", "/v1/agents/w3", None).await;
+    assert_eq!(status, 404, "nothing was written");
     hub.shutdown().await;
 }

@@ -37,13 +37,47 @@ pub(crate) struct CreateAgent {
     /// `key=value` pairs a broadcast can select the agent by.
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    /// Arguments of the broker's create (a JSON object; `{}` if absent).
+    args: Option<serde_json::Value>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateQuery {
+    /// Wait for the broker's create and answer with its result. Off by
+    /// default: an agent may be defined before its broker ever connects.
+    #[serde(default)]
+    wait: bool,
+    timeout_secs: Option<u64>,
+}
+
+/// `POST /v1/agents`: defines the agent and writes its create dispatch.
+/// With `?wait=true` the call waits for the broker's create like a
+/// lifecycle call (201 with the agent and its finished `dispatch`, whose
+/// `result` is what the runtime answered; 502 or 504 with the dispatch id,
+/// the agent staying defined).
 pub(crate) async fn create(
     State(state): State<HubState>,
+    Query(query): Query<CreateQuery>,
     ApiJson(body): ApiJson<CreateAgent>,
-) -> Result<(StatusCode, Json<Agent>), ApiError> {
+) -> Result<Response, ApiError> {
+    let wait = LifecycleQuery {
+        wait: query.wait,
+        timeout_secs: query.timeout_secs,
+    }
+    .wait(&state)?;
     validate_name("agent", &body.name)?;
+    let args = match body.args {
+        None => json!({}),
+        Some(args @ serde_json::Value::Object(_)) => args,
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                "args must be a JSON object",
+            ));
+        }
+    };
     if body.command.is_empty() || body.command[0].is_empty() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -76,6 +110,13 @@ pub(crate) async fn create(
             format!("the agent definition (name, command, env) is {too_large}"),
         )
     })?;
+    switchyard_proto::check_payload(&(&spec, &args)).map_err(|too_large| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the create's arguments with the agent's definition are {too_large}"),
+        )
+    })?;
     let broker = lookup::broker(&*state.store, &body.broker_id).await?;
     let agent = state
         .store
@@ -88,9 +129,19 @@ pub(crate) async fn create(
             labels: body.labels,
         })
         .await?;
-    // The broker prepares the agent when it next drains; nobody waits.
-    state.originator.dispatch(agent.id, Op::Create).await?;
-    Ok((StatusCode::CREATED, Json(agent)))
+    let Wait::For(_) = wait else {
+        // The broker prepares the agent when it next drains; nobody waits.
+        state
+            .originator
+            .dispatch(agent.id, Ask::create(args))
+            .await?;
+        return Ok((StatusCode::CREATED, Json(agent)).into_response());
+    };
+    let outcome = state
+        .originator
+        .lifecycle(&agent, Ask::create(args), None, wait)
+        .await?;
+    answer(outcome, Op::Create, StatusCode::CREATED)
 }
 
 #[derive(Debug, Deserialize)]
@@ -211,11 +262,19 @@ async fn lifecycle(
     let wait = query.wait(&state)?;
     let agent = lookup::agent(&*state.store, &reference).await?;
     let entry = key.map(|key| Entry::lifecycle(agent.id, op, &key));
-    match state
+    let outcome = state
         .originator
         .lifecycle(&agent, Ask::lifecycle(op), entry, wait)
-        .await?
-    {
+        .await?;
+    answer(outcome, op, StatusCode::OK)
+}
+
+/// The answer to a lifecycle call: `done` (200, or 201 for a create) with
+/// the agent and the dispatch that moved it, 202 when not waiting, 502
+/// when the broker failed, 409 when the dispatch was cancelled, 504 when
+/// the window passed without progress.
+fn answer(outcome: Lifecycle, op: Op, done: StatusCode) -> Result<Response, ApiError> {
+    match outcome {
         Lifecycle::Accepted { dispatch, route } => Ok((
             StatusCode::ACCEPTED,
             Json(json!({ "dispatch_id": dispatch, "route": route })),
@@ -225,7 +284,7 @@ async fn lifecycle(
             // The agent as API.md promises, plus the dispatch that moved it.
             let mut body = json!(agent);
             body["dispatch"] = json!(dispatch);
-            Ok(Json(body).into_response())
+            Ok((done, Json(body)).into_response())
         }
         Lifecycle::Failed(dispatch) => Err(ApiError::new(
             StatusCode::BAD_GATEWAY,
