@@ -499,3 +499,99 @@ async fn agents_never_see_the_brokers_credentials() {
     let extra: Vec<&&str> = vars.keys().filter(|k| !allowed.contains(**k)).collect();
     assert!(extra.is_empty(), "unexpected variables {extra:?}:\n{text}");
 }
+
+/// The commands for labels, broadcasts, operations and cancel, against a
+/// real hub and broker.
+#[tokio::test]
+async fn the_cli_broadcasts_runs_operations_and_cancels() {
+    let db = TestDb::sqlite();
+    let s = setup(&db).await;
+    let cli = |args: &[&str]| {
+        let out = switchyard(&s.workdir)
+            .args(args)
+            .env("SWITCHYARD_HUB", &s.server.base)
+            .env("SWITCHYARD_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Queued while the broker is offline, then withdrawn.
+    for (name, team) in [("red-1", "red"), ("red-2", "red"), ("blue-1", "blue")] {
+        let (code, _, err) = cli(&[
+            "agents",
+            "create",
+            name,
+            "--broker",
+            "edge",
+            "--label",
+            &format!("team={team}"),
+            "--",
+            "sh",
+            "-c",
+            ECHO_AGENT,
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let (code, out, err) = cli(&["send", "red-1", "withdrawn"]);
+    assert_eq!(code, Some(0), "{err}");
+    let message = out.split_whitespace().next().unwrap().to_owned();
+    let (code, out, err) = cli(&["messages", "cancel", &message]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("cancelled"), "{out}");
+    let (code, out, err) = cli(&["agents", "start", "red-2", "--no-wait"]);
+    assert_eq!(code, Some(0), "{err}");
+    let dispatch = out
+        .split_whitespace()
+        .find(|w| w.len() == 36)
+        .unwrap()
+        .to_owned();
+    let (code, out, err) = cli(&["dispatches", "cancel", &dispatch]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("cancelled"), "{out}");
+    let (code, out, err) = cli(&["send", "--selector", "team=red", "to the reds"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("broadcast ") && out.contains("to 2 agent(s)"),
+        "{out}"
+    );
+
+    let _broker = s.start_broker();
+    s.wait_online().await;
+    let (_, red1) = s.api.call("GET", "/v1/agents/red-1", None).await;
+    let red1 = red1["id"].as_str().unwrap().to_owned();
+    let lines = s.inbox_of(&red1, 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        lines[0]["body"], "to the reds",
+        "the withdrawn message never came"
+    );
+    let (code, out, err) = cli(&["agents", "op", "red-1", "inspect"]);
+    assert_eq!(code, Some(0), "{err}");
+    let inspect: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(inspect["inbox_count"], 1, "{inspect}");
+    assert_eq!(
+        inspect["phase"], "created",
+        "the cancelled start never ran on red-2 either"
+    );
+    let (code, out, err) = cli(&[
+        "agents",
+        "op",
+        "red-1",
+        "files.read",
+        "--args",
+        r#"{"path": "inbox.jsonl"}"#,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("to the reds"), "{out}");
+    let (code, _, err) = cli(&["agents", "op", "red-1", "no.such"]);
+    assert_eq!(code, Some(3), "an unknown operation is a not-found: {err}");
+    assert!(
+        err.contains("unknown operation") && err.contains("dispatch"),
+        "{err}"
+    );
+    let (_, red2) = s.api.call("GET", "/v1/agents/red-2", None).await;
+    assert_eq!(red2["phase"], "created", "{red2}");
+}

@@ -51,6 +51,33 @@ pub(crate) enum AgentsCommand {
     Restart(LifecycleArgs),
     /// Stop an agent and remove it from its broker.
     Rm(RmArgs),
+    /// Run a named operation of the agent's broker runtime and print its
+    /// result (JSON): `agents op AGENT inspect`, `agents op AGENT exec
+    /// --args '{"argv": ["ls"]}'`.
+    Op(OpArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct OpArgs {
+    /// Agent id or name.
+    agent: String,
+    /// Operation name (e.g. `inspect`, `exec`, `files.list`, `files.read`).
+    name: String,
+    /// The operation's arguments, a JSON object.
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    args: String,
+    /// Return as soon as the call is queued, printing its dispatch id.
+    #[arg(long)]
+    no_wait: bool,
+    /// Seconds the hub waits for the answer (hub default if unset).
+    #[arg(long, value_name = "SECS", conflicts_with = "no_wait")]
+    timeout: Option<u64>,
+    /// Idempotency key: a retry with the same key and arguments is
+    /// answered from the first call.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
+    #[command(flatten)]
+    conn: Connection,
 }
 
 #[derive(Debug, clap::Args)]
@@ -63,6 +90,9 @@ pub(crate) struct CreateArgs {
     /// Environment variable for the process; repeatable.
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Label for broadcasts (`send --selector`); repeatable.
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_env)]
+    labels: Vec<(String, String)>,
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -193,6 +223,7 @@ pub(crate) async fn run(command: AgentsCommand) -> Result<(), ExitCodeError> {
             }
             Ok(())
         }
+        AgentsCommand::Op(args) => operation(args).await,
         AgentsCommand::Start(args) => lifecycle(Op::Start, args).await,
         AgentsCommand::Stop(args) => lifecycle(Op::Stop, args).await,
         AgentsCommand::Restart(args) => lifecycle(Op::Restart, args).await,
@@ -224,11 +255,13 @@ fn parse_env(raw: &str) -> Result<(String, String), String> {
 async fn create(args: CreateArgs) -> Result<(), ExitCodeError> {
     let hub = HubClient::new(&args.conn)?;
     let env: BTreeMap<String, String> = args.env.into_iter().collect();
+    let labels: BTreeMap<String, String> = args.labels.into_iter().collect();
     let body = json!({
         "name": args.name,
         "broker_id": args.broker,
         "command": args.command,
         "env": env,
+        "labels": labels,
     });
     let reply = hub.call(Call::post(&["agents"], body)).await?;
     if args.out.json {
@@ -264,6 +297,40 @@ async fn ls(broker: Option<&str>, conn: &Connection, out: Output) -> Result<(), 
         Err(_) => HashMap::new(),
     };
     print!("{}", list(&agents, &names));
+    Ok(())
+}
+
+/// `agents op`: prints the operation's result, or the dispatch id with
+/// `--no-wait`.
+async fn operation(args: OpArgs) -> Result<(), ExitCodeError> {
+    let operation_args: serde_json::Value = serde_json::from_str(&args.args).map_err(|err| {
+        ExitCodeError::new(exit::USAGE, format!("--args is not valid JSON: {err}"))
+    })?;
+    let hub = HubClient::new(&args.conn)?;
+    let mut call = Call::post(
+        &["agents", &args.agent, "ops", &args.name],
+        json!({ "args": operation_args }),
+    )
+    .about(subject(&args.agent))
+    .idempotency_key(args.idempotency_key);
+    if args.no_wait {
+        call = call.query("wait", "false");
+    } else {
+        let wait = match args.timeout {
+            Some(secs) => {
+                call = call.query("timeout_secs", secs.to_string());
+                Duration::from_secs(secs) + WAIT_SLACK
+            }
+            None => DEFAULT_WAIT,
+        };
+        call = call.timeout(wait);
+    }
+    let answer = hub.call(call).await?.json();
+    if args.no_wait {
+        println!("{}", answer["dispatch_id"].as_str().unwrap_or("?"));
+    } else {
+        print_json(&answer["result"]);
+    }
     Ok(())
 }
 

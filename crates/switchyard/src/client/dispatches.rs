@@ -22,7 +22,7 @@ pub(crate) enum DispatchesCommand {
         #[arg(long, value_name = "BROKER")]
         broker: Option<String>,
         /// Only dispatches in this state.
-        #[arg(long, value_name = "STATE", value_parser = ["pending", "in_progress", "done", "failed"])]
+        #[arg(long, value_name = "STATE", value_parser = ["pending", "in_progress", "done", "failed", "cancelled"])]
         state: Option<String>,
         /// At most this many dispatches.
         #[arg(long, value_name = "N")]
@@ -40,6 +40,13 @@ pub(crate) enum DispatchesCommand {
         conn: Connection,
         #[command(flatten)]
         out: Output,
+    },
+    /// Withdraw a dispatch that has not been sent to its broker yet.
+    Cancel {
+        /// Dispatch id.
+        id: String,
+        #[command(flatten)]
+        conn: Connection,
     },
 }
 
@@ -114,6 +121,22 @@ pub(crate) async fn run(command: DispatchesCommand) -> Result<(), ExitCodeError>
             } else {
                 print!("{}", show(&reply.decode()?));
             }
+            Ok(())
+        }
+        DispatchesCommand::Cancel { id, conn } => {
+            let hub = HubClient::new(&conn)?;
+            let reply = hub
+                .call(
+                    Call::post(&["dispatches", &id, "cancel"], serde_json::json!({}))
+                        .about(format!("dispatch {id:?}")),
+                )
+                .await?;
+            let dispatch = reply.json();
+            println!(
+                "{} {}",
+                dispatch["id"].as_str().unwrap_or(&id),
+                dispatch["state"].as_str().unwrap_or("?")
+            );
             Ok(())
         }
     }

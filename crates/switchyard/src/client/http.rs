@@ -267,9 +267,12 @@ pub(crate) fn classify(status: StatusCode, body: &str, subject: Option<&str>) ->
     match status.as_u16() {
         404 => ExitCodeError::new(
             exit::NOT_FOUND,
-            match subject {
-                Some(subject) => format!("{subject} not found"),
-                None => detail,
+            // A 404 that names a dispatch is the broker's (an unknown
+            // operation, a missing file), not a missing subject.
+            match (subject, &dispatch) {
+                (_, Some(id)) => format!("{detail} (dispatch {id})"),
+                (Some(subject), None) => format!("{subject} not found"),
+                (None, None) => detail,
             },
         ),
         401 => ExitCodeError::new(

@@ -13,11 +13,20 @@ use super::{Connection, ExitCodeError, Output, exit, print_json};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct SendArgs {
-    /// Agent id or name.
+    /// Agent id or name (with `--broker` or `--selector`, the message).
     agent: String,
     /// The message; sent as a JSON string unless `--json` is given.
-    #[arg(required_unless_present = "file", conflicts_with = "file")]
+    #[arg(conflicts_with = "file")]
     text: Option<String>,
+    /// Broadcast to every live agent of this broker (id or name), in one
+    /// all-or-none write; the first argument is then the message.
+    #[arg(long, value_name = "BROKER", conflicts_with_all = ["selector", "file"])]
+    broker: Option<String>,
+    /// Broadcast to every live agent whose labels contain all of these
+    /// `key=value` pairs (comma-separated); the first argument is then the
+    /// message.
+    #[arg(long, value_name = "K=V,...", conflicts_with = "file")]
+    selector: Option<String>,
     /// Send each non-empty line of FILE as one message, in order (`-` for stdin).
     #[arg(long, value_name = "FILE")]
     file: Option<PathBuf>,
@@ -41,6 +50,13 @@ pub(crate) enum MessagesCommand {
         conn: Connection,
         #[command(flatten)]
         out: Output,
+    },
+    /// Withdraw a message that has not been sent yet.
+    Cancel {
+        /// Message id (printed by `send`).
+        id: String,
+        #[command(flatten)]
+        conn: Connection,
     },
 }
 
@@ -84,12 +100,26 @@ pub(crate) async fn run(command: MessagesCommand) -> Result<(), ExitCodeError> {
             }
             Ok(())
         }
+        MessagesCommand::Cancel { id, conn } => {
+            let hub = HubClient::new(&conn)?;
+            let reply = hub
+                .call(Call::delete(&["messages", &id]).about(format!("message {id:?}")))
+                .await?;
+            let message: Message = reply.decode()?;
+            println!("{} {}", message.id, message.state);
+            Ok(())
+        }
     }
 }
 
-/// Sends TEXT, or every line of `--file`, printing `ID STATE` per message.
+/// Sends TEXT, or every line of `--file`, printing `ID STATE` per message;
+/// with `--broker` or `--selector`, one broadcast, printing its id and
+/// `ID AGENT STATE` per copy.
 pub(crate) async fn send(args: SendArgs) -> Result<(), ExitCodeError> {
     let hub = HubClient::new(&args.conn)?;
+    if args.broker.is_some() || args.selector.is_some() {
+        return broadcast(&hub, &args).await;
+    }
     match (&args.text, &args.file) {
         (Some(text), _) => {
             let body = message_body(text, args.json).map_err(|err| {
@@ -103,6 +133,71 @@ pub(crate) async fn send(args: SendArgs) -> Result<(), ExitCodeError> {
             "give the message TEXT or --file FILE",
         )),
     }
+}
+
+async fn broadcast(hub: &HubClient, args: &SendArgs) -> Result<(), ExitCodeError> {
+    if args.text.is_some() {
+        return Err(ExitCodeError::new(
+            exit::USAGE,
+            "with --broker or --selector, give only the message",
+        ));
+    }
+    let body = message_body(&args.agent, args.json).map_err(|err| {
+        ExitCodeError::new(exit::USAGE, format!("the message is not valid JSON: {err}"))
+    })?;
+    let to = match (&args.broker, &args.selector) {
+        (Some(broker), _) => json!({ "broker": broker }),
+        (None, Some(selector)) => json!({ "labels": parse_selector(selector)? }),
+        (None, None) => {
+            return Err(ExitCodeError::new(
+                exit::USAGE,
+                "give --broker or --selector",
+            ));
+        }
+    };
+    let reply = hub
+        .call(
+            Call::post(&["messages"], json!({ "to": to, "body": body }))
+                .idempotency_key(args.idempotency_key.clone()),
+        )
+        .await?;
+    let answer = reply.json();
+    let copies = answer["messages"].as_array().cloned().unwrap_or_default();
+    println!(
+        "broadcast {} to {} agent(s)",
+        answer["broadcast_id"].as_str().unwrap_or("?"),
+        copies.len()
+    );
+    for copy in copies {
+        println!(
+            "{} {} {}",
+            copy["id"].as_str().unwrap_or("?"),
+            copy["agent_id"].as_str().unwrap_or("?"),
+            copy["state"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+/// `k=v,k2=v2` as a JSON object; the hub checks the words.
+fn parse_selector(selector: &str) -> Result<serde_json::Map<String, Value>, ExitCodeError> {
+    let mut labels = serde_json::Map::new();
+    for pair in selector.split(',').filter(|p| !p.is_empty()) {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(ExitCodeError::new(
+                exit::USAGE,
+                format!("--selector takes key=value pairs, not {pair:?}"),
+            ));
+        };
+        labels.insert(key.to_owned(), Value::String(value.to_owned()));
+    }
+    if labels.is_empty() {
+        return Err(ExitCodeError::new(
+            exit::USAGE,
+            "--selector needs a key=value pair",
+        ));
+    }
+    Ok(labels)
 }
 
 /// The `body` to send: the text itself as a JSON string, or the parsed JSON.
