@@ -16,6 +16,7 @@ switchyard_testkit::on_both_backends!(
     a_call_that_outlasts_its_window_answers_504_and_its_result_is_kept,
     cancelled_work_never_reaches_the_broker,
     a_create_that_waits_answers_with_the_brokers_create_result,
+    what_a_broker_reports_about_a_call_is_bounded_before_it_is_stored,
 );
 
 /// A broker that answers `create` and every call: `echo` returns its
@@ -369,5 +370,66 @@ async fn a_create_that_waits_answers_with_the_brokers_create_result(db: TestDb) 
     assert_eq!(status, 422, "{body}");
     let (status, _) = hub.call("GET", "/v1/agents/w3", None).await;
     assert_eq!(status, 404, "nothing was written");
+    hub.shutdown().await;
+}
+
+/// A broker's result can carry anything JSON can: NUL bytes (which
+/// PostgreSQL cannot store), an error of any length, a code that is no
+/// word. The call is still answered and the row stored, bounded: NUL
+/// becomes U+FFFD, the error is cut to 4 KiB, a bad code is dropped.
+async fn what_a_broker_reports_about_a_call_is_bounded_before_it_is_stored(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (id, secret) = hub.broker("edge").await;
+    let agent = hub.agent(&id, "worker").await;
+    let mut broker = RawBroker::connect(&hub.base, &id, &secret).await;
+    tokio::spawn(async move {
+        while let Some(frame) = broker.recv().await {
+            let HubFrame::Dispatch(d) = frame else {
+                continue;
+            };
+            let result = match d.name.as_deref() {
+                Some("nul") => DispatchResult {
+                    dispatch_id: d.id,
+                    ok: true,
+                    result: Some(json!({ "a\u{0}b": ["x\u{0}y"] })),
+                    error: None,
+                    code: None,
+                },
+                Some("long") => DispatchResult {
+                    dispatch_id: d.id,
+                    ok: false,
+                    result: None,
+                    error: Some(format!("{}\u{0}", "e".repeat(10_000))),
+                    code: Some("Not A Word!".to_owned()),
+                },
+                _ => DispatchResult {
+                    dispatch_id: d.id,
+                    ok: true,
+                    result: Some(json!({})),
+                    error: None,
+                    code: None,
+                },
+            };
+            broker.send(&BrokerFrame::Result(result)).await;
+        }
+    });
+    let (status, body) = hub
+        .call("POST", &format!("/v1/agents/{agent}/ops/nul"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"], json!({ "a\u{fffd}b": ["x\u{fffd}y"] }));
+    let (status, body) = hub
+        .call("POST", &format!("/v1/agents/{agent}/ops/long"), None)
+        .await;
+    assert_eq!(status, 502, "a dropped code is a plain failure: {body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.len() <= 4096 && message.ends_with('…'),
+        "{}",
+        message.len()
+    );
+    let id = body["error"]["dispatch_id"].as_str().unwrap();
+    let (_, row) = hub.call("GET", &format!("/v1/dispatches/{id}"), None).await;
+    assert_eq!(row["error_code"], Value::Null);
     hub.shutdown().await;
 }
