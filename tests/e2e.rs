@@ -81,6 +81,21 @@ impl Setup {
         self.api.send(agent, body).await
     }
 
+    /// Runs a client command against this hub: exit code, stdout, stderr.
+    fn cli(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = switchyard(&self.workdir)
+            .args(args)
+            .env("SWITCHYARD_HUB", &self.server.base)
+            .env("SWITCHYARD_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Waits until the agent's inbox holds `n` lines, then returns them.
     async fn inbox_of(&self, agent: &str, n: usize, within: Duration) -> Vec<Value> {
         wait_inbox(&self.workdir, agent, n, within).await
@@ -261,19 +276,7 @@ async fn work_queued_while_the_broker_is_offline_is_drained_on_connect(db: TestD
 async fn the_cli_drives_a_broker_and_an_agent() {
     let db = TestDb::sqlite();
     let s = setup(&db).await;
-    let cli = |args: &[&str]| {
-        let out = switchyard(&s.workdir)
-            .args(args)
-            .env("SWITCHYARD_HUB", &s.server.base)
-            .env("SWITCHYARD_TOKEN", TOKEN)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| s.cli(args);
     let (code, out, err) = cli(&["brokers", "add", "edge-2", "--json"]);
     assert_eq!(code, Some(0), "{err}");
     let broker: Value = serde_json::from_str(&out).unwrap();
@@ -506,19 +509,7 @@ async fn agents_never_see_the_brokers_credentials() {
 async fn the_cli_broadcasts_runs_operations_and_cancels() {
     let db = TestDb::sqlite();
     let s = setup(&db).await;
-    let cli = |args: &[&str]| {
-        let out = switchyard(&s.workdir)
-            .args(args)
-            .env("SWITCHYARD_HUB", &s.server.base)
-            .env("SWITCHYARD_TOKEN", TOKEN)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| s.cli(args);
     // Queued while the broker is offline, then withdrawn.
     for (name, team) in [("red-1", "red"), ("red-2", "red"), ("blue-1", "blue")] {
         let (code, _, err) = cli(&[

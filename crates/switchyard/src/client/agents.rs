@@ -307,24 +307,13 @@ async fn operation(args: OpArgs) -> Result<(), ExitCodeError> {
         ExitCodeError::new(exit::USAGE, format!("--args is not valid JSON: {err}"))
     })?;
     let hub = HubClient::new(&args.conn)?;
-    let mut call = Call::post(
+    let call = Call::post(
         &["agents", &args.agent, "ops", &args.name],
         json!({ "args": operation_args }),
     )
     .about(subject(&args.agent))
     .idempotency_key(args.idempotency_key);
-    if args.no_wait {
-        call = call.query("wait", "false");
-    } else {
-        let wait = match args.timeout {
-            Some(secs) => {
-                call = call.query("timeout_secs", secs.to_string());
-                Duration::from_secs(secs) + WAIT_SLACK
-            }
-            None => DEFAULT_WAIT,
-        };
-        call = call.timeout(wait);
-    }
+    let call = waiting(call, args.no_wait, args.timeout);
     let answer = hub.call(call).await?.json();
     if args.no_wait {
         println!("{}", answer["dispatch_id"].as_str().unwrap_or("?"));
@@ -332,6 +321,21 @@ async fn operation(args: OpArgs) -> Result<(), ExitCodeError> {
         print_json(&answer["result"]);
     }
     Ok(())
+}
+
+/// A call that waits for the broker: `?wait=false` with `--no-wait`, else
+/// `?timeout_secs=` when given, and a client timeout a little longer than
+/// the hub's wait, so the hub's own 504 (naming the dispatch) arrives.
+fn waiting(call: Call, no_wait: bool, timeout: Option<u64>) -> Call {
+    if no_wait {
+        return call.query("wait", "false");
+    }
+    match timeout {
+        Some(secs) => call
+            .query("timeout_secs", secs.to_string())
+            .timeout(Duration::from_secs(secs) + WAIT_SLACK),
+        None => call.timeout(DEFAULT_WAIT),
+    }
 }
 
 async fn lifecycle(op: Op, args: LifecycleArgs) -> Result<(), ExitCodeError> {
@@ -343,19 +347,7 @@ async fn lifecycle(op: Op, args: LifecycleArgs) -> Result<(), ExitCodeError> {
 /// reports the outcome.
 async fn perform(op: Op, call: Call, args: LifecycleArgs) -> Result<(), ExitCodeError> {
     let hub = HubClient::new(&args.conn)?;
-    let mut call = call.about(subject(&args.agent));
-    if args.no_wait {
-        call = call.query("wait", "false");
-    } else {
-        let wait = match args.timeout {
-            Some(secs) => {
-                call = call.query("timeout_secs", secs.to_string());
-                Duration::from_secs(secs) + WAIT_SLACK
-            }
-            None => DEFAULT_WAIT,
-        };
-        call = call.timeout(wait);
-    }
+    let call = waiting(call.about(subject(&args.agent)), args.no_wait, args.timeout);
     let reply = {
         let _spinner = (!args.no_wait)
             .then(|| Spinner::start(format!("{} agent {:?}", op.progressive(), args.agent)));
