@@ -46,6 +46,31 @@ async fn every_operation_of_the_process_runtime_answers(db: TestDb) {
     }
     wait_inbox(&workdir, &agent, 3, Duration::from_secs(20)).await;
     exercise(&api, &agent, &workdir).await;
+
+    // Operations of the broker's runtime itself.
+    let (status, body) = api
+        .call(
+            "POST",
+            &format!("/v1/brokers/{broker_id}/ops/agents.list"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let listed = body["result"]["agents"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{body}");
+    assert_eq!(listed[0]["agent_id"], agent.as_str());
+    assert_eq!(listed[0]["phase"], "running");
+    let (status, body) = api
+        .call("POST", "/v1/brokers/edge/ops/runtime.info", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["running"], 1, "{body}");
+    assert_eq!(body["agent_id"], Value::Null, "a broker call has no agent");
+    let (status, body) = api
+        .call("POST", &format!("/v1/brokers/{broker_id}/ops/nope"), None)
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_operation");
 }
 
 async fn call(api: &Api, agent: &str, name: &str, args: Value) -> (u16, Value) {

@@ -4,8 +4,11 @@
 -- its `args`) on the agent's broker and keeps what the broker answered in
 -- `result` (or, when it failed, its reason in `error` and its
 -- machine-readable word in `error_code`); lifecycle intents have no name. 'cancelled' is a final state of
--- intents and messages withdrawn before they were sent.
+-- intents and messages withdrawn before they were sent. A call without an
+-- agent is addressed to the broker's runtime itself (broker-scoped).
 ALTER TABLE dispatch_intents
+    ALTER COLUMN agent_id DROP NOT NULL,
+    ADD CONSTRAINT dispatch_intents_agent_check CHECK (agent_id IS NOT NULL OR op = 'call'),
     DROP CONSTRAINT dispatch_intents_op_check,
     DROP CONSTRAINT dispatch_intents_state_check,
     ADD COLUMN name TEXT,

@@ -4,14 +4,15 @@
 -- its `args`) on the agent's broker and keeps what the broker answered in
 -- `result` (or, when it failed, its reason in `error` and its
 -- machine-readable word in `error_code`); lifecycle intents have no name. 'cancelled' is a final state of
--- intents and messages withdrawn before they were sent.
+-- intents and messages withdrawn before they were sent. A call without an
+-- agent is addressed to the broker's runtime itself (broker-scoped).
 --
 -- SQLite cannot alter a CHECK constraint: both tables are rebuilt with the
 -- same columns, indexes and rows.
 CREATE TABLE dispatch_intents_new (
     id              BLOB PRIMARY KEY,
     broker_id       BLOB NOT NULL REFERENCES brokers (id),
-    agent_id        BLOB NOT NULL REFERENCES agents (id),
+    agent_id        BLOB REFERENCES agents (id) CHECK (agent_id IS NOT NULL OR op = 'call'),
     seq             INTEGER NOT NULL,
     op              TEXT NOT NULL
                     CHECK (op IN ('create', 'start', 'stop', 'restart', 'delete', 'call')),

@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use switchyard_proto::{AgentMessage, Dispatch, DispatchResult, Op};
+use serde_json::Value;
+use switchyard_proto::{AgentMessage, BrokerCall, Dispatch, DispatchResult, Op};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -20,6 +21,10 @@ use crate::inbox::Inbox;
 use crate::layout;
 use crate::runtime::{Runtime, RuntimeError};
 
+/// The worker key of broker calls: they keep their own order, apart from
+/// every agent's, and their dispatch log lives in `<workdir>/broker/`.
+pub(crate) const BROKER_WORKER: Uuid = Uuid::nil();
+
 /// Work waiting per agent before the reader blocks (backpressure).
 const AGENT_QUEUE: usize = 1024;
 
@@ -27,6 +32,9 @@ const AGENT_QUEUE: usize = 1024;
 #[derive(Debug)]
 pub(crate) enum Job {
     Dispatch(Dispatch),
+    /// A call of the broker's runtime itself; it runs on the broker's own
+    /// worker ([`BROKER_WORKER`]).
+    BrokerCall(BrokerCall),
     Message(AgentMessage),
 }
 
@@ -78,7 +86,11 @@ impl Executor {
             let (tx, rx) = mpsc::channel(AGENT_QUEUE);
             let worker = Worker {
                 agent_id,
-                dir: layout::agent_dir(&self.workdir, agent_id),
+                dir: if agent_id == BROKER_WORKER {
+                    layout::broker_dir(&self.workdir)
+                } else {
+                    layout::agent_dir(&self.workdir, agent_id)
+                },
                 runtime: self.runtime.clone(),
                 inbox: None,
                 dispatches: None,
@@ -114,54 +126,90 @@ impl Worker {
         while let Some(Work { job, replies }) = queue.recv().await {
             match job {
                 Job::Dispatch(dispatch) => self.dispatch(dispatch, &replies).await,
+                Job::BrokerCall(call) => self.broker_call(call, &replies).await,
                 Job::Message(message) => self.message(message, &replies).await,
             }
         }
     }
 
     async fn dispatch(&mut self, dispatch: Dispatch, replies: &Replies) {
+        let runtime = self.runtime.clone();
+        tracing::info!(agent_id = %self.agent_id, dispatch_id = %dispatch.id, op = %dispatch.op, "running dispatch");
+        self.once(dispatch.id, replies, async move {
+            if dispatch.op == Op::Call {
+                runtime.call(&dispatch).await
+            } else {
+                runtime.apply(&dispatch).await
+            }
+        })
+        .await;
+    }
+
+    async fn broker_call(&mut self, call: BrokerCall, replies: &Replies) {
+        let runtime = self.runtime.clone();
+        tracing::info!(dispatch_id = %call.id, name = %call.name, "running broker call");
+        self.once(
+            call.id,
+            replies,
+            async move { runtime.broker_call(&call).await },
+        )
+        .await;
+    }
+
+    /// Runs `run` unless dispatch `id` ran already (then its remembered
+    /// outcome is sent again), records the outcome, and sends it.
+    async fn once(
+        &mut self,
+        id: Uuid,
+        replies: &Replies,
+        run: impl Future<Output = Result<Value, RuntimeError>>,
+    ) {
         let agent_id = self.agent_id;
         let log = match &mut self.dispatches {
             Some(log) => log,
-            None => match DispatchLog::open(&self.dir).await {
-                Ok(log) => self.dispatches.insert(log),
-                Err(err) => {
-                    // Running it without knowing whether it ran already would
-                    // break "effectively once"; the hub redelivers later.
-                    tracing::error!(%agent_id, dispatch_id = %dispatch.id, "{err}");
-                    return;
+            None => {
+                let opened = match tokio::fs::create_dir_all(&self.dir).await {
+                    Ok(()) => DispatchLog::open(&self.dir)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(err) => Err(format!("cannot create {}: {err}", self.dir.display())),
+                };
+                match opened {
+                    Ok(log) => self.dispatches.insert(log),
+                    Err(err) => {
+                        // Running it without knowing whether it ran already
+                        // would break "effectively once"; the hub redelivers.
+                        tracing::error!(%agent_id, dispatch_id = %id, "{err}");
+                        return;
+                    }
                 }
-            },
+            }
         };
-        if let Some(outcome) = log.get(dispatch.id) {
-            tracing::debug!(%agent_id, dispatch_id = %dispatch.id, "redelivered dispatch answered from memory");
+        if let Some(outcome) = log.get(id) {
+            tracing::debug!(%agent_id, dispatch_id = %id, "redelivered dispatch answered from memory");
             let _ = replies.results.send(outcome.clone());
             return;
         }
-        tracing::info!(%agent_id, dispatch_id = %dispatch.id, op = %dispatch.op, "running dispatch");
-        let ran = if dispatch.op == Op::Call {
-            self.runtime.call(&dispatch).await
-        } else {
-            self.runtime.apply(&dispatch).await
-        };
         // The hub takes a result frame of at most MAX_MESSAGE_BYTES; a
         // larger one would close the session at every resend.
-        let ran = ran.and_then(|result| match switchyard_proto::check_payload(&result) {
-            Ok(()) => Ok(result),
-            Err(too_large) => Err(RuntimeError::other(format!("the result is {too_large}"))),
-        });
+        let ran = run
+            .await
+            .and_then(|result| match switchyard_proto::check_payload(&result) {
+                Ok(()) => Ok(result),
+                Err(too_large) => Err(RuntimeError::other(format!("the result is {too_large}"))),
+            });
         let outcome = match ran {
             Ok(result) => DispatchResult {
-                dispatch_id: dispatch.id,
+                dispatch_id: id,
                 ok: true,
                 result: Some(result),
                 error: None,
                 code: None,
             },
             Err(error) => {
-                tracing::warn!(%agent_id, dispatch_id = %dispatch.id, op = %dispatch.op, "dispatch failed: {error}");
+                tracing::warn!(%agent_id, dispatch_id = %id, "dispatch failed: {error}");
                 DispatchResult {
-                    dispatch_id: dispatch.id,
+                    dispatch_id: id,
                     ok: false,
                     result: None,
                     error: Some(error.to_string()),
@@ -170,7 +218,7 @@ impl Worker {
             }
         };
         if let Err(err) = log.record(outcome.clone()).await {
-            tracing::error!(%agent_id, dispatch_id = %dispatch.id, "{err}; a broker restart may run it again");
+            tracing::error!(%agent_id, dispatch_id = %id, "{err}; a broker restart may run it again");
         }
         let _ = replies.results.send(outcome);
     }

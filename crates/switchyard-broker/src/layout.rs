@@ -28,6 +28,12 @@ pub(crate) fn agents_dir(workdir: &Path) -> PathBuf {
     workdir.join("agents")
 }
 
+/// `<workdir>/broker/`: what the broker keeps for itself (the dispatch log
+/// of broker calls).
+pub(crate) fn broker_dir(workdir: &Path) -> PathBuf {
+    workdir.join("broker")
+}
+
 /// `<workdir>/agents/<agent-id>/`.
 pub fn agent_dir(workdir: &Path, agent_id: Uuid) -> PathBuf {
     agents_dir(workdir).join(agent_id.to_string())

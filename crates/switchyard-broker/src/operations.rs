@@ -16,6 +16,13 @@
 //!   `encoding` is `utf8` when the bytes read are valid UTF-8, else
 //!   `base64`.
 //!
+//! Broker calls (`POST /v1/brokers/{broker}/ops/{name}`), about the runtime
+//! itself:
+//!
+//! - `agents.list` → `{agents: [{agent_id, name, phase, pid}]}`: every agent
+//!   the runtime knows (deleted ones excepted), by id.
+//! - `runtime.info` → `{version, agents, running}`.
+//!
 //! Paths are relative to the agent's directory. An absolute path or one
 //! with a `..` component is refused (`invalid_args`), and so is a path that
 //! resolves, through symlinks, to somewhere outside the directory; a path
@@ -32,7 +39,7 @@ use nix::unistd::Pid;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use switchyard_proto::Dispatch;
+use switchyard_proto::{BrokerCall, Dispatch};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
 
 use crate::layout;
@@ -66,6 +73,31 @@ pub(crate) async fn call(
         "exec" => exec(runtime, dispatch, args(dispatch)?).await,
         "files.list" => files_list(runtime, dispatch, args(dispatch)?).await,
         "files.read" => files_read(runtime, dispatch, args(dispatch)?).await,
+        other => Err(RuntimeError::UnknownOperation(other.to_owned())),
+    }
+}
+
+/// Runs a broker call's operation.
+pub(crate) fn broker_call(
+    runtime: &ProcessRuntime,
+    call: &BrokerCall,
+) -> Result<Value, RuntimeError> {
+    let listing = runtime.listing();
+    match call.name.as_str() {
+        "agents.list" => {
+            let agents: Vec<Value> = listing
+                .into_iter()
+                .map(|(id, name, phase, pid)| {
+                    json!({ "agent_id": id, "name": name, "phase": phase, "pid": pid })
+                })
+                .collect();
+            Ok(json!({ "agents": agents }))
+        }
+        "runtime.info" => Ok(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "agents": listing.len(),
+            "running": listing.iter().filter(|(.., pid)| pid.is_some()).count(),
+        })),
         other => Err(RuntimeError::UnknownOperation(other.to_owned())),
     }
 }

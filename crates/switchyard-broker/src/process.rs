@@ -24,7 +24,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use switchyard_proto::{AgentMessage, AgentSpec, AgentStatus, Dispatch, Op, Phase};
+use switchyard_proto::{AgentMessage, AgentSpec, AgentStatus, BrokerCall, Dispatch, Op, Phase};
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -475,6 +475,22 @@ impl ProcessRuntime {
         })
     }
 
+    /// Every agent the runtime knows, deleted ones excepted: id, name,
+    /// phase and pid, by id.
+    pub(crate) fn listing(&self) -> Vec<(Uuid, String, Phase, Option<u32>)> {
+        let agents = self.inner.lock();
+        let mut list: Vec<_> = agents
+            .iter()
+            .filter(|(_, a)| a.status.phase != Phase::Deleted)
+            .map(|(id, a)| {
+                let pid = a.process.as_ref().map(|p| p.pid);
+                (*id, a.spec.name.clone(), a.status.phase, pid)
+            })
+            .collect();
+        list.sort_by_key(|(id, ..)| *id);
+        list
+    }
+
     pub(crate) fn agent_dir_of(&self, agent_id: Uuid) -> PathBuf {
         self.dir(agent_id)
     }
@@ -645,6 +661,10 @@ impl Runtime for ProcessRuntime {
     async fn call(&self, dispatch: &Dispatch) -> Result<Value, RuntimeError> {
         self.ensure(dispatch.agent_id, &dispatch.agent).await?;
         crate::operations::call(self, dispatch).await
+    }
+
+    async fn broker_call(&self, call: &BrokerCall) -> Result<Value, RuntimeError> {
+        crate::operations::broker_call(self, call)
     }
 
     async fn deliver(&self, message: &AgentMessage) -> Result<(), RuntimeError> {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use switchyard_proto::{AgentMessage, AgentStatus, Dispatch};
+use switchyard_proto::{AgentMessage, AgentStatus, BrokerCall, Dispatch};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
@@ -215,6 +215,15 @@ pub trait Runtime: Send + Sync + 'static {
         Err(RuntimeError::UnknownOperation(
             dispatch.name.clone().unwrap_or_default(),
         ))
+    }
+
+    /// Runs a named operation of the runtime itself, for a caller waiting
+    /// on `POST /v1/brokers/{broker}/ops/{name}` (`call.args` are its
+    /// arguments). At most once per call id; broker calls run one at a
+    /// time, in arrival order, apart from every agent's work. The default
+    /// knows no operation, like [`Runtime::call`].
+    async fn broker_call(&self, call: &BrokerCall) -> Result<Value, RuntimeError> {
+        Err(RuntimeError::UnknownOperation(call.name.clone()))
     }
 
     /// Hands a message to the running agent. Called once per message id,

@@ -24,7 +24,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::executor::{Executor, Job, Replies};
+use crate::executor::{BROKER_WORKER, Executor, Job, Replies};
 use crate::runtime::Runtime;
 
 pub(crate) type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -251,6 +251,11 @@ impl Reader<'_> {
                 let agent_id = dispatch.agent_id;
                 self.executor
                     .submit(agent_id, Job::Dispatch(dispatch), self.replies.clone())
+                    .await;
+            }
+            Ok(HubFrame::BrokerCall(call)) => {
+                self.executor
+                    .submit(BROKER_WORKER, Job::BrokerCall(call), self.replies.clone())
                     .await;
             }
             Ok(HubFrame::Message(message)) => {

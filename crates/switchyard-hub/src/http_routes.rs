@@ -41,6 +41,7 @@ pub(crate) fn router(state: HubState) -> Router {
         .route("/v1/agents/{agent}/stop", post(agents::stop))
         .route("/v1/agents/{agent}/restart", post(agents::restart))
         .route("/v1/agents/{agent}/ops/{name}", post(ops::call))
+        .route("/v1/brokers/{broker}/ops/{name}", post(ops::broker_call))
         .route("/v1/agents/{agent}/messages", post(messages::send))
         .route("/v1/messages", post(messages::send_batch))
         .route(

@@ -12,7 +12,7 @@
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use switchyard_store::{AgentId, Op};
+use switchyard_store::{AgentId, BrokerId, Op};
 
 /// A call's entry in the ledger.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +66,17 @@ impl Entry {
     pub(crate) fn call(agent: AgentId, name: &str, key: &str, args: &Value) -> Self {
         Self::new(
             format!("POST /v1/agents/{agent}/ops/{name}"),
+            "call",
+            key,
+            args,
+        )
+    }
+
+    /// A broker call: `POST /v1/brokers/{broker}/ops/{name}` with its
+    /// arguments.
+    pub(crate) fn broker_call(broker: BrokerId, name: &str, key: &str, args: &Value) -> Self {
+        Self::new(
+            format!("POST /v1/brokers/{broker}/ops/{name}"),
             "call",
             key,
             args,

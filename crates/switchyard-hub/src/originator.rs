@@ -33,8 +33,8 @@ use serde::Serialize;
 use serde_json::json;
 use switchyard_store::{
     Agent, AgentId, BroadcastId, BrokerId, Conflict, DispatchIntent, Inserted, IntentId,
-    IntentState, Message, MessageId, NewBroadcast, NewIntent, NewMessage, Op, Phase, ReplicaId,
-    Store, StoreError, StoreResult, Target,
+    IntentState, Message, MessageId, NewBroadcast, NewBrokerCall, NewIntent, NewMessage, Op, Phase,
+    ReplicaId, Store, StoreError, StoreResult, Target,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -99,9 +99,10 @@ pub(crate) enum Wait {
 pub(crate) enum Lifecycle {
     /// Not waited for: the intent is durable and its owner woken.
     Accepted { dispatch: IntentId, route: Route },
-    /// The broker did it; `agent` is the row after the dispatch.
+    /// The broker did it; `agent` is the row after the dispatch (`None`
+    /// for a broker call).
     Done {
-        agent: Agent,
+        agent: Option<Agent>,
         dispatch: DispatchIntent,
     },
     /// The broker reported a failure.
@@ -305,21 +306,74 @@ impl Originator {
         let intent = if finished(&intent) {
             intent
         } else {
-            self.wait_for_outcome(&mut events, intent.id, intent.agent_id, window)
+            self.wait_for_outcome(&mut events, intent.id, Some(agent.id), window)
                 .await?
         };
         Ok(match intent.state {
             IntentState::Done => {
                 let agent = if intent.op == Op::Delete {
-                    self.store.mark_agent_deleted(intent.agent_id).await?
+                    self.store.mark_agent_deleted(agent.id).await?
                 } else {
-                    self.store.agent(intent.agent_id).await?
+                    self.store.agent(agent.id).await?
                 };
                 Lifecycle::Done {
-                    agent,
+                    agent: Some(agent),
                     dispatch: intent,
                 }
             }
+            IntentState::Failed => Lifecycle::Failed(intent),
+            IntentState::Cancelled => Lifecycle::Cancelled(intent),
+            IntentState::Pending | IntentState::InProgress => Lifecycle::TimedOut {
+                dispatch: intent,
+                window,
+            },
+        })
+    }
+
+    /// A named operation of the broker's runtime itself: written, routed
+    /// and waited for like a call on an agent, outside every agent's
+    /// order.
+    pub(crate) async fn broker_call(
+        &self,
+        broker: BrokerId,
+        name: String,
+        args: serde_json::Value,
+        entry: Option<Entry>,
+        wait: Wait,
+    ) -> Result<Lifecycle, OriginatorError> {
+        let mut events = self.events.subscribe();
+        let (idempotency_key, request_digest) = entry.map(|e| (e.key, e.digest)).unzip();
+        let inserted = self
+            .store
+            .insert_broker_call(NewBrokerCall {
+                id: IntentId::new(),
+                broker_id: broker,
+                name,
+                args,
+                deadline: after(self.config.intent_deadline),
+                idempotency_key,
+                request_digest,
+            })
+            .await?;
+        let route = self.routed(&inserted, matches!(wait, Wait::For(_))).await;
+        let intent = inserted.row;
+        let Wait::For(window) = wait else {
+            return Ok(Lifecycle::Accepted {
+                dispatch: intent.id,
+                route,
+            });
+        };
+        let intent = if finished(&intent) {
+            intent
+        } else {
+            self.wait_for_outcome(&mut events, intent.id, None, window)
+                .await?
+        };
+        Ok(match intent.state {
+            IntentState::Done => Lifecycle::Done {
+                agent: None,
+                dispatch: intent,
+            },
             IntentState::Failed => Lifecycle::Failed(intent),
             IntentState::Cancelled => Lifecycle::Cancelled(intent),
             IntentState::Pending | IntentState::InProgress => Lifecycle::TimedOut {
@@ -413,14 +467,14 @@ impl Originator {
         &self,
         events: &mut broadcast::Receiver<HubEvent>,
         intent: IntentId,
-        agent: AgentId,
+        agent: Option<AgentId>,
         window: Duration,
     ) -> StoreResult<DispatchIntent> {
         let mut deadline = Instant::now() + window;
         loop {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Ok(HubEvent::DispatchFinished(row))) if row.id == intent => return Ok(row),
-                Ok(Ok(HubEvent::AgentStatus(row))) if row.id == agent => {
+                Ok(Ok(HubEvent::AgentStatus(row))) if Some(row.id) == agent => {
                     deadline = Instant::now() + window;
                 }
                 Ok(Ok(_)) => {}

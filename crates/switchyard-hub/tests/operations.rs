@@ -17,6 +17,7 @@ switchyard_testkit::on_both_backends!(
     cancelled_work_never_reaches_the_broker,
     a_create_that_waits_answers_with_the_brokers_create_result,
     what_a_broker_reports_about_a_call_is_bounded_before_it_is_stored,
+    a_broker_call_is_answered_and_waits_for_no_agents_work,
 );
 
 /// A broker that answers `create` and every call: `echo` returns its
@@ -431,5 +432,65 @@ async fn what_a_broker_reports_about_a_call_is_bounded_before_it_is_stored(db: T
     let id = body["error"]["dispatch_id"].as_str().unwrap();
     let (_, row) = hub.call("GET", &format!("/v1/dispatches/{id}"), None).await;
     assert_eq!(row["error_code"], Value::Null);
+    hub.shutdown().await;
+}
+
+/// `POST /v1/brokers/{broker}/ops/{name}` goes to the broker's runtime as a
+/// `broker_call` frame. Queued while the broker is offline (202), it is
+/// sent when the broker connects, and it is not held back by an agent's
+/// unanswered dispatch.
+async fn a_broker_call_is_answered_and_waits_for_no_agents_work(db: TestDb) {
+    let hub = TestHub::start(db).await;
+    let (id, secret) = hub.broker("edge").await;
+    let _agent = hub.agent(&id, "worker").await;
+    let (status, body) = hub
+        .call(
+            "POST",
+            "/v1/brokers/edge/ops/skills.list?wait=false",
+            Some(json!({ "args": { "q": 1 } })),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let queued = body["dispatch_id"].as_str().unwrap().to_owned();
+    let mut broker = RawBroker::connect(&hub.base, &id, &secret).await;
+    // The agent's create is never answered; the broker calls still go.
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(frame) = broker.recv().await {
+            if let HubFrame::BrokerCall(call) = frame {
+                let _ = seen_tx.send(call.name.clone());
+                broker
+                    .send(&BrokerFrame::Result(DispatchResult {
+                        dispatch_id: call.id,
+                        ok: true,
+                        result: Some(json!({ "name": call.name, "args": call.args })),
+                        error: None,
+                        code: None,
+                    }))
+                    .await;
+            }
+        }
+    });
+    let done = hub
+        .wait_until(&format!("/v1/dispatches/{queued}"), |d| {
+            d["state"] == "done"
+        })
+        .await;
+    assert_eq!(
+        done["result"],
+        json!({ "name": "skills.list", "args": { "q": 1 } })
+    );
+    assert_eq!(done["agent_id"], Value::Null);
+    let (status, body) = hub
+        .call("POST", &format!("/v1/brokers/{id}/ops/skills.import"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["name"], "skills.import");
+    assert_eq!(seen.recv().await.unwrap(), "skills.list");
+    assert_eq!(seen.recv().await.unwrap(), "skills.import");
+    let (status, _) = hub.call("POST", "/v1/brokers/nobody/ops/x", None).await;
+    assert_eq!(status, 404);
+    let (status, _) = hub.call("POST", "/v1/brokers/edge/ops/Bad", None).await;
+    assert_eq!(status, 422);
     hub.shutdown().await;
 }

@@ -94,8 +94,21 @@ pub enum HubFrame {
         max_message_bytes: usize,
     },
     Dispatch(Dispatch),
+    /// A named operation of the broker's runtime itself, not of one agent.
+    BrokerCall(BrokerCall),
     Message(AgentMessage),
     Error(ErrorFrame),
+}
+
+/// Run the broker runtime's operation `name` with `args` and answer with a
+/// `result` frame for `id`. Like a dispatch, `id` is the idempotency key;
+/// unlike one, it belongs to no agent and waits for no other work.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BrokerCall {
+    pub id: Uuid,
+    pub name: String,
+    #[serde(default)]
+    pub args: Value,
 }
 
 /// Frames the broker sends.

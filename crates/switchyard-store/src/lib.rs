@@ -17,8 +17,8 @@ pub use ids::{AgentId, BroadcastId, BrokerId, IntentId, MessageId, ReplicaId, Se
 pub use model::{
     Acked, Affinity, Agent, Broadcast, Broker, BrokerStatus, DispatchIntent, Inserted,
     IntentFilter, IntentOutcome, IntentState, MAX_BROADCAST_AGENTS, Message, MessageState,
-    NewAgent, NewBroadcast, NewIntent, NewMessage, Op, Phase, Replica, RequeuePolicy,
-    RequeueReport, SessionHeartbeat, StatusReport, Target, UnknownWord,
+    NewAgent, NewBroadcast, NewBrokerCall, NewIntent, NewMessage, Op, Phase, Replica,
+    RequeuePolicy, RequeueReport, SessionHeartbeat, StatusReport, Target, UnknownWord,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

@@ -199,7 +199,8 @@ pub struct NewAgent {
 pub struct DispatchIntent {
     pub id: IntentId,
     pub broker_id: BrokerId,
-    pub agent_id: AgentId,
+    /// `None` for a broker-scoped call (addressed to the broker's runtime).
+    pub agent_id: Option<AgentId>,
     /// Per-agent order of creation (and of commit).
     pub seq: i64,
     #[sqlx(try_from = "String")]
@@ -240,6 +241,19 @@ pub struct NewIntent {
     pub idempotency_key: Option<String>,
     /// What the request asked for; a repeated key with another digest is
     /// refused ([`crate::Conflict::KeyReused`]).
+    pub request_digest: Option<String>,
+}
+
+/// Input of [`crate::WorkStore::insert_broker_call`]: a named operation
+/// addressed to a broker's runtime itself, not to one of its agents.
+#[derive(Clone, Debug)]
+pub struct NewBrokerCall {
+    pub id: IntentId,
+    pub broker_id: BrokerId,
+    pub name: String,
+    pub args: Value,
+    pub deadline: DateTime<Utc>,
+    pub idempotency_key: Option<String>,
     pub request_digest: Option<String>,
 }
 

@@ -608,7 +608,9 @@ async fn intents_are_claimed_in_per_agent_order_in_batches(f: Fixture) {
             assert_eq!(c.state, IntentState::InProgress);
             assert_eq!((c.claimed_by, c.attempts), (Some(me), 1));
             assert_eq!(c.broker_id, b.id, "only the named brokers' work");
-            seen.entry(c.agent_id).or_default().push((c.seq, c.op));
+            seen.entry(c.agent_id.expect("an agent's intent"))
+                .or_default()
+                .push((c.seq, c.op));
         }
     }
     assert!(batches >= 4);
@@ -649,7 +651,7 @@ async fn claim_skips_an_agent_with_work_in_flight_elsewhere(f: Fixture) {
         .unwrap();
     assert_eq!(
         got.iter().map(|i| i.agent_id).collect::<Vec<_>>(),
-        vec![free]
+        vec![Some(free)]
     );
     // ...but A, which holds it, may send the next op right behind it.
     let got = s
@@ -658,7 +660,7 @@ async fn claim_skips_an_agent_with_work_in_flight_elsewhere(f: Fixture) {
         .unwrap();
     assert_eq!(
         got.iter().map(|i| (i.agent_id, i.op)).collect::<Vec<_>>(),
-        vec![(busy, Op::Stop)]
+        vec![(Some(busy), Op::Stop)]
     );
 }
 

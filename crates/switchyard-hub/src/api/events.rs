@@ -52,7 +52,7 @@ pub(crate) async fn stream(
                             .json_data(json!({ "agent": row }))
                     }
                     Ok(HubEvent::DispatchFinished(row))
-                        if agent.is_none_or(|a| a == row.agent_id) =>
+                        if agent.is_none_or(|a| Some(a) == row.agent_id) =>
                     {
                         Event::default()
                             .event("dispatch_finished")

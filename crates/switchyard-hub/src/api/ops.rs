@@ -46,17 +46,7 @@ pub(crate) async fn call(
     switchyard_proto::check_op_name(&name).map_err(|err| {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", err.to_string())
     })?;
-    let args = match body.and_then(|ApiJson(body)| body.args) {
-        None => json!({}),
-        Some(args @ Value::Object(_)) => args,
-        Some(_) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid",
-                "args must be a JSON object",
-            ));
-        }
-    };
+    let args = object_args(body)?;
     let agent = lookup::agent(&*state.store, &reference).await?;
     // The dispatch frame carries the agent's definition and the arguments
     // together: both must fit in one frame.
@@ -74,7 +64,58 @@ pub(crate) async fn call(
     })?;
     let entry = key.map(|key| Entry::call(agent.id, &name, &key, &args));
     let ask = Ask::call(name.clone(), args);
-    match state.originator.lifecycle(&agent, ask, entry, wait).await? {
+    let outcome = state.originator.lifecycle(&agent, ask, entry, wait).await?;
+    answer(outcome, &name)
+}
+
+/// `POST /v1/brokers/{broker}/ops/{name}`: a named operation of the
+/// broker's runtime itself (not of one agent), answered like a call on an
+/// agent. It waits for no other work of the broker and holds none back.
+pub(crate) async fn broker_call(
+    State(state): State<HubState>,
+    Path((reference, name)): Path<(String, String)>,
+    Query(query): Query<LifecycleQuery>,
+    headers: HeaderMap,
+    body: Option<ApiJson<CallBody>>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let wait = query.wait(&state)?;
+    switchyard_proto::check_op_name(&name).map_err(|err| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", err.to_string())
+    })?;
+    let args = object_args(body)?;
+    switchyard_proto::check_payload(&args).map_err(|too_large| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the arguments are {too_large}"),
+        )
+    })?;
+    let broker = lookup::broker(&*state.store, &reference).await?;
+    let entry = key.map(|key| Entry::broker_call(broker.id, &name, &key, &args));
+    let outcome = state
+        .originator
+        .broker_call(broker.id, name.clone(), args, entry, wait)
+        .await?;
+    answer(outcome, &name)
+}
+
+/// The call's `args`: a JSON object, `{}` when absent; anything else 422.
+fn object_args(body: Option<ApiJson<CallBody>>) -> Result<Value, ApiError> {
+    match body.and_then(|ApiJson(body)| body.args) {
+        None => Ok(json!({})),
+        Some(args @ Value::Object(_)) => Ok(args),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "args must be a JSON object",
+        )),
+    }
+}
+
+/// Maps a call's outcome (see the module doc).
+fn answer(outcome: Lifecycle, name: &str) -> Result<Response, ApiError> {
+    match outcome {
         Lifecycle::Accepted { dispatch, route } => Ok((
             StatusCode::ACCEPTED,
             Json(json!({ "dispatch_id": dispatch, "route": route })),

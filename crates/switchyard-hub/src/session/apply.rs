@@ -106,11 +106,13 @@ async fn result(
         // An operation is a barrier for the agent's later messages: now
         // that it is done, they can go. (Only then: a drain pass after
         // every result cost a quarter of the lifecycle throughput.)
-        if state
-            .store
-            .has_pending_messages(intent.agent_id)
-            .await
-            .unwrap_or(true)
+        // (A broker call belongs to no agent and holds nothing back.)
+        if let Some(agent) = intent.agent_id
+            && state
+                .store
+                .has_pending_messages(agent)
+                .await
+                .unwrap_or(true)
         {
             state.registry.wake(broker.id);
         }

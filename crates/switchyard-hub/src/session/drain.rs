@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use switchyard_proto::{AgentMessage, AgentSpec, Dispatch, HubFrame};
+use switchyard_proto::{AgentMessage, AgentSpec, BrokerCall, Dispatch, HubFrame};
 use switchyard_store::{AgentId, BrokerId, ReplicaId, SessionId, Store, StoreError};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -140,28 +140,41 @@ impl Drain {
             // before the messages claimed with them. What one claim got is
             // sent even if the other failed: a claimed row left unsent
             // would wait in flight until its lease ran out.
-            let (intents, messages) = tokio::join!(
+            // Broker calls (no agent, no order to keep) ride along.
+            let (intents, messages, calls) = tokio::join!(
                 self.store.claim_intents(&session, self.replica, BATCH),
                 self.store.claim_messages(&session, self.replica, BATCH),
+                self.store
+                    .claim_broker_calls(self.broker, self.session, self.replica, BATCH),
             );
             let (intents, intents_failed) = claimed(intents);
             let (messages, messages_failed) = claimed(messages);
-            let mut failed = intents_failed.or(messages_failed);
-            for intent in &intents {
+            let (calls, calls_failed) = claimed(calls);
+            let mut failed = intents_failed.or(messages_failed).or(calls_failed);
+            for intent in intents.iter().chain(&calls) {
                 self.metrics
                     .intents_claimed
                     .with_label_values(&[intent.op.as_str()])
                     .inc();
-                let agent = match specs.get(&intent.agent_id) {
+                let Some(agent_id) = intent.agent_id else {
+                    self.send(HubFrame::BrokerCall(BrokerCall {
+                        id: intent.id.0,
+                        name: intent.name.clone().unwrap_or_default(),
+                        args: intent.args.0.clone(),
+                    }))
+                    .await?;
+                    continue;
+                };
+                let agent = match specs.get(&agent_id) {
                     Some(spec) => spec.clone(),
-                    None => match self.store.agent(intent.agent_id).await {
+                    None => match self.store.agent(agent_id).await {
                         Ok(row) => {
                             let spec = AgentSpec {
                                 name: row.name,
                                 command: row.command.0,
                                 env: row.env.0,
                             };
-                            specs.insert(intent.agent_id, spec.clone());
+                            specs.insert(agent_id, spec.clone());
                             spec
                         }
                         Err(err) => {
@@ -172,7 +185,7 @@ impl Drain {
                 };
                 self.send(HubFrame::Dispatch(Dispatch {
                     id: intent.id.0,
-                    agent_id: intent.agent_id.0,
+                    agent_id: agent_id.0,
                     op: intent.op,
                     name: intent.name.clone(),
                     agent,
@@ -192,7 +205,10 @@ impl Drain {
             if let Some(err) = failed {
                 return Err(err.into());
             }
-            if intents.len() < BATCH as usize && messages.len() < BATCH as usize {
+            if intents.len() < BATCH as usize
+                && messages.len() < BATCH as usize
+                && calls.len() < BATCH as usize
+            {
                 return Ok(());
             }
         }

@@ -36,6 +36,7 @@ fn claim_query(
         .push_bind(now)
         .push(format!(
             " WHERE id IN (SELECT r.id FROM {table} r WHERE r.state = {pending} \
+             AND r.agent_id IS NOT NULL \
              AND r.broker_id IN (SELECT b.id FROM brokers b WHERE "
         ));
     // Only brokers whose live session is the claimer's (see the trait).

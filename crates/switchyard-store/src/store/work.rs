@@ -12,8 +12,8 @@ use crate::error::{Conflict, Entity, Invalid, StoreError, StoreResult};
 use crate::ids::{AgentId, BroadcastId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 use crate::model::{
     Acked, Broadcast, DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState,
-    MAX_BROADCAST_AGENTS, Message, MessageState, NewBroadcast, NewIntent, NewMessage, Phase,
-    RequeueReport, Target,
+    MAX_BROADCAST_AGENTS, Message, MessageState, NewBroadcast, NewBrokerCall, NewIntent,
+    NewMessage, Op, Phase, RequeueReport, Target,
 };
 use crate::rules::{DELETED, EXPIRED, INTENT, MESSAGE, SESSION_ENDED};
 
@@ -124,6 +124,28 @@ pub trait WorkStore: Send + Sync {
     /// cancelled (true again for one cancelled before); false with the row
     /// as it is when it was already sent or finished.
     async fn cancel_intent(&self, id: IntentId) -> StoreResult<(DispatchIntent, bool)>;
+
+    /// Writes a broker-scoped call (an intent with op `call` and no agent),
+    /// answering a repeated idempotency key with its row like
+    /// [`WorkStore::insert_lifecycle`]. `NotFound` if the broker is
+    /// unknown. Broker-scoped calls are outside every agent's order: they
+    /// wait for nothing and hold back nothing.
+    async fn insert_broker_call(
+        &self,
+        call: NewBrokerCall,
+    ) -> StoreResult<Inserted<DispatchIntent>>;
+
+    /// Claims up to `limit` pending broker-scoped calls of `broker` for
+    /// `claimer`, if `session` is the broker's live session, oldest first
+    /// (`pending -> in_progress`, attempts + 1). Exactly one concurrent
+    /// caller gets each row.
+    async fn claim_broker_calls(
+        &self,
+        broker: BrokerId,
+        session: SessionId,
+        claimer: ReplicaId,
+        limit: u32,
+    ) -> StoreResult<Vec<DispatchIntent>>;
 
     /// As [`WorkStore::cancel_intent`], for a message.
     async fn cancel_message(&self, id: MessageId) -> StoreResult<(Message, bool)>;
@@ -406,6 +428,101 @@ for_each_backend! {
                 .fetch_optional(&self.pool)
                 .await?
                 .ok_or(StoreError::NotFound(Entity::Message))
+        }
+
+        async fn insert_broker_call(
+            &self,
+            call: NewBrokerCall,
+        ) -> StoreResult<Inserted<DispatchIntent>> {
+            let mut tx = self.write().await?;
+            if let Some(key) = call.idempotency_key.as_deref() {
+                let existing: Option<DispatchIntent> = sqlx::query_as(sql!(
+                    "SELECT * FROM dispatch_intents
+                     WHERE idempotency_key = $1 AND idempotency_key IS NOT NULL"
+                ))
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(row) = existing {
+                    if row.request_digest != call.request_digest {
+                        return Err(StoreError::Conflict(Conflict::KeyReused(key.to_owned())));
+                    }
+                    return Ok(Inserted { row, created: false, owner: None });
+                }
+            }
+            // The owner is read under a lock `claim_affinity` waits for (see
+            // `Inserted::owner`).
+            let owner: Option<Option<ReplicaId>> = sqlx::query_scalar(sql!(
+                "SELECT connected_replica FROM brokers WHERE id = $1 @for_key_share"
+            ))
+            .bind(call.broker_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let owner = owner.ok_or(StoreError::NotFound(Entity::Broker))?;
+            let row = sqlx::query_as(sql!(
+                "INSERT INTO dispatch_intents
+                     (id, broker_id, agent_id, seq, ord, op, name, args, deadline,
+                      idempotency_key, request_digest, created_at, updated_at)
+                 VALUES ($1, $2, NULL, 0, 0, $3, $4, $5, $6, $7, $8, @now, @now) RETURNING *"
+            ))
+            .bind(call.id)
+            .bind(call.broker_id)
+            .bind(Op::Call.as_str())
+            .bind(&call.name)
+            .bind(Json(&call.args))
+            .bind(call.deadline)
+            .bind(call.idempotency_key.as_deref())
+            .bind(call.request_digest.as_deref())
+            .bind_now()
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Inserted { row, created: true, owner })
+        }
+
+        async fn claim_broker_calls(
+            &self,
+            broker: BrokerId,
+            session: SessionId,
+            claimer: ReplicaId,
+            limit: u32,
+        ) -> StoreResult<Vec<DispatchIntent>> {
+            // Every drain pass asks; almost always there is nothing. A read
+            // answers that without taking SQLite's write lock.
+            let any: Option<i32> = sqlx::query_scalar(sql!(
+                "SELECT 1 FROM dispatch_intents
+                 WHERE broker_id = $1 AND agent_id IS NULL AND state = {pending} LIMIT 1",
+                pending = INTENT.pending,
+            ))
+            .bind(broker)
+            .fetch_optional(&self.pool)
+            .await?;
+            if any.is_none() {
+                return Ok(Vec::new());
+            }
+            let mut tx = self.write().await?;
+            let rows = sqlx::query_as(sql!(
+                "UPDATE dispatch_intents
+                 SET state = {in_flight}, claimed_by = $3, claimed_at = @now,
+                     attempts = attempts + 1, updated_at = @now
+                 WHERE state = {pending} AND id IN (
+                     SELECT i.id FROM dispatch_intents i
+                     WHERE i.agent_id IS NULL AND i.state = {pending} AND i.broker_id = $1
+                       AND EXISTS (SELECT 1 FROM brokers b WHERE b.id = $1 AND b.session_id = $2)
+                     ORDER BY i.created_at LIMIT $4)
+                 RETURNING *",
+                in_flight = INTENT.in_flight,
+                pending = INTENT.pending,
+            ))
+            .bind(broker)
+            .bind(session)
+            .bind(claimer)
+            .bind(i64::from(limit))
+            .bind_now()
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(rows)
         }
 
         async fn cancel_intent(&self, id: IntentId) -> StoreResult<(DispatchIntent, bool)> {

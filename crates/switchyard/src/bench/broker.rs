@@ -227,6 +227,16 @@ async fn serve(
                             code: None,
                         }));
                     }
+                    HubFrame::BrokerCall(call) => {
+                        counts.dispatches += 1;
+                        replies.push(BrokerFrame::Result(DispatchResult {
+                            dispatch_id: call.id,
+                            ok: true,
+                            result: Some(call.args),
+                            error: None,
+                            code: None,
+                        }));
+                    }
                     HubFrame::Error(error) => {
                         closed = Some(format!("the hub sent an error frame: {error:?}"));
                     }
