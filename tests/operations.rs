@@ -280,3 +280,152 @@ async fn a_replica_killed_between_a_calls_claim_and_its_result_loses_nothing() {
     let runs = std::fs::read_to_string(dir_of_agent.join("runs.txt")).unwrap();
     assert_eq!(runs, "run\n", "the operation ran once");
 }
+
+/// Broadcast, cancel and expiry with a real broker process on replica B
+/// and every call on replica A: a broadcast to a label while labelled
+/// agents are being created reaches each of them once, in order, from the
+/// first broadcast that found it on; a start cancelled while the broker
+/// was offline never runs; a message whose TTL passed while the broker was
+/// offline is never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_cancel_and_expiry_across_replicas_with_a_real_broker() {
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let workdir = dir.path().join("broker");
+    std::fs::create_dir_all(&workdir).unwrap();
+    let a = Server::start(dir.path(), Some(db.url()));
+    let b = Server::start(dir.path(), Some(db.url()));
+    let api = Api::new(&a.base, TOKEN);
+    let (_, broker) = api
+        .call("POST", "/v1/brokers", Some(json!({"name": "edge"})))
+        .await;
+    let broker_id = broker["id"].as_str().unwrap().to_owned();
+    let secret = broker["secret"].as_str().unwrap().to_owned();
+    let agent = |name: String, team: &'static str| {
+        let api = &api;
+        let broker_id = &broker_id;
+        async move {
+            let (status, body) = api
+                .call(
+                    "POST",
+                    "/v1/agents",
+                    Some(json!({ "name": name, "broker_id": broker_id,
+                                 "command": ["sh", "-c", switchyard_tests::ECHO_AGENT],
+                                 "labels": { "team": team } })),
+                )
+                .await;
+            assert_eq!(status, 201, "{body}");
+            body["id"].as_str().unwrap().to_owned()
+        }
+    };
+
+    // While the broker is offline: a start to cancel, a message to expire.
+    let early = agent("early".into(), "red").await;
+    let (status, body) = api
+        .call(
+            "POST",
+            &format!("/v1/agents/{early}/start?wait=false"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let start = body["dispatch_id"].as_str().unwrap().to_owned();
+    let (status, _) = api
+        .call("POST", &format!("/v1/dispatches/{start}/cancel"), None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, short) = api
+        .call(
+            "POST",
+            &format!("/v1/agents/{early}/messages"),
+            Some(json!({ "body": "too late", "ttl_secs": 1 })),
+        )
+        .await;
+    assert_eq!(status, 202, "{short}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let _broker = BrokerProcess::start(&[&b.base], &broker_id, &secret, &workdir);
+    let health: Value = b.get("/healthz").await.json().await.unwrap();
+    api.wait_until(
+        &format!("/v1/brokers/{broker_id}"),
+        Duration::from_secs(20),
+        |row| row["status"] == "online" && row["connected_replica"] == health["instance_id"],
+    )
+    .await;
+
+    const N: u64 = 20;
+    let (created, answers) = tokio::join!(
+        async {
+            let mut red = vec![early.clone()];
+            for i in 0..12 {
+                let team = if i % 3 == 2 { "blue" } else { "red" };
+                let id = agent(format!("late-{i}"), team).await;
+                if team == "red" {
+                    red.push(id);
+                }
+            }
+            red
+        },
+        async {
+            let mut answers = Vec::new();
+            for k in 0..N {
+                let (status, body) = api
+                    .call(
+                        "POST",
+                        "/v1/messages",
+                        Some(json!({ "to": { "labels": { "team": "red" } }, "body": k })),
+                    )
+                    .await;
+                assert_eq!(status, 202, "{body}");
+                answers.push(body);
+            }
+            answers
+        },
+    );
+    let copies: usize = answers
+        .iter()
+        .map(|a| a["messages"].as_array().unwrap().len())
+        .sum();
+    // Every red agent's inbox: an unbroken run up to the last broadcast.
+    let mut received = 0;
+    for id in &created {
+        let expected_from = answers
+            .iter()
+            .position(|a| {
+                a["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m["agent_id"] == id.as_str())
+            })
+            .map_or(N, |k| k as u64);
+        let n = (N - expected_from) as usize;
+        let lines = if n > 0 {
+            switchyard_tests::wait_inbox(&workdir, id, n, Duration::from_secs(30)).await
+        } else {
+            Vec::new()
+        };
+        let got: Vec<u64> = lines.iter().map(|l| l["body"].as_u64().unwrap()).collect();
+        assert_eq!(got, (expected_from..N).collect::<Vec<_>>(), "agent {id}");
+        received += got.len();
+    }
+    assert_eq!(received, copies, "no copy went to a blue agent");
+    println!(
+        "{} red agents, {copies} copies, each once and in order",
+        created.len()
+    );
+
+    // The cancelled start never ran, the expired message never came.
+    let (_, row) = api.call("GET", &format!("/v1/agents/{early}"), None).await;
+    assert_eq!(row["phase"], "created", "{row}");
+    let inbox = switchyard_tests::inbox(&workdir, &early);
+    assert!(inbox.iter().all(|l| l["body"] != "too late"), "{inbox:?}");
+    let id = short["id"].as_str().unwrap();
+    // The sweeper (every 5 s) marks it.
+    api.wait_until(
+        &format!("/v1/messages/{id}"),
+        Duration::from_secs(20),
+        |m| m["state"] == "expired",
+    )
+    .await;
+}
