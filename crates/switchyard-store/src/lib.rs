@@ -15,9 +15,9 @@ pub use connect::{Database, OpenError, open, open_database};
 pub use error::{Conflict, Entity, Invalid, StoreError, StoreResult};
 pub use ids::{AgentId, BroadcastId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 pub use model::{
-    Acked, Affinity, Agent, Broadcast, Broker, BrokerStatus, DispatchIntent, Inserted,
-    IntentFilter, IntentOutcome, IntentState, MAX_BROADCAST_AGENTS, Message, MessageState,
-    NewAgent, NewBroadcast, NewBrokerCall, NewIntent, NewMessage, Op, Phase, Replica,
+    Acked, Affinity, Agent, Broadcast, Broker, BrokerStatus, CancelOutcome, DispatchIntent,
+    Inserted, IntentFilter, IntentOutcome, IntentState, MAX_BROADCAST_AGENTS, Message,
+    MessageState, NewAgent, NewBroadcast, NewBrokerCall, NewIntent, NewMessage, Op, Phase, Replica,
     RequeuePolicy, RequeueReport, SessionHeartbeat, StatusReport, Target, UnknownWord,
 };
 pub use postgres::PgStore;

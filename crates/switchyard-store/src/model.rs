@@ -302,6 +302,17 @@ pub struct NewMessage {
     pub request_digest: Option<String>,
 }
 
+/// What a cancel found (see [`crate::WorkStore::cancel_intent`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was pending and is cancelled now.
+    Cancelled,
+    /// It had been cancelled before; nothing changed.
+    AlreadyCancelled,
+    /// It was sent or finished already; nothing changed.
+    NotPending,
+}
+
 /// Who a broadcast goes to: every live agent of a broker, or every live
 /// agent whose labels contain all of these pairs.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,9 +11,10 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::json;
 use switchyard_store::{
-    AgentId, Broker, BrokerId, BrokerStatus, Conflict, IntentFilter, IntentId, IntentOutcome,
-    IntentState, MessageId, MessageState, NewAgent, NewIntent, NewMessage, Op, Phase, ReplicaId,
-    RequeuePolicy, SessionHeartbeat, SessionId, StatusReport, Store, StoreError, open,
+    AgentId, Broker, BrokerId, BrokerStatus, CancelOutcome, Conflict, IntentFilter, IntentId,
+    IntentOutcome, IntentState, MessageId, MessageState, NewAgent, NewIntent, NewMessage, Op,
+    Phase, ReplicaId, RequeuePolicy, SessionHeartbeat, SessionId, StatusReport, Store, StoreError,
+    open,
 };
 use switchyard_testkit::{FromTestDb, TestDb};
 
@@ -73,6 +74,7 @@ switchyard_testkit::on_both_backends!(
     concurrent_message_claimers_deliver_each_once_in_order,
     messages_past_ttl_expire,
     expired_messages_are_never_claimed_and_delayed_ones_hold_back_their_agent,
+    a_cancel_changes_only_pending_work_and_says_what_it_found,
     a_new_session_requeues_the_brokers_in_flight_work,
     work_sent_on_max_attempts_sessions_is_dead_lettered_and_its_agent_moves_on,
     intent_and_message_claims_for_one_broker_at_once_both_claim,
@@ -1466,6 +1468,48 @@ async fn expired_messages_are_never_claimed_and_delayed_ones_hold_back_their_age
         s.message(behind.id).await.unwrap().state,
         MessageState::Pending
     );
+}
+
+/// A cancel moves `pending` to `cancelled` once; again it finds it
+/// cancelled already; claimed work is not pending and stays as it is.
+async fn a_cancel_changes_only_pending_work_and_says_what_it_found(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    let b = broker(s, "b").await;
+    let (w1, w2) = (agent(s, b.id, "w1").await, agent(s, b.id, "w2").await);
+    let queued = message(w1, json!("queued"));
+    let sent = message(w2, json!("sent"));
+    s.insert_messages(vec![queued.clone(), sent.clone()])
+        .await
+        .unwrap();
+    let (row, outcome) = s.cancel_message(queued.id).await.unwrap();
+    assert_eq!(
+        (row.state, outcome),
+        (MessageState::Cancelled, CancelOutcome::Cancelled)
+    );
+    let (_, outcome) = s.cancel_message(queued.id).await.unwrap();
+    assert_eq!(outcome, CancelOutcome::AlreadyCancelled);
+    let session = [session_of(s, b.id).await];
+    let claimed = s.claim_messages(&session, me, 10).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![sent.id]
+    );
+    let (row, outcome) = s.cancel_message(sent.id).await.unwrap();
+    assert_eq!(
+        (row.state, outcome),
+        (MessageState::Dispatched, CancelOutcome::NotPending)
+    );
+    let op = s.insert_intent(intent(w1, Op::Start)).await.unwrap().row;
+    let (row, outcome) = s.cancel_intent(op.id).await.unwrap();
+    assert_eq!(
+        (row.state, outcome),
+        (IntentState::Cancelled, CancelOutcome::Cancelled)
+    );
+    assert!(matches!(
+        s.cancel_intent(IntentId::new()).await,
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 // --- sessions, auth, names ---------------------------------------------

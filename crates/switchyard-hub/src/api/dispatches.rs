@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchyard_store::{DispatchIntent, IntentFilter, IntentId, IntentState};
+use switchyard_store::{CancelOutcome, DispatchIntent, IntentFilter, IntentId, IntentState};
 
 use super::error::ApiError;
 use super::request::{Path, Query};
@@ -70,8 +70,8 @@ pub(crate) async fn cancel(
     let id: IntentId = id
         .parse()
         .map_err(|_| ApiError::bad_request("dispatch id must be a UUID"))?;
-    let (row, cancelled) = state.store.cancel_intent(id).await?;
-    if !cancelled {
+    let (row, outcome) = state.store.cancel_intent(id).await?;
+    if outcome == CancelOutcome::NotPending {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_pending",
@@ -82,7 +82,10 @@ pub(crate) async fn cancel(
         )
         .with_dispatch(row.id.0));
     }
-    state.bus.publish(HubEvent::DispatchFinished(row.clone()));
+    // Once: a repeated cancel changes nothing and tells nobody.
+    if outcome == CancelOutcome::Cancelled {
+        state.bus.publish(HubEvent::DispatchFinished(row.clone()));
+    }
     Ok(Json(row))
 }
 

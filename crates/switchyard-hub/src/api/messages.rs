@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use switchyard_store::{AgentId, Message, MessageId, Target};
+use switchyard_store::{AgentId, CancelOutcome, Message, MessageId, Target};
 
 use super::error::ApiError;
 use super::request::Path;
@@ -314,8 +314,8 @@ pub(crate) async fn cancel(
     let id: MessageId = id
         .parse()
         .map_err(|_| ApiError::bad_request("message id must be a UUID"))?;
-    let (row, cancelled) = state.store.cancel_message(id).await?;
-    if !cancelled {
+    let (row, outcome) = state.store.cancel_message(id).await?;
+    if outcome == CancelOutcome::NotPending {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_pending",

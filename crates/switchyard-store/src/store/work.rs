@@ -11,9 +11,9 @@ use crate::dialect::{BindNow, for_each_backend, sql};
 use crate::error::{Conflict, Entity, Invalid, StoreError, StoreResult};
 use crate::ids::{AgentId, BroadcastId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 use crate::model::{
-    Acked, Broadcast, DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState,
-    MAX_BROADCAST_AGENTS, Message, MessageState, NewBroadcast, NewBrokerCall, NewIntent,
-    NewMessage, Op, Phase, RequeueReport, Target,
+    Acked, Broadcast, CancelOutcome, DispatchIntent, Inserted, IntentFilter, IntentOutcome,
+    IntentState, MAX_BROADCAST_AGENTS, Message, MessageState, NewBroadcast, NewBrokerCall,
+    NewIntent, NewMessage, Op, Phase, RequeueReport, Target,
 };
 use crate::rules::{DELETED, EXPIRED, INTENT, MESSAGE, SESSION_ENDED};
 
@@ -120,10 +120,9 @@ pub trait WorkStore: Send + Sync {
     async fn message(&self, id: MessageId) -> StoreResult<Message>;
 
     /// Withdraws an intent that has not been sent: `pending -> cancelled`,
-    /// a final state no claim takes. Returns the row and whether it is
-    /// cancelled (true again for one cancelled before); false with the row
-    /// as it is when it was already sent or finished.
-    async fn cancel_intent(&self, id: IntentId) -> StoreResult<(DispatchIntent, bool)>;
+    /// a final state no claim takes. Returns the row as it is now and what
+    /// the cancel found.
+    async fn cancel_intent(&self, id: IntentId) -> StoreResult<(DispatchIntent, CancelOutcome)>;
 
     /// Writes a broker-scoped call (an intent with op `call` and no agent),
     /// answering a repeated idempotency key with its row like
@@ -148,7 +147,7 @@ pub trait WorkStore: Send + Sync {
     ) -> StoreResult<Vec<DispatchIntent>>;
 
     /// As [`WorkStore::cancel_intent`], for a message.
-    async fn cancel_message(&self, id: MessageId) -> StoreResult<(Message, bool)>;
+    async fn cancel_message(&self, id: MessageId) -> StoreResult<(Message, CancelOutcome)>;
 
     /// One message to every live agent the target selects, resolved and
     /// written in one transaction: the agents are locked (in id order, like
@@ -525,7 +524,10 @@ for_each_backend! {
             Ok(rows)
         }
 
-        async fn cancel_intent(&self, id: IntentId) -> StoreResult<(DispatchIntent, bool)> {
+        async fn cancel_intent(
+            &self,
+            id: IntentId,
+        ) -> StoreResult<(DispatchIntent, CancelOutcome)> {
             let cancelled: Option<DispatchIntent> = sqlx::query_as(sql!(
                 "UPDATE dispatch_intents SET state = {cancelled}, updated_at = @now
                  WHERE id = $1 AND state = {pending} RETURNING *",
@@ -537,16 +539,16 @@ for_each_backend! {
             .fetch_optional(&self.pool)
             .await?;
             match cancelled {
-                Some(row) => Ok((row, true)),
+                Some(row) => Ok((row, CancelOutcome::Cancelled)),
                 None => {
                     let row = self.intent(id).await?;
-                    let done = row.state == IntentState::Cancelled;
-                    Ok((row, done))
+                    let before = row.state == IntentState::Cancelled;
+                    Ok((row, cancel_outcome(before)))
                 }
             }
         }
 
-        async fn cancel_message(&self, id: MessageId) -> StoreResult<(Message, bool)> {
+        async fn cancel_message(&self, id: MessageId) -> StoreResult<(Message, CancelOutcome)> {
             let cancelled: Option<Message> = sqlx::query_as(sql!(
                 "UPDATE messages SET state = {cancelled}, updated_at = @now
                  WHERE id = $1 AND state = {pending} RETURNING *",
@@ -558,11 +560,11 @@ for_each_backend! {
             .fetch_optional(&self.pool)
             .await?;
             match cancelled {
-                Some(row) => Ok((row, true)),
+                Some(row) => Ok((row, CancelOutcome::Cancelled)),
                 None => {
                     let row = self.message(id).await?;
-                    let done = row.state == MessageState::Cancelled;
-                    Ok((row, done))
+                    let before = row.state == MessageState::Cancelled;
+                    Ok((row, cancel_outcome(before)))
                 }
             }
         }
@@ -768,5 +770,15 @@ for_each_backend! {
             report.messages_requeued += messages_behind.rows_affected();
             Ok(report)
         }
+    }
+}
+
+/// What a cancel that changed nothing found: a row cancelled before, or
+/// one sent or finished.
+fn cancel_outcome(cancelled_before: bool) -> CancelOutcome {
+    if cancelled_before {
+        CancelOutcome::AlreadyCancelled
+    } else {
+        CancelOutcome::NotPending
     }
 }
