@@ -1460,6 +1460,19 @@ async fn expired_messages_are_never_claimed_and_delayed_ones_hold_back_their_age
         intents.iter().all(|i| i.id != op.id),
         "an operation behind a delayed message waits"
     );
+    // An expired message holds back nothing, even before the sweeper
+    // marks it: an operation written after it is claimed.
+    s.ack_message(b.id, fresh.id).await.unwrap();
+    let after_stale = s
+        .insert_intent(intent(expiring, Op::Start))
+        .await
+        .unwrap()
+        .row;
+    let intents = s.claim_intents(&session, me, 10).await.unwrap();
+    assert!(
+        intents.iter().any(|i| i.id == after_stale.id),
+        "an operation behind an expired message goes"
+    );
     assert_eq!(
         s.message(later.id).await.unwrap().state,
         MessageState::Pending

@@ -267,6 +267,14 @@ impl Sequenced {
             (self.other_states.pending, self.other_states.in_flight);
         // The delayed-row probe reads only the partial index of delayed
         // pending rows (messages_delayed).
+        // The other table is messages when this one is not: an expired
+        // message is never sent, so it holds back nothing (before the
+        // sweeper marks it).
+        let other_live = if self.timed {
+            ""
+        } else {
+            "AND x.expires_at > now()"
+        };
         let timed = if self.timed {
             format!(
                 "AND w.expires_at > now()
@@ -314,7 +322,8 @@ impl Sequenced {
                  WHERE w.agent_id IN (SELECT id FROM ready) AND w.state = {pending}
                    AND NOT EXISTS (SELECT 1 FROM {other} x
                                    WHERE x.agent_id = w.agent_id
-                                     AND x.state = {other_pending} AND x.ord < w.ord)
+                                     AND x.state = {other_pending} AND x.ord < w.ord
+                                     {other_live})
                    AND NOT EXISTS (SELECT 1 FROM {other} x
                                    WHERE x.agent_id = w.agent_id
                                      AND x.state = {other_in_flight} AND x.ord < w.ord)

@@ -52,13 +52,19 @@ fn claim_query(
     }
     q.push(format!(
         ") AND NOT EXISTS (SELECT 1 FROM {other} x WHERE x.agent_id = r.agent_id \
-         AND x.state = {other_pending} AND x.ord < r.ord) \
-         AND NOT EXISTS (SELECT 1 FROM {other} x WHERE x.agent_id = r.agent_id \
+         AND x.state = {other_pending} AND x.ord < r.ord",
+        other_pending = other_states.pending,
+    ));
+    if !timed {
+        // The other table is messages: an expired one holds back nothing.
+        q.push(" AND x.expires_at > ").push_bind(now);
+    }
+    q.push(format!(
+        ") AND NOT EXISTS (SELECT 1 FROM {other} x WHERE x.agent_id = r.agent_id \
          AND x.state = {other_in_flight} AND x.ord < r.ord) \
          AND NOT EXISTS (SELECT 1 FROM {table} o WHERE o.agent_id = r.agent_id \
          AND o.state = {in_flight} AND o.claimed_by IS NOT ",
         // One probe per state, each matching a partial index's predicate.
-        other_pending = other_states.pending,
         other_in_flight = other_states.in_flight,
     ))
     .push_bind(claimer)
