@@ -280,7 +280,7 @@ impl Originator {
         wait: Wait,
     ) -> Result<Lifecycle, OriginatorError> {
         // Subscribe before the intent exists, so its outcome cannot slip by.
-        let mut events = self.events.subscribe();
+        let events = self.events.subscribe();
         let allowed = allowed_phases(ask.op);
         let what = ask.to_string();
         let inserted = match self
@@ -293,41 +293,8 @@ impl Originator {
             }
             inserted => inserted?,
         };
-        let route = self.routed(&inserted, matches!(wait, Wait::For(_))).await;
-        let intent = inserted.row;
-        let Wait::For(window) = wait else {
-            return Ok(Lifecycle::Accepted {
-                dispatch: intent.id,
-                route,
-            });
-        };
-        // A retried call's dispatch may have finished already: its row, read
-        // after the subscription, says so, and no event will.
-        let intent = if finished(&intent) {
-            intent
-        } else {
-            self.wait_for_outcome(&mut events, intent.id, Some(agent.id), window)
-                .await?
-        };
-        Ok(match intent.state {
-            IntentState::Done => {
-                let agent = if intent.op == Op::Delete {
-                    self.store.mark_agent_deleted(agent.id).await?
-                } else {
-                    self.store.agent(agent.id).await?
-                };
-                Lifecycle::Done {
-                    agent: Some(agent),
-                    dispatch: intent,
-                }
-            }
-            IntentState::Failed => Lifecycle::Failed(intent),
-            IntentState::Cancelled => Lifecycle::Cancelled(intent),
-            IntentState::Pending | IntentState::InProgress => Lifecycle::TimedOut {
-                dispatch: intent,
-                window,
-            },
-        })
+        self.routed_and_waited(events, inserted, wait, Some(agent))
+            .await
     }
 
     /// A named operation of the broker's runtime itself: written, routed
@@ -341,7 +308,7 @@ impl Originator {
         entry: Option<Entry>,
         wait: Wait,
     ) -> Result<Lifecycle, OriginatorError> {
-        let mut events = self.events.subscribe();
+        let events = self.events.subscribe();
         let (idempotency_key, request_digest) = entry.map(|e| (e.key, e.digest)).unzip();
         let inserted = self
             .store
@@ -355,6 +322,21 @@ impl Originator {
                 request_digest,
             })
             .await?;
+        self.routed_and_waited(events, inserted, wait, None).await
+    }
+
+    /// Routes an intent just written and, if the caller waits, waits for
+    /// its outcome (subscribed in `events` before the write). `agent` is
+    /// the agent the intent acts on (`None` for a broker call): any status
+    /// change of it restarts the window, and a done dispatch answers with
+    /// the agent as it is after it.
+    async fn routed_and_waited(
+        &self,
+        mut events: broadcast::Receiver<HubEvent>,
+        inserted: Inserted<DispatchIntent>,
+        wait: Wait,
+        agent: Option<&Agent>,
+    ) -> Result<Lifecycle, OriginatorError> {
         let route = self.routed(&inserted, matches!(wait, Wait::For(_))).await;
         let intent = inserted.row;
         let Wait::For(window) = wait else {
@@ -363,17 +345,28 @@ impl Originator {
                 route,
             });
         };
+        // A retried call's dispatch may have finished already: its row, read
+        // after the subscription, says so, and no event will.
         let intent = if finished(&intent) {
             intent
         } else {
-            self.wait_for_outcome(&mut events, intent.id, None, window)
+            self.wait_for_outcome(&mut events, intent.id, agent.map(|a| a.id), window)
                 .await?
         };
         Ok(match intent.state {
-            IntentState::Done => Lifecycle::Done {
-                agent: None,
-                dispatch: intent,
-            },
+            IntentState::Done => {
+                let agent = match agent {
+                    Some(agent) if intent.op == Op::Delete => {
+                        Some(self.store.mark_agent_deleted(agent.id).await?)
+                    }
+                    Some(agent) => Some(self.store.agent(agent.id).await?),
+                    None => None,
+                };
+                Lifecycle::Done {
+                    agent,
+                    dispatch: intent,
+                }
+            }
             IntentState::Failed => Lifecycle::Failed(intent),
             IntentState::Cancelled => Lifecycle::Cancelled(intent),
             IntentState::Pending | IntentState::InProgress => Lifecycle::TimedOut {

@@ -67,17 +67,7 @@ pub(crate) async fn create(
     }
     .wait(&state)?;
     validate_name("agent", &body.name)?;
-    let args = match body.args {
-        None => json!({}),
-        Some(args @ serde_json::Value::Object(_)) => args,
-        Some(_) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid",
-                "args must be a JSON object",
-            ));
-        }
-    };
+    let args = super::ops::object_args(body.args)?;
     if body.command.is_empty() || body.command[0].is_empty() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -273,7 +263,11 @@ async fn lifecycle(
 /// the agent and the dispatch that moved it, 202 when not waiting, 502
 /// when the broker failed, 409 when the dispatch was cancelled, 504 when
 /// the window passed without progress.
-fn answer(outcome: Lifecycle, op: Op, done: StatusCode) -> Result<Response, ApiError> {
+pub(crate) fn answer(
+    outcome: Lifecycle,
+    op: impl std::fmt::Display,
+    done: StatusCode,
+) -> Result<Response, ApiError> {
     match outcome {
         Lifecycle::Accepted { dispatch, route } => Ok((
             StatusCode::ACCEPTED,

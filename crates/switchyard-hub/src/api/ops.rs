@@ -17,13 +17,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use switchyard_proto::{AgentSpec, INVALID_ARGS, UNKNOWN_OPERATION};
 
-use super::agents::LifecycleQuery;
+use super::agents::{LifecycleQuery, answer as lifecycle_answer};
 use super::error::ApiError;
 use super::request::{Path, Query};
 use super::{ApiJson, idempotency_key};
 use crate::idempotency::Entry;
 use crate::lookup;
-use crate::originator::{Ask, Lifecycle};
+use crate::originator::{Ask, Lifecycle, Wait};
 use crate::state::HubState;
 
 #[derive(Debug, Default, Deserialize)]
@@ -41,12 +41,7 @@ pub(crate) async fn call(
     headers: HeaderMap,
     body: Option<ApiJson<CallBody>>,
 ) -> Result<Response, ApiError> {
-    let key = idempotency_key(&headers)?;
-    let wait = query.wait(&state)?;
-    switchyard_proto::check_op_name(&name).map_err(|err| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", err.to_string())
-    })?;
-    let args = object_args(body)?;
+    let (key, wait, args) = checked(&state, &query, &headers, &name, body)?;
     let agent = lookup::agent(&*state.store, &reference).await?;
     // The dispatch frame carries the agent's definition and the arguments
     // together: both must fit in one frame.
@@ -78,12 +73,7 @@ pub(crate) async fn broker_call(
     headers: HeaderMap,
     body: Option<ApiJson<CallBody>>,
 ) -> Result<Response, ApiError> {
-    let key = idempotency_key(&headers)?;
-    let wait = query.wait(&state)?;
-    switchyard_proto::check_op_name(&name).map_err(|err| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", err.to_string())
-    })?;
-    let args = object_args(body)?;
+    let (key, wait, args) = checked(&state, &query, &headers, &name, body)?;
     switchyard_proto::check_payload(&args).map_err(|too_large| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -100,9 +90,28 @@ pub(crate) async fn broker_call(
     answer(outcome, &name)
 }
 
-/// The call's `args`: a JSON object, `{}` when absent; anything else 422.
-fn object_args(body: Option<ApiJson<CallBody>>) -> Result<Value, ApiError> {
-    match body.and_then(|ApiJson(body)| body.args) {
+/// What both kinds of call check before anything is looked up or
+/// written: the Idempotency-Key, the wait, the name and the arguments.
+fn checked(
+    state: &HubState,
+    query: &LifecycleQuery,
+    headers: &HeaderMap,
+    name: &str,
+    body: Option<ApiJson<CallBody>>,
+) -> Result<(Option<String>, Wait, Value), ApiError> {
+    let key = idempotency_key(headers)?;
+    let wait = query.wait(state)?;
+    switchyard_proto::check_op_name(name).map_err(|err| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", err.to_string())
+    })?;
+    let args = object_args(body.and_then(|ApiJson(body)| body.args))?;
+    Ok((key, wait, args))
+}
+
+/// Arguments of a call or a create: a JSON object, `{}` when absent;
+/// anything else 422.
+pub(crate) fn object_args(args: Option<Value>) -> Result<Value, ApiError> {
+    match args {
         None => Ok(json!({})),
         Some(args @ Value::Object(_)) => Ok(args),
         Some(_) => Err(ApiError::new(
@@ -113,43 +122,31 @@ fn object_args(body: Option<ApiJson<CallBody>>) -> Result<Value, ApiError> {
     }
 }
 
-/// Maps a call's outcome (see the module doc).
+/// Maps a call's outcome (see the module doc): the dispatch itself when
+/// done, the runtime's own refusals by their code, the rest as a lifecycle
+/// call's.
 fn answer(outcome: Lifecycle, name: &str) -> Result<Response, ApiError> {
     match outcome {
-        Lifecycle::Accepted { dispatch, route } => Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({ "dispatch_id": dispatch, "route": route })),
-        )
-            .into_response()),
         Lifecycle::Done { dispatch, .. } => Ok(Json(dispatch).into_response()),
-        Lifecycle::Failed(dispatch) => {
-            let (status, code) = match dispatch.error_code.as_deref() {
-                Some(UNKNOWN_OPERATION) => (StatusCode::NOT_FOUND, UNKNOWN_OPERATION),
-                Some(INVALID_ARGS) => (StatusCode::UNPROCESSABLE_ENTITY, INVALID_ARGS),
-                Some("not_found") => (StatusCode::NOT_FOUND, "not_found"),
-                _ => (StatusCode::BAD_GATEWAY, "broker_failed"),
-            };
-            let message = dispatch
-                .error
-                .clone()
-                .unwrap_or_else(|| format!("{name} failed on the broker"));
-            Err(ApiError::new(status, code, message).with_dispatch(dispatch.id.0))
-        }
-        Lifecycle::Cancelled(dispatch) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "cancelled",
-            "the dispatch was cancelled before it was sent",
-        )
-        .with_dispatch(dispatch.id.0)),
-        Lifecycle::TimedOut { dispatch, window } => Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!(
-                "no answer to {name} within {}s without progress; the dispatch is still {}",
-                window.as_secs(),
-                dispatch.state
-            ),
-        )
-        .with_dispatch(dispatch.id.0)),
+        Lifecycle::Failed(dispatch) => match refusal(dispatch.error_code.as_deref()) {
+            Some((status, code)) => {
+                let message = dispatch
+                    .error
+                    .unwrap_or_else(|| format!("{name} failed on the broker"));
+                Err(ApiError::new(status, code, message).with_dispatch(dispatch.id.0))
+            }
+            None => lifecycle_answer(Lifecycle::Failed(dispatch), name, StatusCode::OK),
+        },
+        other => lifecycle_answer(other, name, StatusCode::OK),
+    }
+}
+
+/// The status and code of a failure the runtime gave a reason for.
+fn refusal(code: Option<&str>) -> Option<(StatusCode, &'static str)> {
+    match code {
+        Some(UNKNOWN_OPERATION) => Some((StatusCode::NOT_FOUND, UNKNOWN_OPERATION)),
+        Some(INVALID_ARGS) => Some((StatusCode::UNPROCESSABLE_ENTITY, INVALID_ARGS)),
+        Some("not_found") => Some((StatusCode::NOT_FOUND, "not_found")),
+        _ => None,
     }
 }
