@@ -13,39 +13,81 @@ use switchyard_tests::{Api, BrokerProcess, Server, TOKEN, wait_inbox};
 
 switchyard_testkit::on_both_backends!(every_operation_of_the_process_runtime_answers);
 
+/// `switchyard serve` replicas on one database (A, and B when `two`), a
+/// broker named "edge" registered through A, and its workdir.
+struct Setup {
+    _dir: tempfile::TempDir,
+    workdir: std::path::PathBuf,
+    a: Server,
+    b: Option<Server>,
+    api: Api,
+    broker_id: String,
+    secret: String,
+}
+
+impl Setup {
+    async fn new(db: &TestDb, two: bool) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let workdir = dir.path().join("broker");
+        std::fs::create_dir_all(&workdir).unwrap();
+        let a = Server::start(dir.path(), Some(db.url()));
+        let b = two.then(|| Server::start(dir.path(), Some(db.url())));
+        let api = Api::new(&a.base, TOKEN);
+        let (status, broker) = api
+            .call("POST", "/v1/brokers", Some(json!({"name": "edge"})))
+            .await;
+        assert_eq!(status, 201, "{broker}");
+        Setup {
+            broker_id: broker["id"].as_str().unwrap().to_owned(),
+            secret: broker["secret"].as_str().unwrap().to_owned(),
+            _dir: dir,
+            workdir,
+            a,
+            b,
+            api,
+        }
+    }
+
+    /// The replica holding the broker's session: B if there is one.
+    fn owner(&self) -> &Server {
+        self.b.as_ref().unwrap_or(&self.a)
+    }
+
+    /// Starts the broker process on `hubs` and waits until its session is
+    /// on the first of them.
+    async fn start_broker(&self, hubs: &[&str]) -> BrokerProcess {
+        let broker = BrokerProcess::start(hubs, &self.broker_id, &self.secret, &self.workdir);
+        let first = if hubs[0] == self.a.base {
+            &self.a
+        } else {
+            self.owner()
+        };
+        let health: Value = first.get("/healthz").await.json().await.unwrap();
+        self.api
+            .wait_until(
+                &format!("/v1/brokers/{}", self.broker_id),
+                Duration::from_secs(20),
+                |row| {
+                    row["status"] == "online" && row["connected_replica"] == health["instance_id"]
+                },
+            )
+            .await;
+        broker
+    }
+}
+
 async fn every_operation_of_the_process_runtime_answers(db: TestDb) {
-    let dir = tempfile::tempdir().unwrap();
-    let workdir = dir.path().join("broker");
-    std::fs::create_dir_all(&workdir).unwrap();
-    let a = Server::start(dir.path(), Some(db.url()));
     // SQLite serves one replica: the broker is on A too.
-    let b = db
-        .url()
-        .starts_with("postgres")
-        .then(|| Server::start(dir.path(), Some(db.url())));
-    let api = Api::new(&a.base, TOKEN);
-    let (status, broker) = api
-        .call("POST", "/v1/brokers", Some(json!({"name": "edge"})))
-        .await;
-    assert_eq!(status, 201, "{broker}");
-    let broker_id = broker["id"].as_str().unwrap().to_owned();
-    let secret = broker["secret"].as_str().unwrap();
-    let owner = b.as_ref().unwrap_or(&a);
-    let _broker = BrokerProcess::start(&[&owner.base], &broker_id, secret, &workdir);
-    let health: Value = owner.get("/healthz").await.json().await.unwrap();
-    api.wait_until(
-        &format!("/v1/brokers/{broker_id}"),
-        Duration::from_secs(20),
-        |b| b["status"] == "online" && b["connected_replica"] == health["instance_id"],
-    )
-    .await;
-    let agent = api.echo_agent(&broker_id, "ops").await;
+    let setup = Setup::new(&db, db.url().starts_with("postgres")).await;
+    let _broker = setup.start_broker(&[&setup.owner().base]).await;
+    let (api, broker_id, workdir) = (&setup.api, &setup.broker_id, &setup.workdir);
+    let agent = api.echo_agent(broker_id, "ops").await;
     api.lifecycle("start", &agent).await;
     for i in 0..3 {
         api.send(&agent, json!(i)).await;
     }
-    wait_inbox(&workdir, &agent, 3, Duration::from_secs(20)).await;
-    exercise(&api, &agent, &workdir).await;
+    wait_inbox(workdir, &agent, 3, Duration::from_secs(20)).await;
+    exercise(api, &agent, workdir).await;
 
     // Operations of the broker's runtime itself.
     let (status, body) = api
@@ -219,26 +261,12 @@ async fn exercise(api: &Api, agent: &str, workdir: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_between_a_calls_claim_and_its_result_loses_nothing() {
     let db = TestDb::postgres().await;
-    let dir = tempfile::tempdir().unwrap();
-    let workdir = dir.path().join("broker");
-    std::fs::create_dir_all(&workdir).unwrap();
-    let a = Server::start(dir.path(), Some(db.url()));
-    let b = Server::start(dir.path(), Some(db.url()));
-    let api = Api::new(&a.base, TOKEN);
-    let (_, broker) = api
-        .call("POST", "/v1/brokers", Some(json!({"name": "edge"})))
-        .await;
-    let broker_id = broker["id"].as_str().unwrap().to_owned();
-    let secret = broker["secret"].as_str().unwrap();
-    let _broker = BrokerProcess::start(&[&b.base, &a.base], &broker_id, secret, &workdir);
-    let health: Value = b.get("/healthz").await.json().await.unwrap();
-    api.wait_until(
-        &format!("/v1/brokers/{broker_id}"),
-        Duration::from_secs(20),
-        |row| row["status"] == "online" && row["connected_replica"] == health["instance_id"],
-    )
-    .await;
-    let agent = api.echo_agent(&broker_id, "survivor").await;
+    let mut setup = Setup::new(&db, true).await;
+    let hubs = [setup.owner().base.clone(), setup.a.base.clone()];
+    let _broker = setup.start_broker(&[&hubs[0], &hubs[1]]).await;
+    let (api, broker_id, workdir) = (&setup.api, &setup.broker_id, setup.workdir.clone());
+    let (a, b) = (&setup.a, setup.b.take().unwrap());
+    let agent = api.echo_agent(broker_id, "survivor").await;
     api.lifecycle("start", &agent).await;
 
     // The operation appends a line each time it runs, so a second run shows.
@@ -290,17 +318,8 @@ async fn a_replica_killed_between_a_calls_claim_and_its_result_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_cancel_and_expiry_across_replicas_with_a_real_broker() {
     let db = TestDb::postgres().await;
-    let dir = tempfile::tempdir().unwrap();
-    let workdir = dir.path().join("broker");
-    std::fs::create_dir_all(&workdir).unwrap();
-    let a = Server::start(dir.path(), Some(db.url()));
-    let b = Server::start(dir.path(), Some(db.url()));
-    let api = Api::new(&a.base, TOKEN);
-    let (_, broker) = api
-        .call("POST", "/v1/brokers", Some(json!({"name": "edge"})))
-        .await;
-    let broker_id = broker["id"].as_str().unwrap().to_owned();
-    let secret = broker["secret"].as_str().unwrap().to_owned();
+    let setup = Setup::new(&db, true).await;
+    let (api, broker_id, workdir) = (&setup.api, &setup.broker_id, &setup.workdir);
     let agent = |name: String, team: &'static str| {
         let api = &api;
         let broker_id = &broker_id;
@@ -344,14 +363,7 @@ async fn broadcast_cancel_and_expiry_across_replicas_with_a_real_broker() {
     assert_eq!(status, 202, "{short}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let _broker = BrokerProcess::start(&[&b.base], &broker_id, &secret, &workdir);
-    let health: Value = b.get("/healthz").await.json().await.unwrap();
-    api.wait_until(
-        &format!("/v1/brokers/{broker_id}"),
-        Duration::from_secs(20),
-        |row| row["status"] == "online" && row["connected_replica"] == health["instance_id"],
-    )
-    .await;
+    let _broker = setup.start_broker(&[&setup.owner().base]).await;
 
     const N: u64 = 20;
     let (created, answers) = tokio::join!(
@@ -401,7 +413,7 @@ async fn broadcast_cancel_and_expiry_across_replicas_with_a_real_broker() {
             .map_or(N, |k| k as u64);
         let n = (N - expected_from) as usize;
         let lines = if n > 0 {
-            switchyard_tests::wait_inbox(&workdir, id, n, Duration::from_secs(30)).await
+            switchyard_tests::wait_inbox(workdir, id, n, Duration::from_secs(30)).await
         } else {
             Vec::new()
         };
@@ -418,7 +430,7 @@ async fn broadcast_cancel_and_expiry_across_replicas_with_a_real_broker() {
     // The cancelled start never ran, the expired message never came.
     let (_, row) = api.call("GET", &format!("/v1/agents/{early}"), None).await;
     assert_eq!(row["phase"], "created", "{row}");
-    let inbox = switchyard_tests::inbox(&workdir, &early);
+    let inbox = switchyard_tests::inbox(workdir, &early);
     assert!(inbox.iter().all(|l| l["body"] != "too late"), "{inbox:?}");
     let id = short["id"].as_str().unwrap();
     // The sweeper (every 5 s) marks it.
