@@ -181,8 +181,19 @@ pub struct BrokerProcess {
 
 impl BrokerProcess {
     pub fn start(hubs: &[&str], broker: &str, secret: &str, workdir: &Path) -> BrokerProcess {
+        Self::start_with(hubs, broker, secret, workdir, "ws")
+    }
+
+    /// A broker on `transport` (`ws`, `poll` or `auto`).
+    pub fn start_with(
+        hubs: &[&str],
+        broker: &str,
+        secret: &str,
+        workdir: &Path,
+        transport: &str,
+    ) -> BrokerProcess {
         let mut cmd = switchyard(workdir);
-        cmd.arg("broker");
+        cmd.args(["broker", "--transport", transport]);
         for hub in hubs {
             cmd.args(["--hub", hub]);
         }

@@ -3,11 +3,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use switchyard_proto::auth::Handshake;
 use switchyard_proto::{CONNECT_PATH, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, StatusCode};
@@ -16,6 +17,7 @@ use tokio_tungstenite::tungstenite::{self};
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::Executor;
+use crate::poll;
 use crate::runtime::Runtime;
 use crate::session::{self, Ended, SessionError, Socket};
 
@@ -39,18 +41,53 @@ const CONTESTED_AFTER: u32 = 3;
 const CONTESTED_PAUSE: Duration = Duration::from_secs(30);
 const MAX_CONTESTED_PAUSE: Duration = Duration::from_secs(300);
 
+/// How long `auto` polls a hub whose upgrade was refused before it tries
+/// the WebSocket again.
+pub const UPGRADE_RETRY: Duration = Duration::from_secs(300);
+
+/// How a broker reaches its hubs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// The WebSocket control channel.
+    #[default]
+    Ws,
+    /// Short HTTP requests (`hello`, `poll`, `report`): for networks that
+    /// do not keep a WebSocket open.
+    Poll,
+    /// The WebSocket; a hub whose upgrade is refused (a proxy stripping
+    /// `Upgrade`) is polled instead, and the upgrade tried again after
+    /// [`UPGRADE_RETRY`].
+    Auto,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ws" => Ok(Transport::Ws),
+            "poll" => Ok(Transport::Poll),
+            "auto" => Ok(Transport::Auto),
+            other => Err(format!(
+                "unknown transport {other:?}: expected ws, poll or auto"
+            )),
+        }
+    }
+}
+
 /// What a broker needs to reach its hub.
 ///
 /// `Debug` leaves the secret out, so a config can be logged:
 ///
 /// ```
-/// use switchyard_broker::BrokerConfig;
+/// use switchyard_broker::{BrokerConfig, Transport};
 ///
 /// let config = BrokerConfig {
 ///     hubs: vec!["http://hub-a:7700".to_owned(), "http://hub-b:7700".to_owned()],
 ///     broker: "edge-1".to_owned(),
 ///     secret: "s3cret".to_owned(),
 ///     workdir: "/var/lib/switchyard-broker".into(),
+///     transport: Transport::Auto,
 /// };
 /// assert!(!format!("{config:?}").contains("s3cret"));
 /// ```
@@ -66,6 +103,8 @@ pub struct BrokerConfig {
     /// Root of the broker's files (`<workdir>/agents/<agent-id>/...`); the
     /// runtime must use the same one.
     pub workdir: PathBuf,
+    /// How to reach the hubs.
+    pub transport: Transport,
 }
 
 impl std::fmt::Debug for BrokerConfig {
@@ -75,6 +114,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("broker", &self.broker)
             .field("secret", &"<redacted>")
             .field("workdir", &self.workdir)
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -99,6 +139,20 @@ pub enum BrokerError {
 }
 
 /// Why one dial failed.
+impl DialError {
+    /// The hub (or something in front of it) answered the upgrade request
+    /// but would not switch protocols: a proxy that strips `Upgrade`, or
+    /// refuses it. A refused credential, a full or unavailable replica and
+    /// a proxy that cannot reach the hub are not that.
+    fn upgrade_refused(&self) -> bool {
+        match self {
+            DialError::Status(status) => !matches!(status.as_u16(), 401 | 429 | 502 | 503 | 504),
+            DialError::Socket(tungstenite::Error::Protocol(_)) => true,
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum DialError {
     #[error("the hub refused the broker credentials (401)")]
@@ -129,7 +183,7 @@ enum DialError {
 /// ```
 /// use std::sync::Arc;
 ///
-/// use switchyard_broker::{BrokerConfig, BrokerError, ProcessConfig, ProcessRuntime, run};
+/// use switchyard_broker::{BrokerConfig, BrokerError, ProcessConfig, ProcessRuntime, Transport, run};
 /// use tokio_util::sync::CancellationToken;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -141,6 +195,7 @@ enum DialError {
 ///     broker: "edge-1".to_owned(),
 ///     secret: "s3cret".to_owned(),
 ///     workdir: workdir.path().to_owned(),
+///     transport: Transport::Ws,
 /// };
 /// let shutdown = CancellationToken::new();
 /// let refused = run(config.clone(), runtime.clone(), shutdown.clone()).await;
@@ -162,6 +217,11 @@ pub async fn run(
         .iter()
         .map(|hub| connect_url(hub))
         .collect::<Result<Vec<_>, _>>()?;
+    let bases = config
+        .hubs
+        .iter()
+        .map(|hub| poll_base(hub))
+        .collect::<Result<Vec<_>, _>>()?;
     if urls.is_empty() {
         return Err(BrokerError::NoHubs);
     }
@@ -170,43 +230,106 @@ pub async fn run(
         .map_err(|_| BrokerError::BrokerId(config.broker.clone()))?;
 
     let mut executor = Executor::new(runtime.clone(), config.workdir.clone());
+    let http = poll::client();
     let mut backoff = new_backoff();
     let mut superseded_in_a_row = 0u32;
     let mut next_hub = 0;
+    // Per hub, until when its upgrade counts as refused (`auto`).
+    let mut refused_until: Vec<Option<Instant>> = vec![None; urls.len()];
     'running: while !shutdown.is_cancelled() {
+        let mut rotate = false;
         for k in 0..urls.len() {
             let index = (next_hub + k) % urls.len();
             let url = &urls[index];
-            let dialed = tokio::select! {
-                () = shutdown.cancelled() => break 'running,
-                dialed = dial(url, &config) => dialed,
+            let base = &bases[index];
+            let polling = match config.transport {
+                Transport::Ws => None,
+                Transport::Poll => Some(None),
+                Transport::Auto => refused_until[index]
+                    .filter(|until| Instant::now() < *until)
+                    .map(Some),
             };
-            let socket = match dialed {
-                Ok(socket) => socket,
-                Err(DialError::Unauthorized) => {
-                    tracing::error!(
-                        hub = %url,
-                        broker = %config.broker,
-                        "the hub refused this broker's credentials (401): check the broker id and secret; retrying"
-                    );
-                    continue;
-                }
-                Err(err) => {
-                    tracing::warn!(hub = %url, "cannot connect: {err}");
-                    continue;
+            let socket = match polling {
+                Some(_) => None,
+                None => {
+                    let dialed = tokio::select! {
+                        () = shutdown.cancelled() => break 'running,
+                        dialed = dial(url, &config) => dialed,
+                    };
+                    match dialed {
+                        Ok(socket) => Some(socket),
+                        Err(DialError::Unauthorized) => {
+                            tracing::error!(
+                                hub = %url,
+                                broker = %config.broker,
+                                "the hub refused this broker's credentials (401): check the broker id and secret; retrying"
+                            );
+                            continue;
+                        }
+                        Err(err)
+                            if config.transport == Transport::Auto && err.upgrade_refused() =>
+                        {
+                            tracing::warn!(
+                                hub = %url,
+                                retry_secs = UPGRADE_RETRY.as_secs(),
+                                "the WebSocket upgrade was refused ({err}); polling instead"
+                            );
+                            refused_until[index] = Some(Instant::now() + UPGRADE_RETRY);
+                            None
+                        }
+                        Err(err) => {
+                            tracing::warn!(hub = %url, "cannot connect: {err}");
+                            continue;
+                        }
+                    }
                 }
             };
             // Next time start with the following hub: if this replica is
             // going away, another one takes over sooner.
             next_hub = index + 1;
-            tracing::info!(hub = %url, "connected");
             let started = Instant::now();
-            let ended = session::run(socket, &runtime, &mut executor, &shutdown).await;
+            let ended = match socket {
+                Some(socket) => {
+                    tracing::info!(hub = %url, "connected");
+                    session::run(socket, &runtime, &mut executor, &shutdown).await
+                }
+                None => {
+                    let until = match config.transport {
+                        Transport::Auto => refused_until[index],
+                        Transport::Ws | Transport::Poll => None,
+                    };
+                    tracing::info!(hub = %base, "polling");
+                    poll::run(
+                        &http,
+                        base,
+                        &config,
+                        &runtime,
+                        &mut executor,
+                        &shutdown,
+                        until,
+                    )
+                    .await
+                }
+            };
             match ended {
                 Ok(Ended::Shutdown) => break 'running,
+                Ok(Ended::Rotate) => {
+                    tracing::info!(hub = %url, "trying the WebSocket upgrade again");
+                    superseded_in_a_row = 0;
+                    rotate = true;
+                    next_hub = index;
+                }
                 Err(SessionError::Superseded(message)) => {
                     superseded_in_a_row += 1;
                     tracing::warn!(hub = %url, "session superseded ({message}); reconnecting");
+                }
+                Err(SessionError::Unauthorized) => {
+                    superseded_in_a_row = 0;
+                    tracing::error!(
+                        hub = %base,
+                        broker = %config.broker,
+                        "the hub refused this broker's credentials (401): check the broker id and secret; retrying"
+                    );
                 }
                 Err(err) => {
                     superseded_in_a_row = 0;
@@ -217,6 +340,9 @@ pub async fn run(
                 backoff = new_backoff();
             }
             break;
+        }
+        if rotate {
+            continue;
         }
         let mut delay = backoff.next().unwrap_or(MAX_BACKOFF);
         if let Some(pause) = contested_pause(superseded_in_a_row) {
@@ -257,6 +383,18 @@ fn new_backoff() -> ExponentialBackoff {
         .with_min_delay(MIN_BACKOFF)
         .with_max_delay(MAX_BACKOFF)
         .build()
+}
+
+/// `ws(s)://host[:port][/prefix]` -> `http(s)://host[:port][/prefix]`: the
+/// base of the poll transport's requests.
+pub(crate) fn poll_base(hub: &str) -> Result<String, BrokerError> {
+    let connect = connect_url(hub)?;
+    let base = connect.trim_end_matches(CONNECT_PATH);
+    Ok(match base.split_once("://") {
+        Some(("wss", rest)) => format!("https://{rest}"),
+        Some((_, rest)) => format!("http://{rest}"),
+        None => base.to_owned(),
+    })
 }
 
 /// `http(s)://host[:port][/prefix]` -> `ws(s)://host[:port][/prefix]/v1/brokers/connect`.

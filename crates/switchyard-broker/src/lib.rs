@@ -7,11 +7,13 @@ mod inbox;
 mod jsonl;
 mod layout;
 pub mod operations;
+mod poll;
 mod process;
+mod reports;
 mod runtime;
 mod session;
 
-pub use connection::{BrokerConfig, BrokerError, run};
+pub use connection::{BrokerConfig, BrokerError, Transport, UPGRADE_RETRY, run};
 pub use inbox::inbox_line;
 pub use layout::agent_dir;
 pub use process::{INHERITED_ENV, ProcessConfig, ProcessError, ProcessRuntime};

@@ -12,10 +12,10 @@ use std::time::Duration;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use switchyard_proto::{
-    AgentStatus, BrokerFrame, DispatchResult, ErrorCode, ErrorFrame, HubFrame, decode, encode,
+    BrokerFrame, DispatchResult, ErrorCode, ErrorFrame, HubFrame, decode, encode,
 };
 use tokio::net::TcpStream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::executor::{BROKER_WORKER, Executor, Job, Replies};
+use crate::reports::StatusFeed;
 use crate::runtime::Runtime;
 
 pub(crate) type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -58,6 +59,12 @@ pub(crate) enum SessionError {
     Closed(String),
     #[error("the socket writer stopped")]
     WriterGone,
+    #[error("http: {0}")]
+    Http(String),
+    #[error("the hub answered {0}: {1}")]
+    Status(u16, String),
+    #[error("the hub refused the broker credentials (401)")]
+    Unauthorized,
 }
 
 /// How a session ended without error.
@@ -65,6 +72,8 @@ pub(crate) enum SessionError {
 pub(crate) enum Ended {
     /// `shutdown` was cancelled; the socket was closed with 1000.
     Shutdown,
+    /// A poll session reached the time to try the WebSocket again.
+    Rotate,
 }
 
 /// Runs one session on an upgraded socket until it ends.
@@ -74,7 +83,7 @@ pub(crate) async fn run(
     executor: &mut Executor,
     shutdown: &CancellationToken,
 ) -> Result<Ended, SessionError> {
-    let mut status_feed = runtime.subscribe();
+    let mut status_feed = StatusFeed::subscribe(runtime);
     let hello = BrokerFrame::Hello {
         agents: runtime.statuses(),
     };
@@ -103,10 +112,8 @@ pub(crate) async fn run(
         out: &out,
         replies,
         results: results_rx,
-        runtime,
         executor,
         status_feed: &mut status_feed,
-        feed_open: true,
         silence: (heartbeat_ms > 0).then(|| Duration::from_millis(heartbeat_ms.saturating_mul(3))),
     };
     let ended = tokio::select! {
@@ -159,11 +166,8 @@ struct Reader<'a> {
     /// Kept so `results` never ends while the session lives.
     replies: Replies,
     results: mpsc::UnboundedReceiver<DispatchResult>,
-    runtime: &'a Arc<dyn Runtime>,
     executor: &'a mut Executor,
-    status_feed: &'a mut broadcast::Receiver<AgentStatus>,
-    /// False once the runtime dropped its status sender.
-    feed_open: bool,
+    status_feed: &'a mut StatusFeed,
     silence: Option<Duration>,
 }
 
@@ -177,14 +181,16 @@ impl Reader<'_> {
                 () = sleep_until(deadline) => {
                     return Err(SessionError::Silent(self.silence.unwrap_or_default()));
                 }
-                status = self.status_feed.recv(), if self.feed_open => {
-                    self.forward_status(status).await?;
+                statuses = self.status_feed.next() => {
+                    for frame in statuses {
+                        self.send(frame).await?;
+                    }
                 }
                 Some(result) = self.results.recv() => {
                     // Statuses the op caused were broadcast before it
                     // returned: they are in the feed now, and go first.
-                    while let Some(status) = self.next_pending_status() {
-                        self.forward_status(status).await?;
+                    for frame in self.status_feed.pending() {
+                        self.send(frame).await?;
                     }
                     self.send(BrokerFrame::Result(result)).await?;
                 }
@@ -197,41 +203,6 @@ impl Reader<'_> {
                 }
             }
         }
-    }
-
-    fn next_pending_status(&mut self) -> Option<Result<AgentStatus, broadcast::error::RecvError>> {
-        use broadcast::error::{RecvError, TryRecvError};
-        match self.status_feed.try_recv() {
-            Ok(status) => Some(Ok(status)),
-            Err(TryRecvError::Lagged(missed)) => Some(Err(RecvError::Lagged(missed))),
-            Err(TryRecvError::Empty | TryRecvError::Closed) => None,
-        }
-    }
-
-    async fn forward_status(
-        &mut self,
-        status: Result<AgentStatus, broadcast::error::RecvError>,
-    ) -> Result<(), SessionError> {
-        let frames = match status {
-            Ok(status) => vec![BrokerFrame::Status(status)],
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::warn!(missed, "status feed lagged; resending every status");
-                self.runtime
-                    .statuses()
-                    .into_iter()
-                    .map(BrokerFrame::Status)
-                    .collect()
-            }
-            Err(broadcast::error::RecvError::Closed) => {
-                // The runtime dropped its sender: no more changes will come.
-                self.feed_open = false;
-                Vec::new()
-            }
-        };
-        for frame in frames {
-            self.send(frame).await?;
-        }
-        Ok(())
     }
 
     async fn handle(&mut self, message: Message) -> Result<(), SessionError> {
@@ -347,7 +318,10 @@ async fn batch_acks(mut acks: mpsc::UnboundedReceiver<Uuid>, out: mpsc::Sender<O
             }
         }
         if out
-            .send(Outgoing::Frame(BrokerFrame::Ack { message_ids }))
+            .send(Outgoing::Frame(BrokerFrame::Ack {
+                message_ids,
+                dispatch_ids: Vec::new(),
+            }))
             .await
             .is_err()
         {

@@ -113,6 +113,7 @@ async fn handshake(ws: &mut Ws, heartbeat_ms: u64) -> Vec<AgentStatus> {
             session_id: Uuid::new_v4(),
             heartbeat_ms,
             max_message_bytes: MAX_MESSAGE_BYTES,
+            poll: None,
         },
     )
     .await;
@@ -147,7 +148,7 @@ async fn acks_for(ws: &mut Ws, messages: &[AgentMessage]) -> Vec<Uuid> {
     let mut acked = Vec::new();
     while acked.len() < messages.len() {
         match recv_reply(ws).await {
-            BrokerFrame::Ack { message_ids } => acked.extend(message_ids),
+            BrokerFrame::Ack { message_ids, .. } => acked.extend(message_ids),
             other => panic!("expected an ack, got {other:?}"),
         }
     }
@@ -170,6 +171,7 @@ async fn start_broker(url: &str, workdir: &std::path::Path) -> Broker {
         broker: BROKER.to_owned(),
         secret: SECRET.to_owned(),
         workdir: workdir.to_path_buf(),
+        transport: switchyard_broker::Transport::Ws,
     };
     let task = tokio::spawn(switchyard_broker::run(
         config,

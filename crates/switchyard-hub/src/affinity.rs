@@ -12,7 +12,9 @@
 
 use std::sync::Arc;
 
-use switchyard_store::{BrokerId, ReplicaId, SessionHeartbeat, SessionId, Store, StoreError};
+use switchyard_store::{
+    BrokerId, ReplicaId, SessionHeartbeat, SessionId, Store, StoreError, Transport,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AffinityError {
@@ -30,6 +32,7 @@ pub(crate) struct Affinity {
     pub(crate) replica: ReplicaId,
     pub(crate) broker: BrokerId,
     pub(crate) session: SessionId,
+    pub(crate) transport: Transport,
 }
 
 impl Affinity {
@@ -38,12 +41,14 @@ impl Affinity {
         replica: ReplicaId,
         broker: BrokerId,
         session: SessionId,
+        transport: Transport,
     ) -> Self {
         Self {
             store,
             replica,
             broker,
             session,
+            transport,
         }
     }
 
@@ -56,7 +61,7 @@ impl Affinity {
     pub(crate) async fn claim(&self) -> Result<bool, AffinityError> {
         let previous = self
             .store
-            .claim_affinity(self.broker, self.replica, self.session)
+            .claim_affinity(self.broker, self.replica, self.session, self.transport)
             .await?;
         if let Some(previous) = &previous {
             tracing::debug!(broker = %self.broker, previous = ?previous, "took over affinity");
@@ -69,6 +74,20 @@ impl Affinity {
         match self
             .store
             .heartbeat_session(self.broker, self.session)
+            .await?
+        {
+            SessionHeartbeat::Current => Ok(()),
+            SessionHeartbeat::Superseded => Err(AffinityError::Superseded),
+        }
+    }
+
+    /// A poll of this session arrived here: if the session is still the
+    /// live one, this replica holds it from now on (see
+    /// [`switchyard_store::AffinityStore::resume_session`]).
+    pub(crate) async fn resume(&self) -> Result<(), AffinityError> {
+        match self
+            .store
+            .resume_session(self.broker, self.replica, self.session)
             .await?
         {
             SessionHeartbeat::Current => Ok(()),

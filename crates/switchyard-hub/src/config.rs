@@ -30,6 +30,11 @@ pub struct HubConfig {
     pub sweep_interval: Duration,
     /// A claim older than this is abandoned and requeued.
     pub claim_lease: Duration,
+    /// Work a poll returned that the broker has not acknowledged after this
+    /// long is sent again (and counts as an attempt).
+    pub poll_lease: Duration,
+    /// Longest a poll waits for work before it answers with none.
+    pub poll_max_wait: Duration,
     /// Claims after which abandoned work fails instead of being requeued.
     pub max_attempts: i32,
     /// PostgreSQL only: where the command bus listener connects, when the
@@ -68,6 +73,8 @@ impl Default for HubConfig {
             message_ttl: Duration::from_secs(24 * 3600),
             sweep_interval: Duration::from_secs(5),
             claim_lease: Duration::from_secs(300),
+            poll_lease: Duration::from_secs(30),
+            poll_max_wait: Duration::from_secs(20),
             max_attempts: 10,
             listener_database_url: None,
             retention: Duration::from_secs(7 * 24 * 3600),
@@ -77,5 +84,15 @@ impl Default for HubConfig {
             header_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
         }
+    }
+}
+
+impl HubConfig {
+    /// A poll session with no poll or report for this long has lapsed
+    /// (the broker went away): three heartbeat intervals, the silence
+    /// after which a socket is closed. A waiting poll heartbeats every
+    /// interval.
+    pub fn poll_lapse(&self) -> Duration {
+        self.heartbeat_interval.saturating_mul(3)
     }
 }

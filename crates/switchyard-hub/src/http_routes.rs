@@ -17,6 +17,8 @@ use crate::api::error::ApiError;
 use crate::api::{
     AdminTokens, MAX_BODY_BYTES, agents, brokers, dispatches, events, messages, ops, require_admin,
 };
+use switchyard_proto::poll::{MAX_POLL_REQUEST_BYTES, POLL_HELLO_PATH, POLL_PATH, REPORT_PATH};
+
 use crate::metrics::Metrics;
 use crate::session;
 use crate::state::HubState;
@@ -26,6 +28,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(crate) fn router(state: HubState) -> Router {
     let admin = AdminTokens::new(state.store.clone());
+    // A poll or report carries up to a thousand frames, more than any
+    // API request.
+    let poll_limit = DefaultBodyLimit::max(MAX_POLL_REQUEST_BYTES);
     let v1 = Router::new()
         .route("/v1/brokers", post(brokers::create).get(brokers::list))
         .route(
@@ -55,6 +60,12 @@ pub(crate) fn router(state: HubState) -> Router {
         .route("/v1/events", get(events::stream))
         .route_layer(middleware::from_fn_with_state(admin, require_admin))
         .route("/v1/brokers/connect", get(session::connect))
+        .route(
+            POLL_HELLO_PATH,
+            post(session::poll::hello).layer(poll_limit),
+        )
+        .route(POLL_PATH, post(session::poll::poll).layer(poll_limit))
+        .route(REPORT_PATH, post(session::poll::report).layer(poll_limit))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()

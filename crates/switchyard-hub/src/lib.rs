@@ -143,8 +143,10 @@ impl Hub {
                 policy: RequeuePolicy {
                     replica_stale_after: config.replica_stale_after,
                     lease: config.claim_lease,
+                    poll_lease: config.poll_lease,
                     max_attempts: config.max_attempts,
                 },
+                poll_lapse: config.poll_lapse(),
                 retention: config.retention,
                 shutdown: shutdown.clone(),
             }

@@ -45,6 +45,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts a claimed dispatch (or broker call) by its operation.
+    pub(crate) fn count_claimed(&self, frame: &switchyard_proto::HubFrame) {
+        let op = match frame {
+            switchyard_proto::HubFrame::Dispatch(d) => d.op.as_str(),
+            switchyard_proto::HubFrame::BrokerCall(_) => switchyard_proto::Op::Call.as_str(),
+            _ => return,
+        };
+        self.intents_claimed.with_label_values(&[op]).inc();
+    }
+
     /// Counts the dead letters of a requeue.
     pub(crate) fn observe_requeue(&self, report: &switchyard_store::RequeueReport) {
         self.dead_letters

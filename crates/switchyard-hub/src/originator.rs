@@ -416,6 +416,12 @@ impl Originator {
         self.forward_or_queue(broker, owner, urgent)
     }
 
+    /// Wakes whoever sends the broker's work: some of it that waited may
+    /// be free to go (an operation it waited for finished).
+    pub(crate) async fn wake(&self, broker: BrokerId) {
+        self.route_by_storage(broker, false).await;
+    }
+
     /// Wakes whoever must send the broker's work, reading from storage
     /// which replica owns its session.
     async fn route_by_storage(&self, broker: BrokerId, urgent: bool) -> Route {

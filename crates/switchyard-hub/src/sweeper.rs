@@ -3,8 +3,9 @@
 //! Every replica runs this loop, but only the replica that holds the
 //! singleton role (a PostgreSQL advisory lock; always this replica on
 //! SQLite) does the work: reap replicas whose heartbeat is stale and release their brokers'
-//! affinities; return claimed work whose claimer died or whose lease ran
-//! out (failing it after max attempts); fail intents past their deadline and
+//! affinities; end poll sessions that stopped polling; return claimed work
+//! whose claimer died or whose lease ran out (failing it after max
+//! attempts); fail intents past their deadline and
 //! expire messages past their TTL; prune old finished rows; and measure
 //! stuck work. Each step is a guarded UPDATE, so even two sweepers at once
 //! (e.g. while a lock changes hands) would do no harm.
@@ -29,6 +30,8 @@ pub(crate) struct Sweeper {
     pub(crate) interval: Duration,
     pub(crate) policy: RequeuePolicy,
     pub(crate) retention: Duration,
+    /// Poll sessions silent this long have lapsed.
+    pub(crate) poll_lapse: Duration,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -70,6 +73,9 @@ impl Sweeper {
             .await?;
         for replica in &reaped {
             tracing::warn!(%replica, "reaped a dead replica and released its brokers");
+        }
+        for broker in self.store.release_lapsed_sessions(self.poll_lapse).await? {
+            tracing::info!(%broker, "poll session lapsed: the broker stopped polling");
         }
         let report = self.store.requeue_abandoned(self.policy).await?;
         if report != Default::default() {

@@ -15,12 +15,14 @@ use switchyard_testkit::{RawBroker, TestDb};
 
 /// A second replica on the same database as `first`.
 async fn second_replica(first: &TestHub) -> TestHub {
+    second_replica_with(first, fast_config()).await
+}
+
+async fn second_replica_with(first: &TestHub, config: switchyard_hub::HubConfig) -> TestHub {
     let database = switchyard_store::open_database(first.db.url())
         .await
         .unwrap();
-    let hub = switchyard_hub::Hub::start(fast_config(), database)
-        .await
-        .unwrap();
+    let hub = switchyard_hub::Hub::start(config, database).await.unwrap();
     TestHub {
         db: TestDb::sqlite(), // unused; the database belongs to `first`
         store: first.store.clone(),
@@ -495,4 +497,62 @@ async fn no_event_is_published_before_its_commit() {
     lock.commit().await.unwrap();
     let seen = read_events(&mut watch, "\"phase\":\"running\"", Duration::from_secs(5)).await;
     assert!(seen.contains("event: agent_status"), "{seen}");
+}
+
+/// The bus wakes a waiting poll: a message written on B reaches the poll
+/// waiting on A long before the drain backstop (30 s here) would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_written_on_b_wakes_a_poll_waiting_on_a() {
+    let slow = switchyard_hub::HubConfig {
+        drain_backstop: Duration::from_secs(30),
+        ..fast_config()
+    };
+    let a = TestHub::start_with(TestDb::postgres().await, slow.clone()).await;
+    let b = second_replica_with(&a, slow).await;
+    let (id, secret) = a.broker("polling").await;
+    let agent = a.agent(&id, "worker").await;
+    let poller = switchyard_testkit::poll::PollBroker::hello(&b.base, &id, &secret).await;
+    // The create dispatch first (polled through B), then wait on A.
+    let create = poller.poll(vec![], 5000).await.unwrap();
+    let HubFrame::Dispatch(create) = &create[0] else {
+        panic!("expected the create dispatch, got {create:?}");
+    };
+    let done = switchyard_testkit::poll::done(create.id);
+    assert!(poller.report(vec![done]).await.unwrap().is_empty());
+    let on_a = switchyard_testkit::poll::PollBroker {
+        base: a.base.clone(),
+        ..poller.clone()
+    };
+    let waiting = tokio::spawn(async move {
+        let frames = on_a.poll(vec![], 20_000).await.unwrap();
+        (frames, tokio::time::Instant::now())
+    });
+    // The poll moved the session to A.
+    let (_, health) = a.call("GET", "/healthz", None).await;
+    a.wait_until(&format!("/v1/brokers/{id}"), |row| {
+        row["connected_replica"] == health["instance_id"]
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let written = tokio::time::Instant::now();
+    let (status, sent) = b
+        .call(
+            "POST",
+            &format!("/v1/agents/{agent}/messages"),
+            Some(json!({ "body": "wake up" })),
+        )
+        .await;
+    assert_eq!(status, 202, "{sent}");
+    let (frames, answered) = waiting.await.unwrap();
+    let took = answered - written;
+    println!(
+        "a poll waiting on A answered {took:?} after the message was written on B (backstop 30 s)"
+    );
+    assert!(
+        matches!(&frames[..], [HubFrame::Message(m)] if m.body == json!("wake up")),
+        "{frames:?}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    b.shutdown().await;
+    a.shutdown().await;
 }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod auth;
+pub mod poll;
 mod words;
 
 use std::collections::BTreeMap;
@@ -92,6 +93,9 @@ pub enum HubFrame {
         /// intervals as a dead connection.
         heartbeat_ms: u64,
         max_message_bytes: usize,
+        /// Only on the poll transport: how to poll.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        poll: Option<poll::PollTerms>,
     },
     Dispatch(Dispatch),
     /// A named operation of the broker's runtime itself, not of one agent.
@@ -125,7 +129,13 @@ pub enum BrokerFrame {
     Result(DispatchResult),
     /// Messages durably handed to their agents.
     Ack {
+        #[serde(default)]
         message_ids: Vec<Uuid>,
+        /// Dispatches (and broker calls) the broker has received and will
+        /// answer with a `result`. Needed only on the poll transport, where
+        /// unacknowledged work is sent again (see [`poll::PollTerms`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        dispatch_ids: Vec<Uuid>,
     },
     /// An agent changed phase.
     Status(AgentStatus),
@@ -353,6 +363,7 @@ mod tests {
     fn frames_round_trip_with_version_and_type() {
         let frame = BrokerFrame::Ack {
             message_ids: vec![Uuid::nil()],
+            dispatch_ids: Vec::new(),
         };
         let text = encode(&frame);
         assert_eq!(

@@ -18,7 +18,7 @@ pub use model::{
     Acked, Affinity, Agent, Broadcast, Broker, BrokerStatus, CancelOutcome, DispatchIntent,
     Inserted, IntentFilter, IntentOutcome, IntentState, MAX_BROADCAST_AGENTS, Message,
     MessageState, NewAgent, NewBroadcast, NewBrokerCall, NewIntent, NewMessage, Op, Phase, Replica,
-    RequeuePolicy, RequeueReport, SessionHeartbeat, StatusReport, Target, UnknownWord,
+    RequeuePolicy, RequeueReport, SessionHeartbeat, StatusReport, Target, Transport, UnknownWord,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

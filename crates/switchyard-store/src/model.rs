@@ -25,6 +25,16 @@ text_enum!(
 );
 
 text_enum!(
+    /// How a broker's session reaches the hub.
+    Transport {
+        /// One WebSocket (`/v1/brokers/connect`).
+        Ws => "ws",
+        /// HTTP requests: hello, poll, report.
+        Poll => "poll",
+    }
+);
+
+text_enum!(
     /// State of a dispatch intent. `done`, `failed` and `cancelled` are
     /// final.
     IntentState {
@@ -74,6 +84,9 @@ pub struct Broker {
     pub session_id: Option<SessionId>,
     pub connected_at: Option<DateTime<Utc>>,
     pub last_heartbeat: Option<DateTime<Utc>>,
+    /// The transport of the broker's latest session (`ws` before any).
+    #[sqlx(try_from = "String")]
+    pub transport: Transport,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -487,6 +500,9 @@ pub struct RequeuePolicy {
     pub replica_stale_after: std::time::Duration,
     /// A claim older than this is abandoned even if its claimer lives.
     pub lease: std::time::Duration,
+    /// Work a poll returned and the broker has not acknowledged after this
+    /// long goes back to `pending` (it counts as an attempt).
+    pub poll_lease: std::time::Duration,
     /// A row that has been claimed this many times fails instead of
     /// going back to `pending`.
     pub max_attempts: i32,

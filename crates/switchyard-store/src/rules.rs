@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 
 use switchyard_proto::Phase;
 
-use crate::model::{BrokerStatus, IntentState, MessageState};
+use crate::model::{BrokerStatus, IntentState, MessageState, Transport};
 
 /// A word as an SQL string literal, e.g. `'pending'`.
 #[derive(Clone, Copy, Debug)]
@@ -140,3 +140,5 @@ pub(crate) static EXPIRED: LazyLock<Lit> = LazyLock::new(|| Lit(MessageState::Ex
 pub(crate) static DELETED: LazyLock<Lit> = LazyLock::new(|| Lit(Phase::Deleted.as_str()));
 pub(crate) static ONLINE: LazyLock<Lit> = LazyLock::new(|| Lit(BrokerStatus::Online.as_str()));
 pub(crate) static OFFLINE: LazyLock<Lit> = LazyLock::new(|| Lit(BrokerStatus::Offline.as_str()));
+/// The transport whose sessions lapse and whose claims are leased.
+pub(crate) static POLL: LazyLock<Lit> = LazyLock::new(|| Lit(Transport::Poll.as_str()));

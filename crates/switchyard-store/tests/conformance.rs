@@ -14,7 +14,7 @@ use switchyard_store::{
     AgentId, Broker, BrokerId, BrokerStatus, CancelOutcome, Conflict, IntentFilter, IntentId,
     IntentOutcome, IntentState, MessageId, MessageState, NewAgent, NewIntent, NewMessage, Op,
     Phase, ReplicaId, RequeuePolicy, SessionHeartbeat, SessionId, StatusReport, Store, StoreError,
-    open,
+    Transport, open,
 };
 use switchyard_testkit::{FromTestDb, TestDb};
 
@@ -119,7 +119,7 @@ async fn session_of(store: &dyn Store, broker: BrokerId) -> (BrokerId, SessionId
     }
     let session = SessionId::new();
     store
-        .claim_affinity(broker, ReplicaId::new(), session)
+        .claim_affinity(broker, ReplicaId::new(), session, Transport::Ws)
         .await
         .unwrap();
     (broker, session)
@@ -154,6 +154,7 @@ fn policy(replica_stale_after: Duration, lease: Duration, max_attempts: i32) -> 
     RequeuePolicy {
         replica_stale_after,
         lease,
+        poll_lease: LONG,
         max_attempts,
     }
 }
@@ -212,13 +213,15 @@ async fn reaping_a_dead_replica_releases_its_affinities(f: Fixture) {
     s.register_replica(dead, "dead").await.unwrap();
     let b1 = broker(s, "b1").await;
     let b2 = broker(s, "b2").await;
-    s.claim_affinity(b1.id, dead, SessionId::new())
+    s.claim_affinity(b1.id, dead, SessionId::new(), Transport::Ws)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     s.register_replica(live, "live").await.unwrap();
     let s2 = SessionId::new();
-    s.claim_affinity(b2.id, live, s2).await.unwrap();
+    s.claim_affinity(b2.id, live, s2, Transport::Ws)
+        .await
+        .unwrap();
 
     assert_eq!(
         s.reap_dead_replicas(Duration::from_millis(500))
@@ -243,9 +246,12 @@ async fn affinity_claim_is_newest_wins_and_returns_previous_holder(f: Fixture) {
     let b = broker(s, "b").await;
     let (ra, rb) = (ReplicaId::new(), ReplicaId::new());
     let (s1, s2) = (SessionId::new(), SessionId::new());
-    assert_eq!(s.claim_affinity(b.id, ra, s1).await.unwrap(), None);
+    assert_eq!(
+        s.claim_affinity(b.id, ra, s1, Transport::Ws).await.unwrap(),
+        None
+    );
     let prev = s
-        .claim_affinity(b.id, rb, s2)
+        .claim_affinity(b.id, rb, s2, Transport::Ws)
         .await
         .unwrap()
         .expect("previous");
@@ -259,7 +265,7 @@ async fn affinity_claim_is_newest_wins_and_returns_previous_holder(f: Fixture) {
     assert!(now.last_heartbeat.is_some());
 
     let err = s
-        .claim_affinity(BrokerId::new(), ra, SessionId::new())
+        .claim_affinity(BrokerId::new(), ra, SessionId::new(), Transport::Ws)
         .await
         .unwrap_err();
     assert!(
@@ -273,8 +279,12 @@ async fn late_release_of_superseded_session_changes_nothing(f: Fixture) {
     let b = broker(s, "b").await;
     let (ra, rb) = (ReplicaId::new(), ReplicaId::new());
     let (old, new) = (SessionId::new(), SessionId::new());
-    s.claim_affinity(b.id, ra, old).await.unwrap();
-    s.claim_affinity(b.id, rb, new).await.unwrap();
+    s.claim_affinity(b.id, ra, old, Transport::Ws)
+        .await
+        .unwrap();
+    s.claim_affinity(b.id, rb, new, Transport::Ws)
+        .await
+        .unwrap();
 
     // A's socket teardown arrives after B's claim.
     assert!(!s.release_affinity(b.id, ra, old).await.unwrap());
@@ -299,12 +309,16 @@ async fn heartbeat_of_superseded_session_reports_superseded(f: Fixture) {
     let s = &*f.store;
     let b = broker(s, "b").await;
     let (old, new) = (SessionId::new(), SessionId::new());
-    s.claim_affinity(b.id, ReplicaId::new(), old).await.unwrap();
+    s.claim_affinity(b.id, ReplicaId::new(), old, Transport::Ws)
+        .await
+        .unwrap();
     assert_eq!(
         s.heartbeat_session(b.id, old).await.unwrap(),
         SessionHeartbeat::Current
     );
-    s.claim_affinity(b.id, ReplicaId::new(), new).await.unwrap();
+    s.claim_affinity(b.id, ReplicaId::new(), new, Transport::Ws)
+        .await
+        .unwrap();
     let before = s.broker(b.id).await.unwrap();
     assert_eq!(
         s.heartbeat_session(b.id, old).await.unwrap(),
@@ -327,9 +341,15 @@ async fn release_replica_affinities_touches_only_that_replica(f: Fixture) {
     let b1 = broker(s, "b1").await;
     let b2 = broker(s, "b2").await;
     let b3 = broker(s, "b3").await;
-    s.claim_affinity(b1.id, ra, SessionId::new()).await.unwrap();
-    s.claim_affinity(b2.id, ra, SessionId::new()).await.unwrap();
-    s.claim_affinity(b3.id, rb, SessionId::new()).await.unwrap();
+    s.claim_affinity(b1.id, ra, SessionId::new(), Transport::Ws)
+        .await
+        .unwrap();
+    s.claim_affinity(b2.id, ra, SessionId::new(), Transport::Ws)
+        .await
+        .unwrap();
+    s.claim_affinity(b3.id, rb, SessionId::new(), Transport::Ws)
+        .await
+        .unwrap();
     let mut released = s.release_replica_affinities(ra).await.unwrap();
     released.sort();
     let mut expected = vec![b1.id, b2.id];
@@ -351,7 +371,7 @@ async fn concurrent_flapping_ends_on_the_last_claim(f: Fixture) {
         let side = i % 2;
         let session = SessionId::new();
         stores[side]
-            .claim_affinity(b.id, replicas[side], session)
+            .claim_affinity(b.id, replicas[side], session, Transport::Ws)
             .await
             .unwrap();
         if let Some((prev_side, prev_session)) = last {
@@ -402,7 +422,9 @@ async fn broker_names_are_unique_and_delete_is_refused_while_agents_live(f: Fixt
         .await
         .unwrap();
     let (replica, session) = (ReplicaId::new(), SessionId::new());
-    s.claim_affinity(b.id, replica, session).await.unwrap();
+    s.claim_affinity(b.id, replica, session, Transport::Ws)
+        .await
+        .unwrap();
     let err = s.delete_broker(b.id).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "connected: {err:?}");
     s.release_affinity(b.id, replica, session).await.unwrap();
@@ -1668,8 +1690,12 @@ async fn a_superseded_session_claims_nothing(f: Fixture) {
     let a2 = agent(s, b.id, "w2").await;
     let (old, new) = (SessionId::new(), SessionId::new());
     let (ra, rb) = (ReplicaId::new(), ReplicaId::new());
-    s.claim_affinity(b.id, ra, old).await.unwrap();
-    s.claim_affinity(b.id, rb, new).await.unwrap();
+    s.claim_affinity(b.id, ra, old, Transport::Ws)
+        .await
+        .unwrap();
+    s.claim_affinity(b.id, rb, new, Transport::Ws)
+        .await
+        .unwrap();
     s.insert_intents(vec![intent(a, Op::Start)]).await.unwrap();
     s.insert_messages(vec![message(a2, json!(1))])
         .await
@@ -1808,7 +1834,7 @@ async fn inserts_name_the_replica_holding_the_brokers_session(f: Fixture) {
     assert_eq!(alone[0].owner, None, "no session yet");
 
     let replica = ReplicaId::new();
-    s.claim_affinity(b.id, replica, SessionId::new())
+    s.claim_affinity(b.id, replica, SessionId::new(), Transport::Ws)
         .await
         .unwrap();
     let mut keyed = message(a, json!(2));
@@ -1834,7 +1860,7 @@ async fn no_session_is_claimed_between_reading_the_holder_and_the_commit(f: Fixt
     let s = f.store.clone();
     let b = broker(&*s, "b").await;
     let a = agent(&*s, b.id, "w").await;
-    s.claim_affinity(b.id, ReplicaId::new(), SessionId::new())
+    s.claim_affinity(b.id, ReplicaId::new(), SessionId::new(), Transport::Ws)
         .await
         .unwrap();
     let mut writers = tokio::task::JoinSet::new();
@@ -1852,7 +1878,7 @@ async fn no_session_is_claimed_between_reading_the_holder_and_the_commit(f: Fixt
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
     let newcomer = ReplicaId::new();
-    s.claim_affinity(b.id, newcomer, SessionId::new())
+    s.claim_affinity(b.id, newcomer, SessionId::new(), Transport::Ws)
         .await
         .unwrap();
     let visible: HashSet<IntentId> = s

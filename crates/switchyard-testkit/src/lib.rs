@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod broker;
+pub mod poll;
 pub mod proxy;
 
 pub use broker::RawBroker;

@@ -8,6 +8,12 @@
 //! is affected, so other replicas and the test's own admin connections keep
 //! working.
 //!
+//! [`TcpProxy::refusing_upgrades`] makes it an HTTP proxy that strips
+//! WebSocket support, as some corporate proxies do: a connection whose first
+//! request asks for `Upgrade` is answered 403 and closed; every other one
+//! is forwarded. (WebSocket clients open a connection for the upgrade, so
+//! the first request of a connection is the one to look at.)
+//!
 //! The proxy listens on 127.0.0.1 only and refuses non-loopback targets:
 //! fault tests must never reach beyond the machine they run on.
 
@@ -47,6 +53,8 @@ pub struct TcpProxy {
 #[derive(Debug)]
 struct Shared {
     target: SocketAddr,
+    /// Answer requests that ask for `Upgrade` with 403 instead of forwarding.
+    refuse_upgrades: bool,
     accepted: AtomicUsize,
     /// Cancelled when the proxy is dropped; parent of every generation.
     shutdown: CancellationToken,
@@ -75,6 +83,17 @@ impl TcpProxy {
     /// Listens on 127.0.0.1:0 and forwards every accepted connection to
     /// `target` (e.g. 127.0.0.1:5432), which must be a loopback address.
     pub async fn start(target: SocketAddr) -> std::io::Result<TcpProxy> {
+        Self::start_with(target, false).await
+    }
+
+    /// Like [`start`](Self::start), but a connection whose first request
+    /// asks for a protocol upgrade (a WebSocket) is answered `403
+    /// Forbidden` and closed instead of forwarded.
+    pub async fn refusing_upgrades(target: SocketAddr) -> std::io::Result<TcpProxy> {
+        Self::start_with(target, true).await
+    }
+
+    async fn start_with(target: SocketAddr, refuse_upgrades: bool) -> std::io::Result<TcpProxy> {
         if !target.ip().is_loopback() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -86,6 +105,7 @@ impl TcpProxy {
         let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared {
             target,
+            refuse_upgrades,
             accepted: AtomicUsize::new(0),
             state: Mutex::new(State {
                 cut: false,
@@ -166,16 +186,59 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         };
         let target = shared.target;
+        let refuse_upgrades = shared.refuse_upgrades;
         tokio::spawn(async move {
-            forward(client, target, generation).await;
+            let head = if refuse_upgrades {
+                match first_request_head(client).await {
+                    Some(forwarded) => forwarded,
+                    None => return,
+                }
+            } else {
+                (client, Vec::new())
+            };
+            forward(head.0, head.1, target, generation).await;
             drop(slot);
         });
     }
 }
 
-/// Forwards between `client` and `target` until either side is done or
-/// `generation` is cancelled, in which case both are reset.
-async fn forward(client: TcpStream, target: SocketAddr, generation: CancellationToken) {
+/// Most bytes read while looking for the end of a request head.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Reads the first request head of `client`; answers 403 (and returns
+/// `None`) if it asks for an upgrade, else returns the connection and the
+/// bytes read, to be forwarded first.
+async fn first_request_head(mut client: TcpStream) -> Option<(TcpStream, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+        let read = tokio::time::timeout(CONNECT_TIMEOUT, client.read(&mut buf)).await;
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(n)) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let upgrade = text.split("\r\n").any(|line| line.starts_with("upgrade:"));
+    if upgrade {
+        let refusal = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let _ = client.write_all(refusal).await;
+        let _ = client.shutdown().await;
+        return None;
+    }
+    Some((client, head))
+}
+
+/// Forwards between `client` and `target` (sending `first` upstream
+/// first) until either side is done or `generation` is cancelled, in which
+/// case both are reset.
+async fn forward(
+    client: TcpStream,
+    first: Vec<u8>,
+    target: SocketAddr,
+    generation: CancellationToken,
+) {
     let upstream = tokio::select! {
         () = generation.cancelled() => None,
         connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)) => {
@@ -188,6 +251,13 @@ async fn forward(client: TcpStream, target: SocketAddr, generation: Cancellation
     };
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
+    if !first.is_empty() {
+        use tokio::io::AsyncWriteExt;
+        if upstream.write_all(&first).await.is_err() {
+            reset(client);
+            return;
+        }
+    }
     let mut client = client;
     let cancelled = tokio::select! {
         () = generation.cancelled() => true,

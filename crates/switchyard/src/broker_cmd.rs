@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use switchyard_broker::{BrokerConfig, ProcessConfig, ProcessRuntime};
+use switchyard_broker::{BrokerConfig, ProcessConfig, ProcessRuntime, Transport};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, clap::Args)]
@@ -48,6 +48,12 @@ pub(crate) struct BrokerArgs {
         default_value = "./switchyard-broker"
     )]
     workdir: PathBuf,
+    /// How to reach the hub: `ws` (one WebSocket), `poll` (short HTTP
+    /// requests, for networks that do not keep a WebSocket open) or `auto`
+    /// (the WebSocket, polling a hub whose upgrade is refused and trying
+    /// the upgrade again every 5 minutes).
+    #[arg(long, env = "SWITCHYARD_TRANSPORT", default_value = "ws", value_parser = parse_transport)]
+    transport: Transport,
     /// Seconds a stopping agent gets between SIGTERM and SIGKILL.
     #[arg(long, default_value_t = 5)]
     stop_grace_secs: u64,
@@ -81,8 +87,13 @@ pub(crate) async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         broker: args.broker_id,
         secret,
         workdir: args.workdir,
+        transport: args.transport,
     };
     let result = switchyard_broker::run(config, Arc::new(runtime.clone()), shutdown).await;
     runtime.shutdown().await;
     result.context("the broker cannot run with this configuration")
+}
+
+fn parse_transport(text: &str) -> Result<Transport, String> {
+    text.parse()
 }

@@ -4,15 +4,16 @@
 //! after the commit (invariant 6). A frame about another broker's agents,
 //! dispatches or messages is refused with a `forbidden` error frame and
 //! changes nothing (invariant 8); a storage failure ends the session (the
-//! broker reconnects and resends).
+//! broker reconnects and resends) or, on the poll transport, fails the
+//! request (the broker sends it again). The same frames arrive on both
+//! transports and are applied here alike.
 
-use switchyard_proto::{AgentStatus, BrokerFrame, DispatchResult, ErrorCode};
+use switchyard_proto::{AgentStatus, BrokerFrame, DispatchResult, ErrorCode, HubFrame};
 use switchyard_store::{
     AgentId, Broker, Entity, IntentId, IntentOutcome, MessageId, StatusReport, StoreError,
 };
 
 use super::close::error_frame;
-use super::writer::Outbox;
 use crate::events::HubEvent;
 use crate::state::HubState;
 
@@ -36,32 +37,40 @@ impl From<StoreError> for ApplyError {
     }
 }
 
-/// Applies one frame. Only errors that must end the session come back.
+/// Applies one frame, on any transport. Only errors that must end the
+/// session (or fail the request) come back as errors; a refusal comes back
+/// as the error frame to answer with.
 pub(crate) async fn apply(
     state: &HubState,
     broker: &Broker,
-    outbox: &Outbox,
     frame: BrokerFrame,
-) -> Result<(), ApplyError> {
+) -> Result<Option<HubFrame>, ApplyError> {
     let applied = match frame {
         BrokerFrame::Status(report) => status(state, broker, report).await,
         BrokerFrame::Result(report) => result(state, broker, report).await,
-        BrokerFrame::Ack { message_ids } => ack(state, broker, message_ids).await,
+        BrokerFrame::Ack {
+            message_ids,
+            dispatch_ids,
+        } => ack(state, broker, message_ids, dispatch_ids).await,
         BrokerFrame::Error(error) => {
             tracing::warn!(broker = %broker.id, code = ?error.code, message = %error.message, "broker reported an error");
             Ok(())
         }
-        BrokerFrame::Hello { .. } => hello(outbox).await,
+        // Only the first frame may be one. Answered, not fatal.
+        BrokerFrame::Hello { .. } => {
+            return Ok(Some(error_frame(
+                ErrorCode::Protocol,
+                "hello is only valid as the first frame",
+            )));
+        }
     };
     match applied {
+        Ok(()) => Ok(None),
         Err(err @ ApplyError::NotOwn(_)) => {
             tracing::warn!(broker = %broker.id, %err, "broker reported on something that is not its own; refused");
-            let _ = outbox
-                .send(error_frame(ErrorCode::Forbidden, err.to_string()))
-                .await;
-            Ok(())
+            Ok(Some(error_frame(ErrorCode::Forbidden, err.to_string())))
         }
-        other => other,
+        Err(err) => Err(err),
     }
 }
 
@@ -114,18 +123,37 @@ async fn result(
                 .await
                 .unwrap_or(true)
         {
-            state.registry.wake(broker.id);
+            // On the poll transport the waiting poll may be on another
+            // replica than this report.
+            state.originator.wake(broker.id).await;
         }
     }
     Ok(())
 }
 
-/// `ack`: messages the broker received, in one statement per frame.
+/// `ack`: messages the broker handed to their agents, in one statement
+/// per frame, and dispatches it received (which a poll then does not send
+/// again). Repeating an ack changes nothing.
 async fn ack(
     state: &HubState,
     broker: &Broker,
     message_ids: Vec<uuid::Uuid>,
+    dispatch_ids: Vec<uuid::Uuid>,
 ) -> Result<(), ApplyError> {
+    if !dispatch_ids.is_empty() {
+        let ids: Vec<IntentId> = dispatch_ids.into_iter().map(IntentId).collect();
+        if !state
+            .store
+            .receive_intents(broker.id, &ids)
+            .await?
+            .is_empty()
+        {
+            return Err(ApplyError::NotOwn(Entity::Intent));
+        }
+    }
+    if message_ids.is_empty() {
+        return Ok(());
+    }
     let ids: Vec<MessageId> = message_ids.into_iter().map(MessageId).collect();
     let acked = state.store.ack_messages(broker.id, &ids).await?;
     state.metrics.messages_delivered.inc_by(acked.delivered);
@@ -134,15 +162,4 @@ async fn ack(
     } else {
         Err(ApplyError::NotOwn(Entity::Message))
     }
-}
-
-/// A second `hello`: only the first frame may be one. Answered, not fatal.
-async fn hello(outbox: &Outbox) -> Result<(), ApplyError> {
-    let _ = outbox
-        .send(error_frame(
-            ErrorCode::Protocol,
-            "hello is only valid as the first frame",
-        ))
-        .await;
-    Ok(())
 }

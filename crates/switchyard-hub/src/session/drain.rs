@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use switchyard_proto::{AgentMessage, AgentSpec, BrokerCall, Dispatch, HubFrame};
-use switchyard_store::{AgentId, BrokerId, ReplicaId, SessionId, Store, StoreError};
+use switchyard_store::{
+    AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId, Store, StoreError,
+};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -27,15 +29,29 @@ use super::close::Close;
 use super::writer::{Outbox, WriteError};
 use crate::metrics::Metrics;
 
-/// Handle on one live session of this replica.
+/// Handle on one live session of this replica: a socket, or a poll that
+/// is waiting for work.
 #[derive(Clone, Debug)]
 pub(crate) struct SessionHandle {
     pub(crate) session_id: SessionId,
-    pub(crate) outbox: Outbox,
-    /// Wakes the session's drain: there is new work for the broker.
+    /// The socket's outbox; `None` for a waiting poll.
+    pub(crate) outbox: Option<Outbox>,
+    /// Wakes the session's drain (or waiting poll): there is new work for
+    /// the broker.
     pub(crate) wake: Arc<Notify>,
-    /// Cancelled when the session ends, for whatever reason.
+    /// Cancelled when the session ends (or the poll is replaced).
     pub(crate) cancel: CancellationToken,
+}
+
+impl SessionHandle {
+    /// Ends this local session because a newer one of its broker took
+    /// over: a socket is told why and closed; a waiting poll answers.
+    fn supersede(&self) {
+        match &self.outbox {
+            Some(outbox) => outbox.close(Close::superseded()),
+            None => self.cancel.cancel(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -51,18 +67,35 @@ impl Registry {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers a session, closing the older local session it replaces.
+    /// Registers a session, closing the older local session (or waiting
+    /// poll) it replaces.
     pub(crate) fn insert(&self, broker: BrokerId, handle: SessionHandle) {
         let older = self.map().insert(broker, handle);
         if let Some(old) = older {
-            old.outbox.close(Close::superseded());
+            old.supersede();
         }
     }
 
-    /// Forgets the session, if it is still the registered one.
-    pub(crate) fn remove(&self, broker: BrokerId, session: SessionId) {
+    /// Closes the broker's local session if it is not `session`: a newer
+    /// session was claimed here without registering (a poll session's
+    /// hello).
+    pub(crate) fn supersede_others(&self, broker: BrokerId, session: SessionId) {
         let mut map = self.map();
-        if map.get(&broker).is_some_and(|h| h.session_id == session) {
+        if map.get(&broker).is_some_and(|h| h.session_id != session)
+            && let Some(old) = map.remove(&broker)
+        {
+            old.supersede();
+        }
+    }
+
+    /// Forgets the session (or poll) `handle`, if it is still the
+    /// registered one.
+    pub(crate) fn remove(&self, broker: BrokerId, handle: &SessionHandle) {
+        let mut map = self.map();
+        if map
+            .get(&broker)
+            .is_some_and(|h| Arc::ptr_eq(&h.wake, &handle.wake))
+        {
             map.remove(&broker);
         }
     }
@@ -132,100 +165,187 @@ impl Drain {
 
     /// Claims and sends until the broker has no pending work left.
     async fn drain_once(&self) -> Result<(), DrainError> {
-        let mut specs: HashMap<AgentId, AgentSpec> = HashMap::new();
-        let session = [(self.broker, self.session)];
+        let mut claimer = Claimer::new(self.store.clone(), self.replica, self.broker, self.session);
         // Broker calls are claimed on the first pass of each drain only:
         // they are rare, and a probe on every pass of a long drain cost
         // message throughput. More than a batch of them waits for the next
         // wake-up or backstop.
         let mut first_pass = true;
         loop {
-            // Both claims at once, on two connections: a pass costs one
-            // round trip of waiting instead of two. Intents still go out
-            // before the messages claimed with them. What one claim got is
-            // sent even if the other failed: a claimed row left unsent
-            // would wait in flight until its lease ran out.
-            // Broker calls (no agent, no order to keep) ride along.
-            let (intents, messages, calls) = tokio::join!(
-                self.store.claim_intents(&session, self.replica, BATCH),
-                self.store.claim_messages(&session, self.replica, BATCH),
-                async {
-                    if first_pass {
-                        self.store
-                            .claim_broker_calls(self.broker, self.session, self.replica, BATCH)
-                            .await
-                    } else {
-                        Ok(Vec::new())
-                    }
-                },
-            );
+            let pass = claimer.pass(BATCH, first_pass).await;
             first_pass = false;
-            let (intents, intents_failed) = claimed(intents);
-            let (messages, messages_failed) = claimed(messages);
-            let (calls, calls_failed) = claimed(calls);
-            let mut failed = intents_failed.or(messages_failed).or(calls_failed);
-            for intent in intents.iter().chain(&calls) {
-                self.metrics
-                    .intents_claimed
-                    .with_label_values(&[intent.op.as_str()])
-                    .inc();
-                let Some(agent_id) = intent.agent_id else {
-                    self.send(HubFrame::BrokerCall(BrokerCall {
-                        id: intent.id.0,
-                        name: intent.name.clone().unwrap_or_default(),
-                        args: intent.args.0.clone(),
-                    }))
-                    .await?;
-                    continue;
-                };
-                let agent = match specs.get(&agent_id) {
-                    Some(spec) => spec.clone(),
-                    None => match self.store.agent(agent_id).await {
-                        Ok(row) => {
-                            let spec = AgentSpec {
-                                name: row.name,
-                                command: row.command.0,
-                                env: row.env.0,
-                            };
-                            specs.insert(agent_id, spec.clone());
-                            spec
-                        }
-                        Err(err) => {
-                            failed = failed.or(Some(err));
-                            break;
-                        }
-                    },
-                };
-                self.send(HubFrame::Dispatch(Dispatch {
-                    id: intent.id.0,
-                    agent_id: agent_id.0,
-                    op: intent.op,
-                    name: intent.name.clone(),
-                    agent,
-                    args: intent.args.0.clone(),
-                }))
-                .await?;
+            claimer.unclaim(&pass.unsent).await;
+            for (frame, _) in pass.frames {
+                self.metrics.count_claimed(&frame);
+                self.outbox.send(frame).await?;
             }
-            for message in &messages {
-                self.send(HubFrame::Message(AgentMessage {
-                    id: message.id.0,
-                    agent_id: message.agent_id.0,
-                    seq: message.seq,
-                    body: message.body.0.clone(),
-                }))
-                .await?;
-            }
-            if let Some(err) = failed {
+            if let Some(err) = pass.failed {
                 return Err(err.into());
             }
-            if intents.len() < BATCH as usize && messages.len() < BATCH as usize {
+            if !pass.more {
                 return Ok(());
             }
         }
     }
+}
 
-    async fn send(&self, frame: HubFrame) -> Result<(), DrainError> {
-        Ok(self.outbox.send(frame).await?)
+/// Which row a frame sends.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum WorkId {
+    Intent(IntentId),
+    Message(MessageId),
+}
+
+/// What one pass of a [`Claimer`] got.
+#[derive(Debug, Default)]
+pub(crate) struct Pass {
+    /// The frames to send, in order: intents (and broker calls) first, then
+    /// messages, each in (agent, seq) order.
+    pub(crate) frames: Vec<(HubFrame, WorkId)>,
+    /// Rows claimed that have no frame (their agent could not be read):
+    /// to be put back.
+    pub(crate) unsent: Vec<WorkId>,
+    /// Why a claim (or a read) failed; what the others got is still sent,
+    /// since a claimed row left unsent would wait in flight until its lease
+    /// ran out.
+    pub(crate) failed: Option<StoreError>,
+    /// A claim came back full: more may be pending.
+    pub(crate) more: bool,
+}
+
+/// Claims a session's pending work and turns it into the frames that
+/// carry it, on any transport: a socket's drain sends them down the
+/// socket, a poll answers with them.
+pub(crate) struct Claimer {
+    store: Arc<dyn Store>,
+    replica: ReplicaId,
+    broker: BrokerId,
+    session: SessionId,
+    /// Agent definitions read so far (every dispatch carries its agent's).
+    specs: HashMap<AgentId, AgentSpec>,
+}
+
+impl Claimer {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        replica: ReplicaId,
+        broker: BrokerId,
+        session: SessionId,
+    ) -> Self {
+        Self {
+            store,
+            replica,
+            broker,
+            session,
+            specs: HashMap::new(),
+        }
+    }
+
+    /// Claims up to `limit` intents and `limit` messages (and, with
+    /// `calls`, up to `limit` broker calls) of the session's broker.
+    pub(crate) async fn pass(&mut self, limit: u32, calls: bool) -> Pass {
+        let session = [(self.broker, self.session)];
+        // Both claims at once, on two connections: a pass costs one round
+        // trip of waiting instead of two. Intents still go out before the
+        // messages claimed with them. Broker calls (no agent, no order to
+        // keep) ride along.
+        let (intents, messages, broker_calls) = tokio::join!(
+            self.store.claim_intents(&session, self.replica, limit),
+            self.store.claim_messages(&session, self.replica, limit),
+            async {
+                if calls {
+                    self.store
+                        .claim_broker_calls(self.broker, self.session, self.replica, limit)
+                        .await
+                } else {
+                    Ok(Vec::new())
+                }
+            },
+        );
+        let (intents, intents_failed) = claimed(intents);
+        let (messages, messages_failed) = claimed(messages);
+        let (broker_calls, calls_failed) = claimed(broker_calls);
+        let mut pass = Pass {
+            more: intents.len() >= limit as usize || messages.len() >= limit as usize,
+            failed: intents_failed.or(messages_failed).or(calls_failed),
+            ..Pass::default()
+        };
+        for intent in intents.into_iter().chain(broker_calls) {
+            let id = WorkId::Intent(intent.id);
+            let Some(agent_id) = intent.agent_id else {
+                let frame = HubFrame::BrokerCall(BrokerCall {
+                    id: intent.id.0,
+                    name: intent.name.unwrap_or_default(),
+                    args: intent.args.0,
+                });
+                pass.frames.push((frame, id));
+                continue;
+            };
+            if pass.failed.is_some() {
+                pass.unsent.push(id);
+                continue;
+            }
+            let agent = match self.spec(agent_id).await {
+                Ok(spec) => spec,
+                Err(err) => {
+                    pass.failed = Some(err);
+                    pass.unsent.push(id);
+                    continue;
+                }
+            };
+            let frame = HubFrame::Dispatch(Dispatch {
+                id: intent.id.0,
+                agent_id: agent_id.0,
+                op: intent.op,
+                name: intent.name,
+                agent,
+                args: intent.args.0,
+            });
+            pass.frames.push((frame, id));
+        }
+        for message in messages {
+            let frame = HubFrame::Message(AgentMessage {
+                id: message.id.0,
+                agent_id: message.agent_id.0,
+                seq: message.seq,
+                body: message.body.0,
+            });
+            pass.frames.push((frame, WorkId::Message(message.id)));
+        }
+        pass
+    }
+
+    async fn spec(&mut self, agent_id: AgentId) -> Result<AgentSpec, StoreError> {
+        if let Some(spec) = self.specs.get(&agent_id) {
+            return Ok(spec.clone());
+        }
+        let row = self.store.agent(agent_id).await?;
+        let spec = AgentSpec {
+            name: row.name,
+            command: row.command.0,
+            env: row.env.0,
+        };
+        self.specs.insert(agent_id, spec.clone());
+        Ok(spec)
+    }
+
+    /// Puts rows that were claimed and not sent back to `pending`. A
+    /// failure is only logged: the rows then wait in flight for the next
+    /// session's requeue, the poll requeue or their lease.
+    pub(crate) async fn unclaim(&self, rows: &[WorkId]) {
+        if rows.is_empty() {
+            return;
+        }
+        let (mut intents, mut messages) = (Vec::new(), Vec::new());
+        for row in rows {
+            match *row {
+                WorkId::Intent(id) => intents.push(id),
+                WorkId::Message(id) => messages.push(id),
+            }
+        }
+        if let Err(err) = self.store.unclaim(self.broker, &intents, &messages).await {
+            tracing::warn!(broker = %self.broker, %err, "could not put back claimed work that was not sent");
+        }
     }
 }
 

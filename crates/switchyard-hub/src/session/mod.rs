@@ -18,6 +18,7 @@ mod apply;
 mod close;
 mod drain;
 mod hello;
+pub(crate) mod poll;
 mod reader;
 mod writer;
 
@@ -30,7 +31,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use switchyard_proto::{AgentStatus, ErrorCode, HubFrame, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES};
-use switchyard_store::{Broker, SessionId, StoreError};
+use switchyard_store::{Broker, SessionId, StoreError, Transport};
 use tokio::sync::Notify;
 
 use crate::affinity::{Affinity, AffinityError};
@@ -43,7 +44,7 @@ pub(crate) use drain::{Registry, SessionHandle};
 
 /// Why a session could not start.
 #[derive(Debug, thiserror::Error)]
-enum StartError {
+pub(crate) enum StartError {
     #[error(transparent)]
     Affinity(#[from] AffinityError),
     #[error(transparent)]
@@ -116,7 +117,7 @@ async fn run(state: HubState, broker: Broker, socket: WebSocket) {
 
     let handle = SessionHandle {
         session_id: SessionId::new(),
-        outbox,
+        outbox: Some(outbox.clone()),
         wake: Arc::new(Notify::new()),
         cancel: cancel.clone(),
     };
@@ -125,16 +126,27 @@ async fn run(state: HubState, broker: Broker, socket: WebSocket) {
         state.replica_id,
         broker.id,
         handle.session_id,
+        Transport::Ws,
     );
-    if let Err(err) = start(&state, &broker, &affinity, &handle, agents).await {
+    let started = start(&state, &broker, &affinity, agents).await;
+    state.registry.insert(broker.id, handle.clone());
+    if let Err(err) = started {
         tracing::error!(broker = %broker.id, %err, "could not start session");
-        handle.outbox.close(Close::explained(
+        outbox.close(Close::explained(
             ErrorCode::Unavailable,
             err.to_string(),
             close::INTERNAL,
             "hub unavailable",
         ));
     } else {
+        let _ = outbox
+            .send(HubFrame::Welcome {
+                session_id: handle.session_id.0,
+                heartbeat_ms: millis(state.config.heartbeat_interval),
+                max_message_bytes: MAX_MESSAGE_BYTES,
+                poll: None,
+            })
+            .await;
         tracing::info!(broker = %broker.id, session = %handle.session_id, "broker connected");
         state.metrics.brokers_connected.inc();
         tokio::spawn(
@@ -143,7 +155,7 @@ async fn run(state: HubState, broker: Broker, socket: WebSocket) {
                 replica: state.replica_id,
                 broker: broker.id,
                 session: handle.session_id,
-                outbox: handle.outbox.clone(),
+                outbox: outbox.clone(),
                 wake: handle.wake.clone(),
                 backstop: state.config.drain_backstop,
                 cancel: cancel.clone(),
@@ -153,45 +165,48 @@ async fn run(state: HubState, broker: Broker, socket: WebSocket) {
         );
         tokio::spawn(writer::ping(
             affinity.clone(),
-            handle.outbox.clone(),
+            outbox.clone(),
             state.config.heartbeat_interval,
         ));
-        if let Err(err) = reader::run(&state, &broker, &handle, &mut stream).await {
+        if let Err(err) = reader::run(&state, &broker, &handle, &outbox, &mut stream).await {
             tracing::warn!(broker = %broker.id, %err, "closing the control channel");
-            handle.outbox.close(err.close());
+            outbox.close(err.close());
         }
         state.metrics.brokers_connected.dec();
     }
 
     cancel.cancel();
-    state.registry.remove(broker.id, handle.session_id);
+    state.registry.remove(broker.id, &handle);
     affinity.release().await;
     let _ = writer.await;
     close::linger(&mut stream).await;
 }
 
-/// Claims affinity, replaces an older local session, requeues in-flight
-/// work, applies the broker's reported states and says welcome.
+/// Starts a session on either transport: claims affinity (newest wins),
+/// requeues work in flight on older sessions and applies the broker's
+/// reported states. The caller registers the session and says welcome.
 async fn start(
     state: &HubState,
     broker: &Broker,
     affinity: &Affinity,
-    handle: &SessionHandle,
     agents: Vec<AgentStatus>,
 ) -> Result<(), StartError> {
     let took_over = affinity.claim().await?;
-    state.registry.insert(broker.id, handle.clone());
     // Work in flight counts an attempt only if the last session ended by
     // itself (the broker closed, crashed or went silent), not when a new
-    // connection superseded a live one.
-    let dead_letter_after = (!took_over).then_some(state.config.max_attempts);
+    // connection superseded a live one. A poll session never ends by
+    // itself before it lapses, so a poll session's start always counts:
+    // otherwise a broker that crashes on some work and restarts within
+    // the lapse would be sent it forever.
+    let ended_by_itself = !took_over || affinity.transport == Transport::Poll;
+    let dead_letter_after = ended_by_itself.then_some(state.config.max_attempts);
     let report = state
         .store
         .requeue_broker_in_flight(broker.id, dead_letter_after)
         .await?;
     if report.requeued() > 0 {
         let requeued = report.requeued();
-        tracing::info!(broker = %broker.id, requeued, "resending work in flight on older sockets");
+        tracing::info!(broker = %broker.id, requeued, "resending work in flight on older sessions");
     }
     if report.messages_failed + report.intents_failed > 0 {
         tracing::warn!(
@@ -206,13 +221,10 @@ async fn start(
             Err(err) => return Err(err.into()),
         }
     }
-    let _ = handle
-        .outbox
-        .send(HubFrame::Welcome {
-            session_id: handle.session_id.0,
-            heartbeat_ms: state.config.heartbeat_interval.as_millis() as u64,
-            max_message_bytes: MAX_MESSAGE_BYTES,
-        })
-        .await;
     Ok(())
+}
+
+/// A duration as the milliseconds a frame carries.
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite;
 use super::SessionHandle;
 use super::apply::{ApplyError, apply};
 use super::close::{self, Close};
+use super::writer::Outbox;
 use crate::state::HubState;
 
 /// Why reading stopped before the broker closed the socket.
@@ -78,6 +79,7 @@ pub(crate) async fn run(
     state: &HubState,
     broker: &Broker,
     handle: &SessionHandle,
+    outbox: &Outbox,
     stream: &mut SplitStream<WebSocket>,
 ) -> Result<(), ReadError> {
     let silence = state.config.heartbeat_interval * 3;
@@ -114,8 +116,11 @@ pub(crate) async fn run(
             Message::Binary(_) => return Err(ReadError::Binary),
         };
         let frame = decode::<BrokerFrame>(&text).map_err(ReadError::Decode)?;
-        apply(state, broker, &handle.outbox, frame)
+        let answer = apply(state, broker, frame)
             .await
             .map_err(ReadError::Apply)?;
+        if let Some(answer) = answer {
+            let _ = outbox.send(answer).await;
+        }
     }
 }

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use crate::dialect::{BindNow, Dialect, for_each_backend, sql};
 use crate::error::StoreResult;
 use crate::model::{RequeuePolicy, RequeueReport};
-use crate::rules::{ABANDONED, INTENT, MESSAGE};
+use crate::rules::{ABANDONED, INTENT, MESSAGE, POLL};
 
 /// One replica's claim on the cluster-singleton role.
 #[async_trait]
@@ -35,7 +35,9 @@ pub trait Housekeeping: Send + Sync {
 
     /// Puts claimed-but-unfinished intents and messages whose claimer is
     /// dead or whose lease ran out back to `pending`, or fails them once
-    /// they have been tried `max_attempts` times.
+    /// they have been tried `max_attempts` times. A broker whose latest
+    /// session polls has a shorter lease, `poll_lease`, on what it has not
+    /// acknowledged (messages not acked, dispatches not received).
     async fn requeue_abandoned(&self, policy: RequeuePolicy) -> StoreResult<RequeueReport>;
 
     /// Deletes finished intents (`done`, `failed`) and messages
@@ -78,14 +80,19 @@ for_each_backend! {
                  WHERE state = {in_flight}
                    AND (claimed_at < @ago($1)
                         OR NOT EXISTS (SELECT 1 FROM replicas r
-                                       WHERE r.instance_id = claimed_by AND r.last_seen >= @ago($2)))
+                                       WHERE r.instance_id = claimed_by AND r.last_seen >= @ago($2))
+                        OR (claimed_at < @ago($4)
+                                 AND (received_at IS NULL OR received_at < claimed_at)
+                            AND broker_id IN (SELECT id FROM brokers WHERE transport = {poll})))
                  RETURNING state",
                 requeue = INTENT.requeue_set("$3", ABANDONED),
                 in_flight = INTENT.in_flight,
+                poll = *POLL,
             ))
             .bind(Backend::ago(policy.lease))
             .bind(Backend::ago(policy.replica_stale_after))
             .bind(policy.max_attempts)
+            .bind(Backend::ago(policy.poll_lease))
             .bind_now()
             .fetch_all(&mut *tx)
             .await?;
@@ -95,14 +102,18 @@ for_each_backend! {
                  WHERE state = {in_flight}
                    AND (claimed_at < @ago($1)
                         OR NOT EXISTS (SELECT 1 FROM replicas r
-                                       WHERE r.instance_id = claimed_by AND r.last_seen >= @ago($2)))
+                                       WHERE r.instance_id = claimed_by AND r.last_seen >= @ago($2))
+                        OR (claimed_at < @ago($4)
+                            AND broker_id IN (SELECT id FROM brokers WHERE transport = {poll})))
                  RETURNING state",
                 requeue = MESSAGE.requeue_set("$3", ABANDONED),
                 in_flight = MESSAGE.in_flight,
+                poll = *POLL,
             ))
             .bind(Backend::ago(policy.lease))
             .bind(Backend::ago(policy.replica_stale_after))
             .bind(policy.max_attempts)
+            .bind(Backend::ago(policy.poll_lease))
             .bind_now()
             .fetch_all(&mut *tx)
             .await?;

@@ -186,6 +186,37 @@ pub trait WorkStore: Send + Sync {
         broker: BrokerId,
         dead_letter_after: Option<i32>,
     ) -> StoreResult<RequeueReport>;
+
+    /// At the start of each poll of a poll session: puts back to `pending`
+    /// what earlier polls returned and the broker has not acknowledged
+    /// (every message in flight, and every intent in flight the broker has
+    /// not said it received), so the poll sends it again, in order. The
+    /// attempt rule is that of [`WorkStore::requeue_broker_in_flight`]
+    /// with `Some(max_attempts)`: work the broker never gets past fails
+    /// after `max_attempts` polls instead of holding back its agent.
+    async fn requeue_unacknowledged(
+        &self,
+        broker: BrokerId,
+        max_attempts: i32,
+    ) -> StoreResult<RequeueReport>;
+
+    /// The broker says it received these dispatches (and will answer
+    /// them): they stay in flight until their result, and no poll sends
+    /// them again. Ids that are not this broker's intents are returned.
+    async fn receive_intents(
+        &self,
+        broker: BrokerId,
+        ids: &[IntentId],
+    ) -> StoreResult<Vec<IntentId>>;
+
+    /// Puts claimed rows that were never sent back to `pending`, without
+    /// counting their claim (a poll's answer had no room left for them).
+    async fn unclaim(
+        &self,
+        broker: BrokerId,
+        intents: &[IntentId],
+        messages: &[MessageId],
+    ) -> StoreResult<()>;
 }
 
 /// The work statements whose text genuinely differs between backends: the
@@ -703,6 +734,101 @@ for_each_backend! {
             broker: BrokerId,
             dead_letter_after: Option<i32>,
         ) -> StoreResult<RequeueReport> {
+            self.requeue_in_flight(broker, dead_letter_after, true).await
+        }
+
+        async fn requeue_unacknowledged(
+            &self,
+            broker: BrokerId,
+            max_attempts: i32,
+        ) -> StoreResult<RequeueReport> {
+            self.requeue_in_flight(broker, Some(max_attempts), false).await
+        }
+
+        async fn receive_intents(
+            &self,
+            broker: BrokerId,
+            ids: &[IntentId],
+        ) -> StoreResult<Vec<IntentId>> {
+            let mut not_found = Vec::new();
+            let mut tx = self.write().await?;
+            for &id in ids {
+                let received = sqlx::query(sql!(
+                    "UPDATE dispatch_intents SET received_at = @now
+                     WHERE id = $1 AND broker_id = $2 AND state = {in_flight}",
+                    in_flight = INTENT.in_flight,
+                ))
+                .bind(id)
+                .bind(broker)
+                .bind_now()
+                .execute(&mut *tx)
+                .await?;
+                if received.rows_affected() == 0 {
+                    let ours: Option<i64> = sqlx::query_scalar(sql!(
+                        "SELECT 1 FROM dispatch_intents WHERE id = $1 AND broker_id = $2"
+                    ))
+                    .bind(id)
+                    .bind(broker)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if ours.is_none() {
+                        not_found.push(id);
+                    }
+                }
+            }
+            tx.commit().await?;
+            Ok(not_found)
+        }
+
+        async fn unclaim(
+            &self,
+            broker: BrokerId,
+            intents: &[IntentId],
+            messages: &[MessageId],
+        ) -> StoreResult<()> {
+            let mut tx = self.write().await?;
+            for &id in intents {
+                sqlx::query(sql!(
+                    "UPDATE dispatch_intents SET {uncounted}, updated_at = @now
+                     WHERE id = $1 AND broker_id = $2 AND state = {in_flight}",
+                    uncounted = INTENT.uncounted_requeue_set(),
+                    in_flight = INTENT.in_flight,
+                ))
+                .bind(id)
+                .bind(broker)
+                .bind_now()
+                .execute(&mut *tx)
+                .await?;
+            }
+            for &id in messages {
+                sqlx::query(sql!(
+                    "UPDATE messages SET {uncounted}, updated_at = @now
+                     WHERE id = $1 AND broker_id = $2 AND state = {in_flight}",
+                    uncounted = MESSAGE.uncounted_requeue_set(),
+                    in_flight = MESSAGE.in_flight,
+                ))
+                .bind(id)
+                .bind(broker)
+                .bind_now()
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+    }
+
+    impl Backend {
+        /// [`WorkStore::requeue_broker_in_flight`] for every message in
+        /// flight and, unless `all_intents`, only the intents in flight the
+        /// broker has not said it received since their claim (migration
+        /// 0013).
+        async fn requeue_in_flight(
+            &self,
+            broker: BrokerId,
+            dead_letter_after: Option<i32>,
+            all_intents: bool,
+        ) -> StoreResult<RequeueReport> {
             let mut tx = self.write().await?;
             let (mut intents, mut messages) = (Vec::new(), Vec::new());
             // Per agent, the oldest row in flight is the one the broker was
@@ -712,9 +838,12 @@ for_each_backend! {
                 intents = sqlx::query_scalar(sql!(
                     "UPDATE dispatch_intents SET {requeue}, updated_at = @now
                      WHERE broker_id = $1 AND state = {in_flight}
+                       AND ($3 OR received_at IS NULL OR received_at < claimed_at)
                        AND NOT EXISTS (SELECT 1 FROM dispatch_intents o
                                        WHERE o.agent_id = dispatch_intents.agent_id
                                          AND o.state = {in_flight}
+                                         AND ($3 OR o.received_at IS NULL
+                                              OR o.received_at < o.claimed_at)
                                          AND o.seq < dispatch_intents.seq)
                      RETURNING state",
                     requeue = INTENT.requeue_set("$2", SESSION_ENDED),
@@ -722,6 +851,7 @@ for_each_backend! {
                 ))
                 .bind(broker)
                 .bind(max_attempts)
+                .bind(all_intents)
                 .bind_now()
                 .fetch_all(&mut *tx)
                 .await?;
@@ -746,11 +876,13 @@ for_each_backend! {
             // itself): their claims do not count.
             let intents_behind = sqlx::query(sql!(
                 "UPDATE dispatch_intents SET {uncounted}, updated_at = @now
-                 WHERE broker_id = $1 AND state = {in_flight}",
+                 WHERE broker_id = $1 AND state = {in_flight}
+                   AND ($2 OR received_at IS NULL OR received_at < claimed_at)",
                 uncounted = INTENT.uncounted_requeue_set(),
                 in_flight = INTENT.in_flight,
             ))
             .bind(broker)
+            .bind(all_intents)
             .bind_now()
             .execute(&mut *tx)
             .await?;

@@ -1,0 +1,191 @@
+//! The poll transport end to end: `switchyard serve` replicas and
+//! `switchyard broker --transport poll|auto` as real processes, behind a
+//! proxy that refuses WebSocket upgrades, with replicas and brokers killed
+//! mid-stream.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use switchyard_testkit::{TcpProxy, TestDb};
+use switchyard_tests::{
+    Api, BrokerProcess, Server, TOKEN, assert_once_in_order, inbox, wait_inbox,
+};
+
+switchyard_testkit::on_both_backends!(
+    a_polling_broker_behind_a_proxy_that_refuses_upgrades_gets_1000_messages_once_and_in_order,
+    a_broker_that_alternates_transports_every_50_messages_loses_and_duplicates_nothing,
+);
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    workdir: PathBuf,
+    a: Server,
+    /// A second replica (PostgreSQL only).
+    b: Option<Server>,
+    api: Api,
+    broker_id: String,
+    secret: String,
+}
+
+impl Setup {
+    async fn new(db: &TestDb) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let workdir = dir.path().join("broker");
+        std::fs::create_dir_all(&workdir).unwrap();
+        let a = Server::start(dir.path(), Some(db.url()));
+        let b = db
+            .url()
+            .starts_with("postgres")
+            .then(|| Server::start(dir.path(), Some(db.url())));
+        let api = Api::new(&a.base, TOKEN);
+        let (status, broker) = api
+            .call("POST", "/v1/brokers", Some(json!({"name": "edge"})))
+            .await;
+        assert_eq!(status, 201, "{broker}");
+        Setup {
+            broker_id: broker["id"].as_str().unwrap().to_owned(),
+            secret: broker["secret"].as_str().unwrap().to_owned(),
+            _dir: dir,
+            workdir,
+            a,
+            b,
+            api,
+        }
+    }
+
+    fn broker(&self, hubs: &[&str], transport: &str) -> BrokerProcess {
+        BrokerProcess::start_with(
+            hubs,
+            &self.broker_id,
+            &self.secret,
+            &self.workdir,
+            transport,
+        )
+    }
+
+    async fn online(&self, transport: &str) -> Value {
+        self.api
+            .wait_until(
+                &format!("/v1/brokers/{}", self.broker_id),
+                Duration::from_secs(20),
+                |row| row["status"] == "online" && row["transport"] == transport,
+            )
+            .await
+    }
+}
+
+fn addr(base: &str) -> SocketAddr {
+    base.trim_start_matches("http://").parse().unwrap()
+}
+
+/// Sends bodies `range` through `api`, one after the other.
+async fn send_range(api: &Api, agent: &str, range: std::ops::Range<u64>) {
+    for n in range {
+        api.send(agent, json!(n)).await;
+    }
+}
+
+/// A broker that can only poll (its proxies refuse the upgrade, and it
+/// falls back) gets 1,000 messages once and in order while the replica it
+/// polls is killed (PostgreSQL), or while it is itself killed and started
+/// again (SQLite: one replica).
+async fn a_polling_broker_behind_a_proxy_that_refuses_upgrades_gets_1000_messages_once_and_in_order(
+    db: TestDb,
+) {
+    const N: u64 = 1000;
+    let mut setup = Setup::new(&db).await;
+    let proxy_a = TcpProxy::refusing_upgrades(addr(&setup.a.base))
+        .await
+        .unwrap();
+    let via_a = format!("http://{}", proxy_a.addr());
+    let (proxy_b, via_b) = match &setup.b {
+        Some(b) => {
+            let proxy = TcpProxy::refusing_upgrades(addr(&b.base)).await.unwrap();
+            let via = format!("http://{}", proxy.addr());
+            (Some(proxy), Some(via))
+        }
+        None => (None, None),
+    };
+    // The broker polls B first (A when there is no B).
+    let hubs: Vec<&str> = via_b
+        .iter()
+        .map(String::as_str)
+        .chain([via_a.as_str()])
+        .collect();
+    let mut broker = setup.broker(&hubs, "auto");
+    setup.online("poll").await;
+    let agent = setup.api.echo_agent(&setup.broker_id, "worker").await;
+
+    send_range(&setup.api, &agent, 0..N / 3).await;
+    wait_inbox(&setup.workdir, &agent, 50, Duration::from_secs(30)).await;
+    match setup.b.take() {
+        Some(b) => b.kill9(),
+        None => {
+            broker.kill9();
+            broker = setup.broker(&hubs, "auto");
+        }
+    }
+    send_range(&setup.api, &agent, N / 3..N).await;
+    let lines = wait_inbox(&setup.workdir, &agent, N as usize, Duration::from_secs(90)).await;
+    assert_once_in_order(&lines, N as usize);
+    let row = setup.online("poll").await;
+    println!("after the kill: {row}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        inbox(&setup.workdir, &agent).len(),
+        N as usize,
+        "nothing after"
+    );
+    drop(broker);
+    drop(proxy_b);
+}
+
+/// The same broker, restarted (SIGKILL) on the other transport after every
+/// 50 messages while messages keep coming: every message arrives once, in
+/// order.
+async fn a_broker_that_alternates_transports_every_50_messages_loses_and_duplicates_nothing(
+    db: TestDb,
+) {
+    const N: u64 = 300;
+    let setup = Setup::new(&db).await;
+    let hubs: Vec<&str> = setup
+        .b
+        .iter()
+        .map(|b| b.base.as_str())
+        .chain([setup.a.base.as_str()])
+        .collect();
+    let mut broker = setup.broker(&hubs, "ws");
+    setup.online("ws").await;
+    let agent = setup.api.echo_agent(&setup.broker_id, "worker").await;
+    let sender = {
+        let api = Api::new(&setup.a.base, TOKEN);
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            for n in 0..N {
+                api.send(&agent, json!(n)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let transports = ["ws", "poll"];
+    for round in 1..(N / 50) as usize {
+        wait_inbox(&setup.workdir, &agent, 50 * round, Duration::from_secs(30)).await;
+        broker.kill9();
+        let transport = transports[round % 2];
+        broker = setup.broker(&hubs, transport);
+        setup.online(transport).await;
+    }
+    sender.await.unwrap();
+    let lines = wait_inbox(&setup.workdir, &agent, N as usize, Duration::from_secs(60)).await;
+    assert_once_in_order(&lines, N as usize);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        inbox(&setup.workdir, &agent).len(),
+        N as usize,
+        "nothing after"
+    );
+    drop(broker);
+}
