@@ -17,6 +17,7 @@ use switchyard_tests::{
 switchyard_testkit::on_both_backends!(
     a_polling_broker_behind_a_proxy_that_refuses_upgrades_gets_1000_messages_once_and_in_order,
     a_broker_that_alternates_transports_every_50_messages_loses_and_duplicates_nothing,
+    a_20_mib_file_sent_through_a_reaches_the_agent_of_a_broker_polling_b_unchanged,
 );
 
 struct Setup {
@@ -188,4 +189,76 @@ async fn a_broker_that_alternates_transports_every_50_messages_loses_and_duplica
         "nothing after"
     );
     drop(broker);
+}
+
+/// A 20 MiB file sent through replica A reaches the agent of a broker that
+/// polls replica B (SQLite: one replica) with the same SHA-256, and a file
+/// named `../../etc/passwd` lands inside the agent's directory.
+async fn a_20_mib_file_sent_through_a_reaches_the_agent_of_a_broker_polling_b_unchanged(
+    db: TestDb,
+) {
+    use sha2::{Digest, Sha256};
+    let setup = Setup::new(&db).await;
+    let polled = setup.b.as_ref().unwrap_or(&setup.a).base.clone();
+    let _broker = setup.broker(&[polled.as_str()], "poll");
+    setup.online("poll").await;
+    let agent = setup.api.echo_agent(&setup.broker_id, "worker").await;
+
+    let big: Vec<u8> = (0..20u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let big_sha = hex::encode(Sha256::digest(&big));
+    let form = reqwest::multipart::Form::new()
+        .text("message", json!({ "body": "files" }).to_string())
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(big.clone()).file_name("big.bin"),
+        )
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"not the real one".to_vec())
+                .file_name("../../etc/passwd"),
+        );
+    let started = std::time::Instant::now();
+    let response = setup
+        .api
+        .http
+        .post(format!("{}/v1/agents/{agent}/messages", setup.a.base))
+        .bearer_auth(TOKEN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let accepted = started.elapsed();
+    let lines = wait_inbox(&setup.workdir, &agent, 1, Duration::from_secs(60)).await;
+    println!(
+        "20 MiB: accepted after {accepted:?}, in the agent's directory after {:?}",
+        started.elapsed()
+    );
+    let dir = setup.workdir.join("agents").join(&agent);
+    let got = std::fs::read(dir.join("files/big.bin")).unwrap();
+    assert_eq!(hex::encode(Sha256::digest(&got)), big_sha, "the same bytes");
+    let passwd = std::fs::read(dir.join("files/passwd")).unwrap();
+    assert_eq!(passwd, b"not the real one");
+    assert!(
+        !setup.workdir.join("etc").exists(),
+        "nothing outside the agent's directory"
+    );
+    let files: Vec<&str> = lines[0]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, ["files/big.bin", "files/passwd"]);
+    let message = lines[0]["id"].as_str().unwrap();
+    setup
+        .api
+        .wait_until(
+            &format!("/v1/messages/{message}"),
+            Duration::from_secs(10),
+            |m| m["state"] == "delivered",
+        )
+        .await;
 }

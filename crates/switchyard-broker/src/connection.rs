@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::{self};
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::Executor;
+use crate::files::Fetcher;
 use crate::poll;
 use crate::runtime::Runtime;
 use crate::session::{self, Ended, SessionError, Socket};
@@ -291,7 +292,13 @@ pub async fn run(
             let ended = match socket {
                 Some(socket) => {
                     tracing::info!(hub = %url, "connected");
-                    session::run(socket, &runtime, &mut executor, &shutdown).await
+                    let files = Arc::new(Fetcher {
+                        http: http.clone(),
+                        base: base.clone(),
+                        broker: config.broker.clone(),
+                        secret: config.secret.clone(),
+                    });
+                    session::run(socket, files, &runtime, &mut executor, &shutdown).await
                 }
                 None => {
                     let until = match config.transport {

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::dedup::DispatchLog;
+use crate::files::Fetcher;
 use crate::inbox::Inbox;
 use crate::layout;
 use crate::runtime::{Runtime, RuntimeError};
@@ -46,6 +47,8 @@ pub(crate) enum Job {
 pub(crate) struct Replies {
     pub(crate) results: mpsc::UnboundedSender<DispatchResult>,
     pub(crate) acks: mpsc::UnboundedSender<Uuid>,
+    /// Fetches a message's files from the session's hub.
+    pub(crate) files: Arc<Fetcher>,
 }
 
 #[derive(Debug)]
@@ -238,6 +241,15 @@ impl Worker {
         if inbox.contains(message.id) {
             tracing::debug!(%agent_id, message_id = %message.id, "redelivered message acknowledged again");
         } else {
+            // Its files first: the message is handed over (and acked) only
+            // with every one of them in place. A failure leaves it
+            // unacknowledged; the hub sends it again.
+            for file in &message.attachments {
+                if let Err(err) = replies.files.fetch(&self.dir, file).await {
+                    tracing::error!(%agent_id, message_id = %message.id, "{err}; not acknowledged");
+                    return;
+                }
+            }
             if let Err(err) = inbox.append(&message).await {
                 tracing::error!(%agent_id, message_id = %message.id, "{err}; not acknowledged");
                 return;

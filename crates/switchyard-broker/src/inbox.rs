@@ -28,6 +28,18 @@ pub(crate) enum InboxError {
 struct LineOut<'a> {
     id: Uuid,
     body: &'a Value,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    files: Vec<FileOut<'a>>,
+}
+
+/// A file sent with the message, where the broker put it.
+#[derive(Serialize)]
+struct FileOut<'a> {
+    name: String,
+    /// Relative to the agent's directory (`files/<name>`).
+    path: String,
+    size: u64,
+    sha256: &'a str,
 }
 
 #[derive(Deserialize)]
@@ -36,11 +48,27 @@ struct LineId {
 }
 
 /// The exact line (without the newline) recorded in `inbox.jsonl` and
-/// written to the agent's stdin for a message: `{"id":"<uuid>","body":<json>}`.
+/// written to the agent's stdin for a message: `{"id":"<uuid>","body":<json>}`,
+/// and `"files":[{"name","path","size","sha256"}]` when files came with it
+/// (`path` is relative to the agent's directory).
 pub fn inbox_line(message: &AgentMessage) -> String {
+    let files = message
+        .attachments
+        .iter()
+        .map(|file| {
+            let name = switchyard_proto::file_name(&file.name);
+            FileOut {
+                path: format!("{}/{name}", crate::files::FILES_DIR),
+                name,
+                size: file.size,
+                sha256: &file.sha256,
+            }
+        })
+        .collect();
     let line = LineOut {
         id: message.id,
         body: &message.body,
+        files,
     };
     // A Uuid and a serde_json::Value always serialize.
     serde_json::to_string(&line).unwrap_or_default()

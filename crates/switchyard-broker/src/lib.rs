@@ -3,6 +3,7 @@
 mod connection;
 mod dedup;
 mod executor;
+mod files;
 mod inbox;
 mod jsonl;
 mod layout;

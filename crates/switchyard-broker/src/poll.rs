@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use crate::connection::BrokerConfig;
 use crate::executor::{BROKER_WORKER, Executor, Job, Replies};
+use crate::files::Fetcher;
 use crate::reports::StatusFeed;
 use crate::runtime::Runtime;
 use crate::session::{Ended, SessionError};
@@ -83,6 +84,12 @@ pub(crate) async fn run(
     let replies = Replies {
         results: results_tx,
         acks: acks_tx,
+        files: Arc::new(Fetcher {
+            http: http.clone(),
+            base: base.to_owned(),
+            broker: config.broker.clone(),
+            secret: config.secret.clone(),
+        }),
     };
     let (ended_tx, mut ended) = mpsc::channel(1);
     let reporter = tokio::spawn({

@@ -128,7 +128,7 @@ pub const INHERITED_ENV: &[&str] = &[
 /// let facts = runtime.call(&inspect).await?;
 /// assert_eq!(facts["phase"], "running");
 /// assert_eq!(facts["pid"], started["pid"]);
-/// let hello = AgentMessage { id: Uuid::new_v4(), agent_id, seq: 1, body: json!("hello") };
+/// let hello = AgentMessage { id: Uuid::new_v4(), agent_id, seq: 1, body: json!("hello"), attachments: vec![] };
 /// runtime.deliver(&hello).await?; // one JSON line on the agent's stdin
 /// let stopped = runtime.apply(&dispatch(Op::Stop)).await?;
 /// assert_eq!(stopped, json!({ "phase": "stopped", "pid": null }));

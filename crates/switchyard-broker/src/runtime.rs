@@ -189,7 +189,7 @@ impl RuntimeError {
 /// assert_eq!(runtime.apply(&start).await?, json!({ "phase": "running" }));
 /// assert_eq!(feed.try_recv().expect("a status").phase, Phase::Running);
 ///
-/// let hello = AgentMessage { id: Uuid::new_v4(), agent_id, seq: 1, body: json!("hello") };
+/// let hello = AgentMessage { id: Uuid::new_v4(), agent_id, seq: 1, body: json!("hello"), attachments: vec![] };
 /// runtime.deliver(&hello).await?;
 /// let elsewhere = AgentMessage { agent_id: Uuid::new_v4(), ..hello };
 /// let err = runtime.deliver(&elsewhere).await.unwrap_err();

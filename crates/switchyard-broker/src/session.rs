@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::executor::{BROKER_WORKER, Executor, Job, Replies};
+use crate::files::Fetcher;
 use crate::reports::StatusFeed;
 use crate::runtime::Runtime;
 
@@ -79,6 +80,7 @@ pub(crate) enum Ended {
 /// Runs one session on an upgraded socket until it ends.
 pub(crate) async fn run(
     mut socket: Socket,
+    files: Arc<Fetcher>,
     runtime: &Arc<dyn Runtime>,
     executor: &mut Executor,
     shutdown: &CancellationToken,
@@ -105,7 +107,11 @@ pub(crate) async fn run(
     let (acks, acks_rx) = mpsc::unbounded_channel();
     let acker = tokio::spawn(batch_acks(acks_rx, out.clone()));
     let (results, results_rx) = mpsc::unbounded_channel();
-    let replies = Replies { results, acks };
+    let replies = Replies {
+        results,
+        acks,
+        files,
+    };
 
     let reading = Reader {
         stream,

@@ -56,6 +56,7 @@ fn message(agent_id: Uuid, seq: i64, body: serde_json::Value) -> AgentMessage {
         agent_id,
         seq,
         body,
+        attachments: Vec::new(),
     }
 }
 

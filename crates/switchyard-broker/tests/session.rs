@@ -217,6 +217,7 @@ fn message(agent_id: Uuid, seq: i64) -> AgentMessage {
         agent_id,
         seq,
         body: json!({ "seq": seq, "text": "hello \\ world" }),
+        attachments: Vec::new(),
     }
 }
 

@@ -35,6 +35,10 @@ pub struct HubConfig {
     pub poll_lease: Duration,
     /// Longest a poll waits for work before it answers with none.
     pub poll_max_wait: Duration,
+    /// Bytes the files sent with one message may add up to.
+    pub max_attachment_bytes: u64,
+    /// Files one message may carry.
+    pub max_attachments: usize,
     /// Claims after which abandoned work fails instead of being requeued.
     pub max_attempts: i32,
     /// PostgreSQL only: where the command bus listener connects, when the
@@ -75,6 +79,8 @@ impl Default for HubConfig {
             claim_lease: Duration::from_secs(300),
             poll_lease: Duration::from_secs(30),
             poll_max_wait: Duration::from_secs(20),
+            max_attachment_bytes: 64 << 20,
+            max_attachments: 16,
             max_attempts: 10,
             listener_database_url: None,
             retention: Duration::from_secs(7 * 24 * 3600),

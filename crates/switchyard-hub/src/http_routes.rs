@@ -17,6 +17,7 @@ use crate::api::error::ApiError;
 use crate::api::{
     AdminTokens, MAX_BODY_BYTES, agents, brokers, dispatches, events, messages, ops, require_admin,
 };
+use switchyard_proto::ATTACHMENT_PATH;
 use switchyard_proto::poll::{MAX_POLL_REQUEST_BYTES, POLL_HELLO_PATH, POLL_PATH, REPORT_PATH};
 
 use crate::metrics::Metrics;
@@ -31,6 +32,11 @@ pub(crate) fn router(state: HubState) -> Router {
     // A poll or report carries up to a thousand frames, more than any
     // API request.
     let poll_limit = DefaultBodyLimit::max(MAX_POLL_REQUEST_BYTES);
+    // A message with files: the files, the message part and the form's
+    // own bytes.
+    let upload_limit = usize::try_from(state.config.max_attachment_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_add(2 * MAX_BODY_BYTES);
     let v1 = Router::new()
         .route("/v1/brokers", post(brokers::create).get(brokers::list))
         .route(
@@ -47,7 +53,10 @@ pub(crate) fn router(state: HubState) -> Router {
         .route("/v1/agents/{agent}/restart", post(agents::restart))
         .route("/v1/agents/{agent}/ops/{name}", post(ops::call))
         .route("/v1/brokers/{broker}/ops/{name}", post(ops::broker_call))
-        .route("/v1/agents/{agent}/messages", post(messages::send))
+        .route(
+            "/v1/agents/{agent}/messages",
+            post(messages::send).layer(DefaultBodyLimit::max(upload_limit)),
+        )
         .route("/v1/messages", post(messages::send_batch))
         .route(
             "/v1/messages/{id}",
@@ -66,6 +75,7 @@ pub(crate) fn router(state: HubState) -> Router {
         )
         .route(POLL_PATH, post(session::poll::poll).layer(poll_limit))
         .route(REPORT_PATH, post(session::poll::report).layer(poll_limit))
+        .route(ATTACHMENT_PATH, get(session::files::fetch))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()

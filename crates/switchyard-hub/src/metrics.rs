@@ -42,6 +42,8 @@ pub struct Metrics {
     pub http_panics: IntCounter,
     /// Unfinished intents and messages older than five minutes (sweeper).
     pub stuck_work: IntGauge,
+    /// Bytes of files sent with messages and not yet removed.
+    pub attachment_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -188,6 +190,10 @@ impl Metrics {
             stuck_work: gauge(
                 "stuck_work",
                 "Unfinished intents and messages older than five minutes.",
+            ),
+            attachment_bytes: gauge(
+                "attachment_bytes",
+                "Bytes of files sent with messages that storage still holds (until their message is final).",
             ),
             registry,
         }

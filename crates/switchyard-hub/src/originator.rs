@@ -33,8 +33,8 @@ use serde::Serialize;
 use serde_json::json;
 use switchyard_store::{
     Agent, AgentId, BroadcastId, BrokerId, Conflict, DispatchIntent, Inserted, IntentId,
-    IntentState, Message, MessageId, NewBroadcast, NewBrokerCall, NewIntent, NewMessage, Op, Phase,
-    ReplicaId, Store, StoreError, StoreResult, Target,
+    IntentState, Message, MessageId, NewAttachment, NewBroadcast, NewBrokerCall, NewIntent,
+    NewMessage, Op, Phase, ReplicaId, Store, StoreError, StoreResult, Target,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -190,6 +190,21 @@ impl Originator {
             row: inserted.row,
             route,
         })
+    }
+
+    /// Writes one message and its files in one transaction (see
+    /// `AttachmentStore::insert_message_with_attachments`) and wakes its
+    /// owner.
+    pub(crate) async fn send_with_files(
+        &self,
+        message: NewMessage,
+        files: Vec<NewAttachment>,
+    ) -> Result<Sent, OriginatorError> {
+        let inserted = self
+            .store
+            .insert_message_with_attachments(message, files)
+            .await?;
+        Ok(self.route_rows(vec![inserted]).remove(0))
     }
 
     /// Writes many messages in one all-or-none transaction and wakes each

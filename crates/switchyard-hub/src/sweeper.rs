@@ -6,7 +6,8 @@
 //! affinities; end poll sessions that stopped polling; return claimed work
 //! whose claimer died or whose lease ran out (failing it after max
 //! attempts); fail intents past their deadline and
-//! expire messages past their TTL; prune old finished rows; and measure
+//! expire messages past their TTL (and remove the files of final
+//! messages); prune old finished rows; and measure
 //! stuck work. Each step is a guarded UPDATE, so even two sweepers at once
 //! (e.g. while a lock changes hands) would do no harm.
 
@@ -91,6 +92,13 @@ impl Sweeper {
         }
         let expired = self.store.expire_messages().await?;
         self.metrics.messages_expired.inc_by(expired.len() as u64);
+        let removed = self.store.remove_finished_attachments().await?;
+        if removed > 0 {
+            tracing::debug!(removed, "removed the files of final messages");
+        }
+        self.metrics
+            .attachment_bytes
+            .set(self.store.attachment_bytes().await?);
         self.store.prune_finished(self.retention).await?;
         let stuck = self.store.count_stuck(STUCK_AFTER).await?;
         self.metrics.stuck_work.set(stuck as i64);

@@ -174,6 +174,51 @@ pub struct AgentMessage {
     pub agent_id: Uuid,
     pub seq: i64,
     pub body: Value,
+    /// Files sent with the message: the broker fetches each (see
+    /// [`ATTACHMENT_PATH`]) into the agent's directory before it acks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<AttachmentRef>,
+}
+
+/// Where a broker fetches an attachment: `GET` with `{id}` replaced, signed
+/// like the control channel's upgrade.
+pub const ATTACHMENT_PATH: &str = "/v1/brokers/attachments/{id}";
+
+/// A file sent with a message, as the message frame names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentRef {
+    pub id: Uuid,
+    /// The file name, already sanitized by the hub (see [`file_name`]).
+    pub name: String,
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the bytes.
+    pub sha256: String,
+}
+
+/// Longest attachment file name, in bytes.
+pub const MAX_FILE_NAME: usize = 200;
+
+/// The name a file is stored under, from the name a client gave it: the
+/// last path component (after `/` or `\\`), without control characters,
+/// without leading dots or spaces, at most [`MAX_FILE_NAME`] bytes;
+/// `attachment` if nothing is left. The result never names a directory
+/// other than the one it is written to.
+pub fn file_name(given: &str) -> String {
+    let last = given.rsplit(['/', '\\']).next().unwrap_or("");
+    let cleaned: String = last.chars().filter(|c| !c.is_control()).collect();
+    let trimmed = cleaned.trim_start_matches(['.', ' ']).trim_end();
+    let mut name = String::new();
+    for c in trimmed.chars() {
+        if name.len() + c.len_utf8() > MAX_FILE_NAME {
+            break;
+        }
+        name.push(c);
+    }
+    if name.is_empty() {
+        "attachment".to_owned()
+    } else {
+        name
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -293,6 +338,23 @@ pub fn encode<T: Serialize>(frame: &T) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn file_names_never_leave_their_directory() {
+        assert_eq!(file_name("../../etc/passwd"), "passwd");
+        assert_eq!(file_name("..\\..\\boot.ini"), "boot.ini");
+        assert_eq!(file_name("/abs/report.pdf"), "report.pdf");
+        assert_eq!(file_name(".."), "attachment");
+        assert_eq!(file_name("."), "attachment");
+        assert_eq!(file_name(""), "attachment");
+        assert_eq!(file_name("dir/"), "attachment");
+        assert_eq!(file_name(".bashrc"), "bashrc");
+        assert_eq!(file_name("a\u{0}b\nc\u{7f}.txt"), "abc.txt");
+        assert_eq!(file_name("  spaced.txt  "), "spaced.txt");
+        let long = "é".repeat(300);
+        assert!(file_name(&long).len() <= MAX_FILE_NAME);
+        assert_eq!(file_name("Résumé 2026.pdf"), "Résumé 2026.pdf");
+    }
+
     /// The largest payload the hub accepts still fits in one frame, as a
     /// message and as the agent definition of a dispatch.
     #[test]
@@ -304,6 +366,7 @@ mod tests {
             agent_id: Uuid::max(),
             seq: i64::MAX,
             body,
+            attachments: Vec::new(),
         });
         assert!(encode(&message).len() <= MAX_FRAME_BYTES);
 

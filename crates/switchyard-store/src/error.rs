@@ -37,6 +37,7 @@ pub enum Entity {
     Agent,
     Intent,
     Message,
+    Attachment,
 }
 
 impl Entity {
@@ -48,6 +49,7 @@ impl Entity {
             Entity::Agent => "agent",
             Entity::Intent => "dispatch",
             Entity::Message => "message",
+            Entity::Attachment => "attachment",
         }
     }
 }
@@ -107,6 +109,9 @@ pub enum Invalid {
     /// A check constraint failed, in the database's words.
     #[error("{0}")]
     Check(String),
+    /// A file sent with a message could not be stored as given.
+    #[error("{0}")]
+    Attachment(String),
 }
 
 impl StoreError {

@@ -71,3 +71,7 @@ id_type!(
     /// One message to many agents (each agent's copy is a message).
     BroadcastId
 );
+id_type!(
+    /// A file sent with a message.
+    AttachmentId
+);

@@ -13,18 +13,21 @@ mod store;
 
 pub use connect::{Database, OpenError, open, open_database};
 pub use error::{Conflict, Entity, Invalid, StoreError, StoreResult};
-pub use ids::{AgentId, BroadcastId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
+pub use ids::{
+    AgentId, AttachmentId, BroadcastId, BrokerId, IntentId, MessageId, ReplicaId, SessionId,
+};
 pub use model::{
-    Acked, Affinity, Agent, Broadcast, Broker, BrokerStatus, CancelOutcome, DispatchIntent,
-    Inserted, IntentFilter, IntentOutcome, IntentState, MAX_BROADCAST_AGENTS, Message,
-    MessageState, NewAgent, NewBroadcast, NewBrokerCall, NewIntent, NewMessage, Op, Phase, Replica,
-    RequeuePolicy, RequeueReport, SessionHeartbeat, StatusReport, Target, Transport, UnknownWord,
+    Acked, Affinity, Agent, Attachment, Broadcast, Broker, BrokerStatus, CancelOutcome,
+    DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState, MAX_BROADCAST_AGENTS,
+    Message, MessageState, NewAgent, NewAttachment, NewBroadcast, NewBrokerCall, NewIntent,
+    NewMessage, Op, Phase, Replica, RequeuePolicy, RequeueReport, SessionHeartbeat, StatusReport,
+    Target, Transport, UnknownWord,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use store::{
-    AffinityStore, AgentStore, AuthStore, BrokerStore, Housekeeping, ReplicaStore, Singleton,
-    Store, WorkStore,
+    ATTACHMENT_CHUNK, AffinityStore, AgentStore, AttachmentStore, AuthStore, BrokerStore,
+    Housekeeping, ReplicaStore, Singleton, Store, WorkStore,
 };
 
 /// The aggregate traits, for calling store methods on a concrete
@@ -32,7 +35,7 @@ pub use store::{
 /// (`dyn Store` needs no import).
 pub mod prelude {
     pub use crate::store::{
-        AffinityStore, AgentStore, AuthStore, BrokerStore, Housekeeping, ReplicaStore, Singleton,
-        Store, WorkStore,
+        AffinityStore, AgentStore, AttachmentStore, AuthStore, BrokerStore, Housekeeping,
+        ReplicaStore, Singleton, Store, WorkStore,
     };
 }

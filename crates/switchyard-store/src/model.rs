@@ -11,7 +11,9 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::types::Json;
 
-use crate::ids::{AgentId, BroadcastId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
+use crate::ids::{
+    AgentId, AttachmentId, BroadcastId, BrokerId, IntentId, MessageId, ReplicaId, SessionId,
+};
 
 use switchyard_proto::text_enum;
 pub use switchyard_proto::{Op, Phase, UnknownWord};
@@ -297,8 +299,47 @@ pub struct Message {
     /// later work.
     pub deliver_after: Option<DateTime<Utc>>,
     pub delivered_at: Option<DateTime<Utc>>,
+    /// How many files were sent with it (see [`Attachment`]).
+    pub attachments: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// A file sent with a message; its bytes are read in chunks
+/// ([`crate::AttachmentStore::attachment_chunk`]).
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Attachment {
+    pub id: AttachmentId,
+    pub message_id: MessageId,
+    pub broker_id: BrokerId,
+    /// Its place among the message's files.
+    pub position: i32,
+    /// Already sanitized (`switchyard_proto::file_name`).
+    pub name: String,
+    pub size: i64,
+    pub sha256: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A file to store with a new message: its bytes are read from `content`
+/// ([`crate::ATTACHMENT_CHUNK`] at a time) inside the message's transaction.
+pub struct NewAttachment {
+    pub id: AttachmentId,
+    pub name: String,
+    /// The bytes `content` yields; anything else fails the insert.
+    pub size: u64,
+    pub sha256: String,
+    pub content: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+}
+
+impl std::fmt::Debug for NewAttachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewAttachment")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Input of [`crate::WorkStore::insert_messages`]. The broker is the agent's.

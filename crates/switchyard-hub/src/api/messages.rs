@@ -5,8 +5,9 @@
 //! drain's; a message becomes `delivered` only when the broker acks it.
 
 use axum::Json;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::body::Body;
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
@@ -16,7 +17,7 @@ use serde_json::{Value, json};
 use switchyard_store::{AgentId, CancelOutcome, Message, MessageId, Target};
 
 use super::error::ApiError;
-use super::request::Path;
+use super::request::{MAX_BODY_BYTES, Path};
 use super::{ApiJson, idempotency_key, validate_labels};
 use crate::idempotency::Entry;
 use crate::lookup;
@@ -26,9 +27,9 @@ use crate::state::HubState;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SendMessage {
-    body: Value,
-    ttl_secs: Option<u64>,
-    deliver_after: Option<DateTime<Utc>>,
+    pub(crate) body: Value,
+    pub(crate) ttl_secs: Option<u64>,
+    pub(crate) deliver_after: Option<DateTime<Utc>>,
 }
 
 /// The longest `ttl_secs` a message may ask for.
@@ -50,7 +51,7 @@ pub(crate) struct When {
 }
 
 impl When {
-    fn new(ttl_secs: Option<u64>, deliver_after: Option<DateTime<Utc>>) -> Self {
+    pub(crate) fn new(ttl_secs: Option<u64>, deliver_after: Option<DateTime<Utc>>) -> Self {
         Self {
             ttl_secs,
             deliver_after,
@@ -62,7 +63,7 @@ impl When {
     }
 
     /// The lifetime these fields ask for, checked; 422 when out of range.
-    fn lifetime(&self, state: &HubState, what: &str) -> Result<Lifetime, ApiError> {
+    pub(crate) fn lifetime(&self, state: &HubState, what: &str) -> Result<Lifetime, ApiError> {
         let now = Utc::now();
         let ttl = match self.ttl_secs {
             None => state.config.message_ttl,
@@ -95,7 +96,7 @@ impl When {
 
     /// What the idempotency digest covers: the body alone when no lifetime
     /// was asked for (as before these fields existed), else all of it.
-    fn digested(&self, body: &Value) -> Value {
+    pub(crate) fn digested(&self, body: &Value) -> Value {
         if self.is_default() {
             body.clone()
         } else {
@@ -104,12 +105,40 @@ impl When {
     }
 }
 
+/// A message as JSON, or as `multipart/form-data` with files (see
+/// [`super::files`]).
 pub(crate) async fn send(
     State(state): State<HubState>,
     Path(reference): Path<String>,
     headers: HeaderMap,
-    ApiJson(request): ApiJson<SendMessage>,
+    request: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let multipart = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
+    if multipart {
+        let form = Multipart::from_request(request, &state)
+            .await
+            .map_err(|rejection| {
+                ApiError::new(rejection.status(), "bad_request", rejection.body_text())
+            })?;
+        return super::files::send(state, reference, headers, form).await;
+    }
+    // The route admits bodies as large as a message's files; plain JSON
+    // keeps the API's limit.
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        })?;
+    let request = Request::from_parts(parts, Body::from(bytes));
+    let ApiJson(request) = ApiJson::<SendMessage>::from_request(request, &state).await?;
     let key = idempotency_key(&headers)?;
     fits_in_a_frame(&request.body, "the message body")?;
     let when = When::new(request.ttl_secs, request.deliver_after);
@@ -141,7 +170,7 @@ fn fits_in_a_frame(body: &Value, what: &str) -> Result<(), ApiError> {
     })
 }
 
-fn answer(sent: &Sent) -> Value {
+pub(crate) fn answer(sent: &Sent) -> Value {
     let row = &sent.row;
     json!({ "id": row.id, "state": row.state, "seq": row.seq, "route": sent.route })
 }

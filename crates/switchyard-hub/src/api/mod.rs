@@ -11,6 +11,7 @@ pub(crate) mod brokers;
 pub(crate) mod dispatches;
 pub(crate) mod error;
 pub(crate) mod events;
+mod files;
 pub(crate) mod messages;
 pub(crate) mod ops;
 pub(crate) mod request;

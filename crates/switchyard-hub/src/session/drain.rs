@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use switchyard_proto::{AgentMessage, AgentSpec, BrokerCall, Dispatch, HubFrame};
+use switchyard_proto::{AgentMessage, AgentSpec, AttachmentRef, BrokerCall, Dispatch, HubFrame};
 use switchyard_store::{
     AgentId, BrokerId, IntentId, MessageId, ReplicaId, SessionId, Store, StoreError,
 };
@@ -303,12 +303,44 @@ impl Claimer {
             });
             pass.frames.push((frame, id));
         }
+        // Files are named in their message's frame; read only for the
+        // messages that have some.
+        let with_files: Vec<MessageId> = messages
+            .iter()
+            .filter(|m| m.attachments > 0)
+            .map(|m| m.id)
+            .collect();
+        let mut files: HashMap<MessageId, Vec<AttachmentRef>> = HashMap::new();
+        if !with_files.is_empty() {
+            match self.store.attachments_of(&with_files).await {
+                Ok(rows) => {
+                    for row in rows {
+                        files
+                            .entry(row.message_id)
+                            .or_default()
+                            .push(AttachmentRef {
+                                id: row.id.0,
+                                name: row.name,
+                                size: u64::try_from(row.size).unwrap_or(0),
+                                sha256: row.sha256,
+                            });
+                    }
+                }
+                Err(err) => {
+                    pass.failed = pass.failed.or(Some(err));
+                    pass.unsent
+                        .extend(messages.iter().map(|m| WorkId::Message(m.id)));
+                    return pass;
+                }
+            }
+        }
         for message in messages {
             let frame = HubFrame::Message(AgentMessage {
                 id: message.id.0,
                 agent_id: message.agent_id.0,
                 seq: message.seq,
                 body: message.body.0,
+                attachments: files.remove(&message.id).unwrap_or_default(),
             });
             pass.frames.push((frame, WorkId::Message(message.id)));
         }

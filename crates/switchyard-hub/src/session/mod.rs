@@ -17,6 +17,7 @@
 mod apply;
 mod close;
 mod drain;
+pub(crate) mod files;
 mod hello;
 pub(crate) mod poll;
 mod reader;

@@ -6,6 +6,7 @@
 
 mod affinity;
 mod agent;
+mod attachment;
 mod auth;
 mod broker;
 mod housekeeping;
@@ -14,6 +15,7 @@ mod work;
 
 pub use affinity::AffinityStore;
 pub use agent::AgentStore;
+pub use attachment::{ATTACHMENT_CHUNK, AttachmentStore};
 pub use auth::AuthStore;
 pub use broker::BrokerStore;
 pub(crate) use housekeeping::HousekeepingDialect;
@@ -42,6 +44,7 @@ pub trait Store:
     + AffinityStore
     + AgentStore
     + WorkStore
+    + AttachmentStore
     + AuthStore
     + Housekeeping
     + Send
@@ -57,6 +60,7 @@ impl<T> Store for T where
         + AffinityStore
         + AgentStore
         + WorkStore
+        + AttachmentStore
         + AuthStore
         + Housekeeping
         + Send
