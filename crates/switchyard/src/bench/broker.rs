@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures::{FutureExt, SinkExt, StreamExt};
 use switchyard_proto::{
-    AgentStatus, BrokerFrame, CONNECT_PATH, DispatchResult, HubFrame, MAX_FRAME_BYTES,
-    MAX_MESSAGE_BYTES, Op, Phase, auth::Handshake, decode, encode,
+    AgentStatus, BrokerCall, BrokerFrame, CONNECT_PATH, Dispatch, DispatchResult, HubFrame,
+    MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, Op, Phase, auth::Handshake, decode, encode,
 };
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -39,7 +39,7 @@ pub(crate) struct AckBook {
 }
 
 impl AckBook {
-    fn record(&self, ids: &[Uuid], at: Instant) {
+    pub(super) fn record(&self, ids: &[Uuid], at: Instant) {
         let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
         for id in ids {
             acked.entry(*id).or_insert(at);
@@ -114,7 +114,16 @@ impl BenchBroker {
         Ok(Self { stop, task })
     }
 
-    /// Closes the socket (1000) and waits for the broker task.
+    /// A broker already running as `task`, told to stop by `stop`.
+    pub(super) fn spawned(
+        stop: CancellationToken,
+        task: JoinHandle<anyhow::Result<BrokerCounts>>,
+    ) -> Self {
+        Self { stop, task }
+    }
+
+    /// Stops the broker (on a socket: closes it with 1000) and waits for
+    /// its task.
     pub(crate) async fn close(self) -> anyhow::Result<BrokerCounts> {
         self.stop.cancel();
         match tokio::time::timeout(STEP_TIMEOUT + Duration::from_secs(1), self.task).await {
@@ -152,6 +161,55 @@ fn next_seq() -> i64 {
             Err(actual) => prev = actual,
         }
     }
+}
+
+/// The cheapest agent's answer to a dispatch: a `status` in the phase the
+/// operation leads to, then a `result`; a named operation (`call`) is
+/// answered with its arguments.
+pub(super) fn answer_dispatch(dispatch: Dispatch) -> Vec<BrokerFrame> {
+    let phase = match dispatch.op {
+        Op::Start | Op::Restart => Phase::Running,
+        Op::Stop => Phase::Stopped,
+        Op::Create => Phase::Created,
+        Op::Delete => Phase::Deleted,
+        // A no-op operation: its arguments come back.
+        Op::Call => {
+            return vec![BrokerFrame::Result(DispatchResult {
+                dispatch_id: dispatch.id,
+                ok: true,
+                result: Some(dispatch.args),
+                error: None,
+                code: None,
+            })];
+        }
+    };
+    vec![
+        BrokerFrame::Status(AgentStatus {
+            agent_id: dispatch.agent_id,
+            phase,
+            seq: next_seq(),
+            exit_code: None,
+            detail: None,
+        }),
+        BrokerFrame::Result(DispatchResult {
+            dispatch_id: dispatch.id,
+            ok: true,
+            result: Some(serde_json::json!({ "phase": phase })),
+            error: None,
+            code: None,
+        }),
+    ]
+}
+
+/// A broker call is answered with its arguments.
+pub(super) fn answer_call(call: BrokerCall) -> BrokerFrame {
+    BrokerFrame::Result(DispatchResult {
+        dispatch_id: call.id,
+        ok: true,
+        result: Some(call.args),
+        error: None,
+        code: None,
+    })
 }
 
 async fn serve(
@@ -195,47 +253,11 @@ async fn serve(
                     }
                     HubFrame::Dispatch(dispatch) => {
                         counts.dispatches += 1;
-                        let phase = match dispatch.op {
-                            Op::Start | Op::Restart => Phase::Running,
-                            Op::Stop => Phase::Stopped,
-                            Op::Create => Phase::Created,
-                            Op::Delete => Phase::Deleted,
-                            // A no-op operation: its arguments come back.
-                            Op::Call => {
-                                replies.push(BrokerFrame::Result(DispatchResult {
-                                    dispatch_id: dispatch.id,
-                                    ok: true,
-                                    result: Some(dispatch.args),
-                                    error: None,
-                                    code: None,
-                                }));
-                                continue;
-                            }
-                        };
-                        replies.push(BrokerFrame::Status(AgentStatus {
-                            agent_id: dispatch.agent_id,
-                            phase,
-                            seq: next_seq(),
-                            exit_code: None,
-                            detail: None,
-                        }));
-                        replies.push(BrokerFrame::Result(DispatchResult {
-                            dispatch_id: dispatch.id,
-                            ok: true,
-                            result: Some(serde_json::json!({ "phase": phase })),
-                            error: None,
-                            code: None,
-                        }));
+                        replies.extend(answer_dispatch(dispatch));
                     }
                     HubFrame::BrokerCall(call) => {
                         counts.dispatches += 1;
-                        replies.push(BrokerFrame::Result(DispatchResult {
-                            dispatch_id: call.id,
-                            ok: true,
-                            result: Some(call.args),
-                            error: None,
-                            code: None,
-                        }));
+                        replies.push(answer_call(call));
                     }
                     HubFrame::Error(error) => {
                         closed = Some(format!("the hub sent an error frame: {error:?}"));

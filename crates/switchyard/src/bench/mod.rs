@@ -1,10 +1,11 @@
 //! `switchyard bench`: starts an in-process hub cluster on one database,
-//! connects in-process brokers over real WebSockets, and measures message
-//! throughput and latency and lifecycle round trips. See
-//! `docs/benchmarks.md`.
+//! connects in-process brokers over real WebSockets (and, for the poll
+//! scenarios, over the poll transport), and measures message throughput
+//! and latency and lifecycle round trips. See `docs/benchmarks.md`.
 
 mod baseline;
 mod broker;
+mod poll_broker;
 mod stats;
 
 use std::sync::Arc;
@@ -28,6 +29,8 @@ const ALL_SCENARIOS: &[&str] = &[
     "lifecycle-cross",
     "op-local",
     "op-cross",
+    "poll-local",
+    "poll-cross",
 ];
 /// Longest a scenario waits for its last ack after its last POST returned.
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -61,8 +64,10 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
     /// Comma-separated scenarios: local, cross-node, lifecycle-local,
-    /// lifecycle-cross, op-local, op-cross (default: all; the cross ones
-    /// need 2+ replicas).
+    /// lifecycle-cross, op-local, op-cross, poll-local, poll-cross
+    /// (default: all; the cross ones need 2+ replicas). poll-local and
+    /// poll-cross are local and cross-node with brokers on the poll
+    /// transport instead of WebSockets.
     #[arg(long, value_delimiter = ',')]
     scenarios: Option<Vec<String>>,
     /// Offered load in messages per second, sent open-loop on a fixed
@@ -262,7 +267,7 @@ async fn bench(
         .iter()
         .map(|h| format!("http://{}", h.addr()))
         .collect();
-    let mut ctx = Ctx {
+    let ctx = Ctx {
         http,
         token,
         bases,
@@ -271,41 +276,19 @@ async fn bench(
         acks: Arc::new(AckBook::default()),
     };
     let run_id = Uuid::new_v4().simple().to_string()[..8].to_owned();
-    for i in 0..args.brokers {
-        let home = i % hubs.len();
-        let name = format!("bench-{run_id}-{i}");
-        let created = ctx
-            .call(
-                home,
-                "POST",
-                "/v1/brokers",
-                Some(json!({ "name": name })),
-                201,
-            )
-            .await?;
-        let broker_id = str_field(&created, "id")?;
-        let secret = str_field(&created, "secret")?;
-        let agent = ctx
-            .call(
-                home,
-                "POST",
-                "/v1/agents",
-                Some(json!({ "name": format!("{name}-agent"), "broker_id": broker_id, "command": ["true"] })),
-                201,
-            )
-            .await?;
-        brokers.push(
-            BenchBroker::connect(hubs[home].addr(), &broker_id, &secret, ctx.acks.clone()).await?,
-        );
-        ctx.by_home[home].push(ctx.agents.len());
-        ctx.agents.push(BenchAgent {
-            id: str_field(&agent, "id")?,
-            home,
-        });
-    }
+    let ctx = add_brokers(&ctx, args, hubs, &run_id, Transport::WebSocket, brokers).await?;
     // Affinity is claimed asynchronously after the welcome: wait until
     // every broker shows as connected to its replica.
     wait_connected(&ctx, hubs).await?;
+    // The poll scenarios get brokers (and agents) of their own, so the
+    // WebSocket brokers stay connected for the other scenarios.
+    let poll_ctx = if scenarios.iter().any(|s| s.starts_with("poll-")) {
+        let poll_ctx = add_brokers(&ctx, args, hubs, &run_id, Transport::Poll, brokers).await?;
+        wait_connected(&poll_ctx, hubs).await?;
+        Some(poll_ctx)
+    } else {
+        None
+    };
 
     for name in scenarios {
         let before = ctx.scrape().await?;
@@ -316,6 +299,10 @@ async fn bench(
             "lifecycle-cross" => lifecycle_scenario(&ctx, args, true, Call::Restart).await?,
             "op-local" => lifecycle_scenario(&ctx, args, false, Call::NoOp).await?,
             "op-cross" => lifecycle_scenario(&ctx, args, true, Call::NoOp).await?,
+            "poll-local" | "poll-cross" => {
+                let poll_ctx = poll_ctx.as_ref().context("no poll bench brokers")?;
+                message_scenario(poll_ctx, args, name == "poll-cross").await?
+            }
             other => bail!("unknown scenario {other}"),
         };
         let delta = ctx.scrape().await?.since(&before);
@@ -360,6 +347,83 @@ async fn bench(
         );
     }
     Ok(())
+}
+
+/// How a set of bench brokers talks to the hub.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    WebSocket,
+    Poll,
+}
+
+/// Creates `--brokers` brokers, each with one agent, spread over the
+/// replicas in turn, and connects each to its replica over `transport`
+/// (into `brokers`, so they are closed however the bench ends). Returns
+/// `ctx` with these agents.
+async fn add_brokers(
+    ctx: &Ctx,
+    args: &BenchArgs,
+    hubs: &[RunningHub],
+    run_id: &str,
+    transport: Transport,
+    brokers: &mut Vec<BenchBroker>,
+) -> anyhow::Result<Ctx> {
+    let mut ctx = Ctx {
+        agents: Vec::new(),
+        by_home: vec![Vec::new(); hubs.len()],
+        ..ctx.clone()
+    };
+    for i in 0..args.brokers {
+        let home = i % hubs.len();
+        let name = match transport {
+            Transport::WebSocket => format!("bench-{run_id}-{i}"),
+            Transport::Poll => format!("bench-{run_id}-poll-{i}"),
+        };
+        let created = ctx
+            .call(
+                home,
+                "POST",
+                "/v1/brokers",
+                Some(json!({ "name": name })),
+                201,
+            )
+            .await?;
+        let broker_id = str_field(&created, "id")?;
+        let secret = str_field(&created, "secret")?;
+        let agent = ctx
+            .call(
+                home,
+                "POST",
+                "/v1/agents",
+                Some(json!({ "name": format!("{name}-agent"), "broker_id": broker_id, "command": ["true"] })),
+                201,
+            )
+            .await?;
+        let broker = match transport {
+            Transport::WebSocket => {
+                BenchBroker::connect(hubs[home].addr(), &broker_id, &secret, ctx.acks.clone())
+                    .await?
+            }
+            // A client of its own, as a separate broker process would have.
+            Transport::Poll => {
+                poll_broker::connect(
+                    reqwest::Client::new(),
+                    &ctx.bases[home],
+                    &broker_id,
+                    &secret,
+                    ctx.acks.clone(),
+                )
+                .await?
+            }
+        };
+        brokers.push(broker);
+        ctx.by_home[home].push(ctx.agents.len());
+        ctx.agents.push(BenchAgent {
+            id: str_field(&agent, "id")?,
+            home,
+        });
+    }
+    Ok(ctx)
 }
 
 fn str_field(body: &Value, field: &str) -> anyhow::Result<String> {
