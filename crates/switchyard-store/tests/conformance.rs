@@ -44,6 +44,10 @@ switchyard_testkit::on_both_backends!(
     replica_registry_tracks_liveness,
     reaping_a_dead_replica_releases_its_affinities,
     affinity_claim_is_newest_wins_and_returns_previous_holder,
+    a_poll_moves_its_session_to_its_replica_only_while_the_session_is_live,
+    only_poll_sessions_lapse,
+    a_poll_sends_again_what_was_not_acknowledged_but_not_a_received_dispatch,
+    a_message_and_its_files_are_written_all_or_none_and_removed_once_final,
     late_release_of_superseded_session_changes_nothing,
     heartbeat_of_superseded_session_reports_superseded,
     release_replica_affinities_touches_only_that_replica,
@@ -1908,4 +1912,191 @@ async fn no_session_is_claimed_between_reading_the_holder_and_the_commit(f: Fixt
             );
         }
     }
+}
+
+async fn a_poll_moves_its_session_to_its_replica_only_while_the_session_is_live(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "poller").await;
+    let (ra, rb) = (ReplicaId::new(), ReplicaId::new());
+    let (old, new) = (SessionId::new(), SessionId::new());
+    s.claim_affinity(b.id, ra, old, Transport::Poll)
+        .await
+        .unwrap();
+    assert_eq!(s.broker(b.id).await.unwrap().transport, Transport::Poll);
+    assert_eq!(
+        s.resume_session(b.id, rb, old).await.unwrap(),
+        SessionHeartbeat::Current
+    );
+    let row = s.broker(b.id).await.unwrap();
+    assert_eq!(
+        row.affinity().map(|a| (a.replica, a.session)),
+        Some((rb, old))
+    );
+    // A newer session (a socket here) took over: the old session's poll
+    // moves nothing, and the old holder's release clears nothing.
+    s.claim_affinity(b.id, ra, new, Transport::Ws)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.resume_session(b.id, rb, old).await.unwrap(),
+        SessionHeartbeat::Superseded
+    );
+    assert!(!s.release_affinity(b.id, rb, old).await.unwrap());
+    let row = s.broker(b.id).await.unwrap();
+    assert_eq!(
+        row.affinity().map(|a| (a.replica, a.session)),
+        Some((ra, new))
+    );
+    assert_eq!(row.transport, Transport::Ws);
+}
+
+async fn only_poll_sessions_lapse(f: Fixture) {
+    let s = &*f.store;
+    let polling = broker(s, "polling").await;
+    let socket = broker(s, "socket").await;
+    s.claim_affinity(
+        polling.id,
+        ReplicaId::new(),
+        SessionId::new(),
+        Transport::Poll,
+    )
+    .await
+    .unwrap();
+    s.claim_affinity(socket.id, ReplicaId::new(), SessionId::new(), Transport::Ws)
+        .await
+        .unwrap();
+    assert!(
+        s.release_lapsed_sessions(Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty(),
+        "both heartbeats are fresh"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let lapsed = s
+        .release_lapsed_sessions(Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(lapsed, vec![polling.id]);
+    assert_eq!(
+        s.broker(polling.id).await.unwrap().status,
+        BrokerStatus::Offline
+    );
+    assert_eq!(
+        s.broker(socket.id).await.unwrap().status,
+        BrokerStatus::Online
+    );
+}
+
+async fn a_poll_sends_again_what_was_not_acknowledged_but_not_a_received_dispatch(f: Fixture) {
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    let b = broker(s, "b").await;
+    let (a1, a2) = (agent(s, b.id, "w1").await, agent(s, b.id, "w2").await);
+    let received = s.insert_intent(intent(a1, Op::Start)).await.unwrap().row.id;
+    let lost = s.insert_intent(intent(a2, Op::Start)).await.unwrap().row.id;
+    let session = session_of(s, b.id).await;
+    assert_eq!(s.claim_intents(&[session], me, 10).await.unwrap().len(), 2);
+    let other = broker(s, "other").await;
+    assert_eq!(
+        s.receive_intents(other.id, &[received]).await.unwrap(),
+        vec![received],
+        "another broker's dispatch is not received"
+    );
+    assert!(
+        s.receive_intents(b.id, &[received])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let report = s.requeue_unacknowledged(b.id, 5).await.unwrap();
+    assert_eq!(report.requeued(), 1, "{report:?}");
+    assert_eq!(
+        s.intent(received).await.unwrap().state,
+        IntentState::InProgress
+    );
+    assert_eq!(s.intent(lost).await.unwrap().state, IntentState::Pending);
+    // Claimed again, the receipt of the earlier claim does not count.
+    assert_eq!(s.claim_intents(&[session], me, 10).await.unwrap().len(), 1);
+    s.requeue_unacknowledged(b.id, 5).await.unwrap();
+    assert_eq!(s.intent(lost).await.unwrap().state, IntentState::Pending);
+    // A session's requeue takes the received one too.
+    s.requeue_broker_in_flight(b.id, None).await.unwrap();
+    assert_eq!(
+        s.intent(received).await.unwrap().state,
+        IntentState::Pending
+    );
+}
+
+async fn a_message_and_its_files_are_written_all_or_none_and_removed_once_final(f: Fixture) {
+    use switchyard_store::{ATTACHMENT_CHUNK, AttachmentId, NewAttachment};
+    let s = &*f.store;
+    let me = ReplicaId::new();
+    let b = broker(s, "b").await;
+    let a = agent(s, b.id, "w").await;
+    let file = |name: &str, data: Vec<u8>, size: u64| NewAttachment {
+        id: AttachmentId::new(),
+        name: name.to_owned(),
+        size,
+        sha256: "digest".to_owned(),
+        content: Box::new(std::io::Cursor::new(data)),
+    };
+    let big = vec![7u8; ATTACHMENT_CHUNK * 2 + 3];
+    let short = s
+        .insert_message_with_attachments(
+            message(a, json!("short")),
+            vec![
+                file("a", big.clone(), big.len() as u64),
+                file("b", vec![1, 2], 3),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(short, StoreError::Invalid(_)), "{short:?}");
+    assert_eq!(s.attachment_bytes().await.unwrap(), 0, "no file was kept");
+    let session = session_of(s, b.id).await;
+    assert!(
+        s.claim_messages(&[session], me, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nor the message"
+    );
+
+    let first = file("a", big.clone(), big.len() as u64);
+    let first_id = first.id;
+    let sent = s
+        .insert_message_with_attachments(
+            message(a, json!("files")),
+            vec![first, file("b", vec![1, 2], 2)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent.row.attachments, 2);
+    let files = s.attachments_of(&[sent.row.id]).await.unwrap();
+    let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    let mut read = Vec::new();
+    let mut n = 0;
+    while let Some(chunk) = s.attachment_chunk(first_id, n).await.unwrap() {
+        assert!(chunk.len() <= ATTACHMENT_CHUNK);
+        read.extend(chunk);
+        n += 1;
+    }
+    assert_eq!((n, read), (3, big));
+    let other = broker(s, "other").await;
+    assert!(matches!(
+        s.attachment(other.id, first_id).await.unwrap_err(),
+        StoreError::NotFound(_)
+    ));
+    s.claim_messages(&[session], me, 10).await.unwrap();
+    assert_eq!(
+        s.remove_finished_attachments().await.unwrap(),
+        0,
+        "not final yet"
+    );
+    s.ack_messages(b.id, &[sent.row.id]).await.unwrap();
+    assert_eq!(s.remove_finished_attachments().await.unwrap(), 2);
+    assert_eq!(s.attachment_bytes().await.unwrap(), 0);
+    assert!(s.attachment_chunk(first_id, 0).await.unwrap().is_none());
 }
