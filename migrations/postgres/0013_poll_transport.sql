@@ -4,6 +4,8 @@
 ALTER TABLE brokers ADD COLUMN transport TEXT NOT NULL DEFAULT 'ws'
     CHECK (transport IN ('ws', 'poll'));
 -- When the broker acknowledged receiving a dispatch it has not answered
--- yet. It counts only for the current claim (received_at >= claimed_at):
--- a poll sends again what was claimed and not received.
+-- yet (a message it has not acked yet). It counts only for the current
+-- claim (received_at >= claimed_at): a poll sends again what was claimed
+-- and not received.
 ALTER TABLE dispatch_intents ADD COLUMN received_at TIMESTAMPTZ;
+ALTER TABLE messages ADD COLUMN received_at TIMESTAMPTZ;

@@ -237,6 +237,9 @@ pub async fn run(
     let mut next_hub = 0;
     // Per hub, until when its upgrade counts as refused (`auto`).
     let mut refused_until: Vec<Option<Instant>> = vec![None; urls.len()];
+    // A poll session that reached its rotation, to go on polling if the
+    // upgrade is refused again (hub index, session).
+    let mut kept: Option<(usize, poll::Kept)> = None;
     'running: while !shutdown.is_cancelled() {
         let mut rotate = false;
         for k in 0..urls.len() {
@@ -291,6 +294,8 @@ pub async fn run(
             let started = Instant::now();
             let ended = match socket {
                 Some(socket) => {
+                    // A poll session kept for this hub is superseded now.
+                    kept = None;
                     tracing::info!(hub = %url, "connected");
                     let files = Arc::new(Fetcher {
                         http: http.clone(),
@@ -305,6 +310,9 @@ pub async fn run(
                         Transport::Auto => refused_until[index],
                         Transport::Ws | Transport::Poll => None,
                     };
+                    let resume = kept
+                        .take()
+                        .and_then(|(hub, session)| (hub == index).then_some(session));
                     tracing::info!(hub = %base, "polling");
                     poll::run(
                         &http,
@@ -314,17 +322,24 @@ pub async fn run(
                         &mut executor,
                         &shutdown,
                         until,
+                        resume,
                     )
                     .await
                 }
             };
             match ended {
                 Ok(Ended::Shutdown) => break 'running,
-                Ok(Ended::Rotate) => {
+                Ok(Ended::Rotate(session)) => {
                     tracing::info!(hub = %url, "trying the WebSocket upgrade again");
                     superseded_in_a_row = 0;
                     rotate = true;
                     next_hub = index;
+                    refused_until[index] = None;
+                    kept = Some((index, session));
+                }
+                Err(SessionError::HandOver) => {
+                    superseded_in_a_row = 0;
+                    tracing::warn!(hub = %url, "a message could not be handed over; a new session gets it again");
                 }
                 Err(SessionError::Superseded(message)) => {
                     superseded_in_a_row += 1;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use switchyard_proto::{AgentMessage, BrokerCall, Dispatch, DispatchResult, Op};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
@@ -49,6 +50,27 @@ pub(crate) struct Replies {
     pub(crate) acks: mpsc::UnboundedSender<Uuid>,
     /// Fetches a message's files from the session's hub.
     pub(crate) files: Arc<Fetcher>,
+    /// Cancelled by a worker that could not hand a message over: the
+    /// session ends, and the next one gets the message again, first.
+    pub(crate) failed: CancellationToken,
+    /// Names the session these replies go to.
+    session: Uuid,
+}
+
+impl Replies {
+    pub(crate) fn new(
+        results: mpsc::UnboundedSender<DispatchResult>,
+        acks: mpsc::UnboundedSender<Uuid>,
+        files: Arc<Fetcher>,
+    ) -> Self {
+        Self {
+            results,
+            acks,
+            files,
+            failed: CancellationToken::new(),
+            session: Uuid::new_v4(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -97,6 +119,7 @@ impl Executor {
                 runtime: self.runtime.clone(),
                 inbox: None,
                 dispatches: None,
+                failed_on: None,
             };
             self.tracker.spawn(worker.run(rx));
             tx
@@ -122,6 +145,11 @@ struct Worker {
     /// Opened on first use, so the files are read once per process.
     inbox: Option<Inbox>,
     dispatches: Option<DispatchLog>,
+    /// The session on which a message of this agent could not be handed
+    /// over: its later messages are left alone (not acked), so the agent
+    /// never gets one before the failed one. The next session sends them
+    /// all again, in order.
+    failed_on: Option<Uuid>,
 }
 
 impl Worker {
@@ -228,36 +256,47 @@ impl Worker {
 
     async fn message(&mut self, message: AgentMessage, replies: &Replies) {
         let agent_id = self.agent_id;
+        if self.failed_on == Some(replies.session) {
+            tracing::debug!(%agent_id, message_id = %message.id, "left for the next session: an earlier message failed");
+            return;
+        }
+        self.failed_on = None;
+        if let Err(err) = self.hand_over(&message, replies).await {
+            tracing::error!(%agent_id, message_id = %message.id, "{err}; not acknowledged, ending the session");
+            self.failed_on = Some(replies.session);
+            replies.failed.cancel();
+            return;
+        }
+        let _ = replies.acks.send(message.id);
+    }
+
+    /// Puts the message (and its files) where the agent finds it, unless
+    /// it is there already.
+    async fn hand_over(&mut self, message: &AgentMessage, replies: &Replies) -> Result<(), String> {
+        let agent_id = self.agent_id;
         let inbox = match &mut self.inbox {
             Some(inbox) => inbox,
-            None => match Inbox::open(&self.dir).await {
-                Ok(inbox) => self.inbox.insert(inbox),
-                Err(err) => {
-                    tracing::error!(%agent_id, message_id = %message.id, "{err}; not acknowledged");
-                    return;
-                }
-            },
+            None => self
+                .inbox
+                .insert(Inbox::open(&self.dir).await.map_err(|e| e.to_string())?),
         };
         if inbox.contains(message.id) {
             tracing::debug!(%agent_id, message_id = %message.id, "redelivered message acknowledged again");
-        } else {
-            // Its files first: the message is handed over (and acked) only
-            // with every one of them in place. A failure leaves it
-            // unacknowledged; the hub sends it again.
-            for file in &message.attachments {
-                if let Err(err) = replies.files.fetch(&self.dir, file).await {
-                    tracing::error!(%agent_id, message_id = %message.id, "{err}; not acknowledged");
-                    return;
-                }
-            }
-            if let Err(err) = inbox.append(&message).await {
-                tracing::error!(%agent_id, message_id = %message.id, "{err}; not acknowledged");
-                return;
-            }
-            if let Err(err) = self.runtime.deliver(&message).await {
-                tracing::debug!(%agent_id, message_id = %message.id, "message is in the inbox but not on stdin: {err}");
-            }
+            return Ok(());
         }
-        let _ = replies.acks.send(message.id);
+        // Its files first: the message is handed over (and acked) only
+        // with every one of them in place.
+        for file in &message.attachments {
+            replies
+                .files
+                .fetch(&self.dir, file)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        inbox.append(message).await.map_err(|e| e.to_string())?;
+        if let Err(err) = self.runtime.deliver(message).await {
+            tracing::debug!(%agent_id, message_id = %message.id, "message is in the inbox but not on stdin: {err}");
+        }
+        Ok(())
     }
 }

@@ -3,14 +3,12 @@
 //!
 //! The work a poll returns goes to the same [`Executor`] a socket feeds,
 //! so dedup (dispatch outcomes remembered, inbox ids) and acks are one
-//! path for both transports. The loop acknowledges, in its next poll,
-//! every dispatch the previous poll returned (received) and every message
-//! the executor has handed to its agent; it waits for those acks first
-//! (up to half the lease), because the hub sends again whatever the
-//! previous poll returned and was not acknowledged. Statuses and results
-//! go out as soon as they happen, in `report` requests, statuses first.
+//! path for both transports. The loop says, in its next poll, that it
+//! received everything the previous poll returned (the hub sends again
+//! what a poll returned and nobody received), so it polls again at once.
+//! The reporter sends acks, statuses and results as they happen, in
+//! `report` requests, an operation's statuses before its result.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,8 +36,16 @@ use crate::session::{Ended, SessionError};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most frames in one report (the hub takes at most 1000).
 const MAX_REPORT_FRAMES: usize = 500;
+/// Most acks in one report.
+const MAX_REPORT_ACKS: usize = 1000;
 /// Pause before a failed report is sent again.
 const REPORT_RETRY: Duration = Duration::from_millis(500);
+/// First pause before a failed poll is sent again; it doubles up to
+/// [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long a session's end waits for its reporter to send what is queued.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// An HTTP client for the poll transport: it follows no redirect (a
 /// signed request must not be sent elsewhere) and bounds every request.
@@ -51,9 +57,19 @@ pub(crate) fn client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
-/// Runs one poll session against the hub at `base` until it ends, the
-/// shutdown, or `until` (then it ends cleanly, so the caller can try the
-/// WebSocket again).
+/// A poll session kept across a failed attempt to upgrade (`auto`): it is
+/// polled again without a new `hello`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Kept {
+    session_id: Uuid,
+    terms: PollTerms,
+}
+
+/// Runs one poll session against the hub at `base` (the one `kept`, or a
+/// new one) until it ends, the shutdown, or `until`: then it ends with
+/// [`Ended::Rotate`] and the session, so the caller can try the WebSocket
+/// and, if the upgrade is refused again, go on polling it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     http: &reqwest::Client,
     base: &str,
@@ -62,6 +78,7 @@ pub(crate) async fn run(
     executor: &mut Executor,
     shutdown: &CancellationToken,
     until: Option<Instant>,
+    kept: Option<Kept>,
 ) -> Result<Ended, SessionError> {
     let hub = Hub {
         http: http.clone(),
@@ -70,51 +87,63 @@ pub(crate) async fn run(
         secret: config.secret.clone(),
     };
     let mut status_feed = StatusFeed::subscribe(runtime);
-    let hello = BrokerFrame::Hello {
-        agents: runtime.statuses(),
-    };
-    let (session_id, terms) = tokio::select! {
-        () = shutdown.cancelled() => return Ok(Ended::Shutdown),
-        welcome = hub.hello(&hello) => welcome?,
+    let Kept { session_id, terms } = match kept {
+        Some(kept) => kept,
+        None => {
+            let hello = BrokerFrame::Hello {
+                agents: runtime.statuses(),
+            };
+            let (session_id, terms) = tokio::select! {
+                () = shutdown.cancelled() => return Ok(Ended::Shutdown),
+                welcome = hub.hello(&hello) => welcome?,
+            };
+            Kept { session_id, terms }
+        }
     };
     tracing::info!(%session_id, ?terms, "poll session is live");
 
-    let (acks_tx, mut acks) = mpsc::unbounded_channel();
+    let (acks_tx, acks) = mpsc::unbounded_channel();
     let (results_tx, results) = mpsc::unbounded_channel();
-    let replies = Replies {
-        results: results_tx,
-        acks: acks_tx,
-        files: Arc::new(Fetcher {
+    let replies = Replies::new(
+        results_tx,
+        acks_tx,
+        Arc::new(Fetcher {
             http: http.clone(),
             base: base.to_owned(),
             broker: config.broker.clone(),
             secret: config.secret.clone(),
         }),
-    };
+    );
     let (ended_tx, mut ended) = mpsc::channel(1);
     let reporter = tokio::spawn({
         let hub = hub.clone();
         async move {
-            let err = report(&hub, session_id, &mut status_feed, results).await;
+            let err = report(&hub, session_id, &mut status_feed, results, acks).await;
             let _ = ended_tx.send(err).await;
         }
     });
 
     let wait_ms = terms.max_wait_ms;
-    let ack_within = Duration::from_millis(terms.lease_ms / 2);
-    let mut acked: Vec<Uuid> = Vec::new();
+    // A request that fails (network, 5xx) is sent again, on the same
+    // session, until the session would have lapsed.
+    let give_up_after = Duration::from_millis(terms.lapse_ms);
+    let mut last_success = Instant::now();
+    let mut retry = RETRY_MIN;
+    // Everything the last answer held, acknowledged as received in the
+    // next poll: the hub sends nothing received again.
     let mut received: Vec<Uuid> = Vec::new();
     let outcome = loop {
         if until.is_some_and(|u| Instant::now() >= u) {
-            break Ok(Ended::Rotate);
+            break Ok(Ended::Rotate(Kept { session_id, terms }));
         }
-        let mut frames = Vec::new();
-        if !acked.is_empty() || !received.is_empty() {
-            frames.push(BrokerFrame::Ack {
-                message_ids: std::mem::take(&mut acked),
-                dispatch_ids: std::mem::take(&mut received),
-            });
-        }
+        let frames: Vec<BrokerFrame> = if received.is_empty() {
+            Vec::new()
+        } else {
+            vec![BrokerFrame::Ack {
+                message_ids: Vec::new(),
+                received: received.clone(),
+            }]
+        };
         let request = PollRequest {
             session_id,
             frames: frames.into_iter().map(Envelope::new).collect(),
@@ -123,14 +152,29 @@ pub(crate) async fn run(
         };
         let polled = tokio::select! {
             () = shutdown.cancelled() => break Ok(Ended::Shutdown),
+            () = replies.failed.cancelled() => break Err(SessionError::HandOver),
             Some(err) = ended.recv() => break Err(err),
             polled = hub.post(POLL_PATH, &request, Duration::from_millis(wait_ms)) => polled,
         };
         let work = match polled {
             Ok(work) => work,
+            Err(err @ (SessionError::Http(_) | SessionError::Status(500..=599, _))) => {
+                if last_success.elapsed() >= give_up_after {
+                    break Err(err);
+                }
+                tracing::warn!("poll failed ({err}); polling again in {retry:?}");
+                tokio::select! {
+                    () = shutdown.cancelled() => break Ok(Ended::Shutdown),
+                    () = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
+            }
             Err(err) => break Err(err),
         };
-        let mut expected = HashSet::new();
+        last_success = Instant::now();
+        retry = RETRY_MIN;
+        received.clear();
         for frame in work {
             match frame {
                 HubFrame::Dispatch(dispatch) => {
@@ -147,7 +191,7 @@ pub(crate) async fn run(
                         .await;
                 }
                 HubFrame::Message(message) => {
-                    expected.insert(message.id);
+                    received.push(message.id);
                     let agent_id = message.agent_id;
                     executor
                         .submit(agent_id, Job::Message(message), replies.clone())
@@ -159,70 +203,79 @@ pub(crate) async fn run(
                 HubFrame::Welcome { .. } => tracing::warn!("ignoring a second welcome"),
             }
         }
-        // Acks of this answer's messages go in the next poll; wait for them
-        // (the hub would send unacknowledged ones again).
-        let deadline = Instant::now() + ack_within;
-        while let Ok(id) = acks.try_recv() {
-            expected.remove(&id);
-            acked.push(id);
-        }
-        while !expected.is_empty() {
-            match tokio::time::timeout_at(deadline, acks.recv()).await {
-                Ok(Some(id)) => {
-                    expected.remove(&id);
-                    acked.push(id);
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
     };
-    // What was handled but not acknowledged yet, on the way out.
-    while let Ok(id) = acks.try_recv() {
-        acked.push(id);
-    }
-    if outcome.is_ok() && (!acked.is_empty() || !received.is_empty()) {
+    // The receipts of the last answer, on the way out (a session that goes
+    // on after a rotation needs them; otherwise the next session's hello
+    // sends that work again anyway).
+    if !received.is_empty() && matches!(outcome, Ok(Ended::Rotate(_)) | Ok(Ended::Shutdown)) {
         let request = ReportRequest {
             session_id,
             frames: vec![Envelope::new(BrokerFrame::Ack {
-                message_ids: acked,
-                dispatch_ids: received,
+                message_ids: Vec::new(),
+                received,
             })],
         };
         if let Err(err) = hub.post(REPORT_PATH, &request, Duration::ZERO).await {
-            tracing::debug!("last acks not sent ({err}); the hub sends those messages again");
+            tracing::debug!("last receipts not sent ({err}); the hub sends that work again");
         }
     }
+    // The reporter sends what is already queued (acks, results) before it
+    // stops, briefly.
+    drop(replies);
+    let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
+        while let Some(err) = ended.recv().await {
+            tracing::debug!("reporter ended: {err}");
+        }
+    })
+    .await;
     reporter.abort();
     outcome
 }
 
-/// Sends statuses and results as they happen, until the session ends;
-/// returns why it ended.
+/// Sends acks, statuses and results as they happen, until the session
+/// ends (or every sender is gone and all is sent); returns why it ended.
 async fn report(
     hub: &Hub,
     session_id: Uuid,
     status_feed: &mut StatusFeed,
     mut results: mpsc::UnboundedReceiver<DispatchResult>,
+    mut acks: mpsc::UnboundedReceiver<Uuid>,
 ) -> SessionError {
     loop {
         let mut frames = tokio::select! {
             statuses = status_feed.next() => statuses,
-            Some(result) = results.recv() => {
-                let mut frames = status_feed.pending();
-                frames.push(BrokerFrame::Result(result));
-                frames
-            }
+            result = results.recv() => match result {
+                Some(result) => {
+                    let mut frames = status_feed.pending();
+                    frames.push(BrokerFrame::Result(result));
+                    frames
+                }
+                None => return SessionError::Closed(" (session over)".into()),
+            },
+            Some(id) = acks.recv() => vec![BrokerFrame::Ack { message_ids: vec![id], received: Vec::new() }],
         };
         // Whatever else is at hand shares the request.
-        while frames.len() < MAX_REPORT_FRAMES {
+        let mut acked = Vec::new();
+        while frames.len() < MAX_REPORT_FRAMES && acked.len() < MAX_REPORT_ACKS {
             frames.extend(status_feed.pending());
-            match results.try_recv() {
-                Ok(result) => {
-                    frames.extend(status_feed.pending());
-                    frames.push(BrokerFrame::Result(result));
+            match (results.try_recv(), acks.try_recv()) {
+                (Err(_), Err(_)) => break,
+                (result, ack) => {
+                    if let Ok(result) = result {
+                        frames.extend(status_feed.pending());
+                        frames.push(BrokerFrame::Result(result));
+                    }
+                    if let Ok(id) = ack {
+                        acked.push(id);
+                    }
                 }
-                Err(_) => break,
             }
+        }
+        if !acked.is_empty() {
+            frames.push(BrokerFrame::Ack {
+                message_ids: acked,
+                received: Vec::new(),
+            });
         }
         let request = ReportRequest {
             session_id,
@@ -239,7 +292,8 @@ async fn report(
                     break;
                 }
                 // The session is over: results are remembered, and the
-                // next session's hub sends their dispatches again.
+                // next session's hub sends their dispatches (and the
+                // unacked messages) again.
                 Err(err @ (SessionError::Superseded(_) | SessionError::Unauthorized)) => {
                     return err;
                 }

@@ -66,6 +66,8 @@ pub(crate) enum SessionError {
     Status(u16, String),
     #[error("the hub refused the broker credentials (401)")]
     Unauthorized,
+    #[error("a message could not be handed over; the next session gets it again")]
+    HandOver,
 }
 
 /// How a session ended without error.
@@ -73,8 +75,9 @@ pub(crate) enum SessionError {
 pub(crate) enum Ended {
     /// `shutdown` was cancelled; the socket was closed with 1000.
     Shutdown,
-    /// A poll session reached the time to try the WebSocket again.
-    Rotate,
+    /// A poll session reached the time to try the WebSocket again; if the
+    /// upgrade is refused, this session is polled on.
+    Rotate(crate::poll::Kept),
 }
 
 /// Runs one session on an upgraded socket until it ends.
@@ -107,11 +110,8 @@ pub(crate) async fn run(
     let (acks, acks_rx) = mpsc::unbounded_channel();
     let acker = tokio::spawn(batch_acks(acks_rx, out.clone()));
     let (results, results_rx) = mpsc::unbounded_channel();
-    let replies = Replies {
-        results,
-        acks,
-        files,
-    };
+    let replies = Replies::new(results, acks, files);
+    let failed = replies.failed.clone();
 
     let reading = Reader {
         stream,
@@ -125,6 +125,7 @@ pub(crate) async fn run(
     let ended = tokio::select! {
         ended = reading.run(shutdown) => ended,
         _ = &mut writer => Err(SessionError::WriterGone),
+        () = failed.cancelled() => Err(SessionError::HandOver),
     };
     if ended.as_ref().is_ok_and(|e| *e == Ended::Shutdown) {
         let _ = out.send(Outgoing::Close).await;
@@ -326,7 +327,7 @@ async fn batch_acks(mut acks: mpsc::UnboundedReceiver<Uuid>, out: mpsc::Sender<O
         if out
             .send(Outgoing::Frame(BrokerFrame::Ack {
                 message_ids,
-                dispatch_ids: Vec::new(),
+                received: Vec::new(),
             }))
             .await
             .is_err()

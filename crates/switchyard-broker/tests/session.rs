@@ -374,3 +374,104 @@ async fn a_superseded_session_reconnects() {
     drop(old);
     broker.stop(&mut ws).await;
 }
+
+/// Reads one HTTP request head from the listener and answers 404: the
+/// hub saying a file is not (or no longer) there.
+async fn refuse_one_fetch(listener: &TcpListener) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut tcp, _) = tokio::time::timeout(LIMIT, listener.accept())
+        .await
+        .expect("the broker fetches in time")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the fetch request ended early");
+        head.extend_from_slice(&buf[..n]);
+    }
+    tcp.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A message whose file cannot be fetched is not acked, ends the session,
+/// and the message after it is not handed over before it: the next
+/// session gets both again, in order.
+#[tokio::test]
+async fn a_message_whose_file_cannot_be_fetched_ends_the_session_and_nothing_overtakes_it() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let workdir = tempfile::tempdir().unwrap();
+    let broker = start_broker(&url, workdir.path()).await;
+    let (ws, _) = accept(&listener, false).await;
+    let mut ws = ws.unwrap();
+    handshake(&mut ws, 0).await;
+    let agent = Uuid::new_v4();
+    let first = AgentMessage {
+        attachments: vec![switchyard_proto::AttachmentRef {
+            id: Uuid::new_v4(),
+            name: "report.txt".to_owned(),
+            size: 3,
+            sha256: "00".to_owned(),
+        }],
+        ..message(agent, 1)
+    };
+    let second = message(agent, 2);
+    send(&mut ws, HubFrame::Message(first.clone())).await;
+    send(&mut ws, HubFrame::Message(second.clone())).await;
+    let head = refuse_one_fetch(&listener).await;
+    assert!(
+        head.starts_with(&format!(
+            "GET /v1/brokers/attachments/{}",
+            first.attachments[0].id
+        )),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains(auth::HEADER_SIGNATURE),
+        "signed"
+    );
+    // The session ends without acking either message.
+    loop {
+        match tokio::time::timeout(LIMIT, ws.next())
+            .await
+            .expect("the session ends")
+        {
+            Some(Ok(Message::Text(text))) => {
+                if let Ok(BrokerFrame::Ack { message_ids, .. }) = decode::<BrokerFrame>(&text) {
+                    panic!("acked {message_ids:?} although the first message failed");
+                }
+            }
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => break,
+        }
+    }
+    // The next session gets them again, in order (the file is there now:
+    // this time the message comes without it).
+    let (ws, _) = accept(&listener, false).await;
+    let mut ws = ws.unwrap();
+    handshake(&mut ws, 0).await;
+    let again = AgentMessage {
+        attachments: Vec::new(),
+        ..first.clone()
+    };
+    let acked = acks_for(&mut ws, &[again, second.clone()]).await;
+    assert_eq!(acked, vec![first.id, second.id]);
+    let inbox = std::fs::read_to_string(
+        switchyard_broker::agent_dir(workdir.path(), agent).join("inbox.jsonl"),
+    )
+    .unwrap();
+    let ids: Vec<String> = inbox
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids, vec![first.id.to_string(), second.id.to_string()]);
+    broker.stop(&mut ws).await;
+}

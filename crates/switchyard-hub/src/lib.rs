@@ -132,6 +132,7 @@ impl Hub {
             originator,
             sockets: TaskTracker::new(),
             session_permits: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
+            upload_permits: Arc::new(tokio::sync::Semaphore::new(api::MAX_UPLOADS)),
             shutdown: shutdown.clone(),
         });
         tasks.spawn(

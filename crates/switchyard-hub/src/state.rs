@@ -34,5 +34,9 @@ pub(crate) struct Shared {
     pub(crate) sockets: TaskTracker,
     /// One permit per control-channel session, up to `max_sessions`.
     pub(crate) session_permits: Arc<tokio::sync::Semaphore>,
+    /// One permit per message with files being received, up to
+    /// [`crate::api::MAX_UPLOADS`]: each may stage up to
+    /// `max_attachment_bytes` on this replica's disk.
+    pub(crate) upload_permits: Arc<tokio::sync::Semaphore>,
     pub(crate) shutdown: CancellationToken,
 }

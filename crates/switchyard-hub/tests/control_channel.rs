@@ -362,7 +362,7 @@ async fn reports_about_another_brokers_agents_are_refused(db: TestDb) {
     broker
         .send(&BrokerFrame::Ack {
             message_ids: vec![message["id"].as_str().unwrap().parse().unwrap()],
-            dispatch_ids: Vec::new(),
+            received: Vec::new(),
         })
         .await;
     match broker.recv().await {
@@ -630,7 +630,7 @@ async fn protocol_violations_get_an_error_frame_and_a_close(db: TestDb) {
         &mut socket,
         &BrokerFrame::Ack {
             message_ids: vec![],
-            dispatch_ids: Vec::new(),
+            received: Vec::new(),
         },
     )
     .await;

@@ -131,11 +131,12 @@ pub enum BrokerFrame {
     Ack {
         #[serde(default)]
         message_ids: Vec<Uuid>,
-        /// Dispatches (and broker calls) the broker has received and will
-        /// answer with a `result`. Needed only on the poll transport, where
-        /// unacknowledged work is sent again (see [`poll::PollTerms`]).
+        /// Dispatches, broker calls and messages the broker has received
+        /// and will answer (with a `result`) or ack later. Needed only on
+        /// the poll transport, where work nobody acknowledged is sent again
+        /// (see [`poll::PollTerms`]).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        dispatch_ids: Vec<Uuid>,
+        received: Vec<Uuid>,
     },
     /// An agent changed phase.
     Status(AgentStatus),
@@ -426,7 +427,7 @@ mod tests {
     fn frames_round_trip_with_version_and_type() {
         let frame = BrokerFrame::Ack {
             message_ids: vec![Uuid::nil()],
-            dispatch_ids: Vec::new(),
+            received: Vec::new(),
         };
         let text = encode(&frame);
         assert_eq!(

@@ -43,9 +43,9 @@ pub const MAX_POLL_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 pub struct PollTerms {
     /// Longest `wait_ms` the hub honours.
     pub max_wait_ms: u64,
-    /// Work a poll returned must be acknowledged before this long has
-    /// passed (messages by `ack`, dispatches by `ack` with `dispatch_ids`,
-    /// at the latest in the next poll); after that the hub sends it again.
+    /// Work a poll returned must be acknowledged as received (`ack` with
+    /// `received`, at the latest in the next poll) before this long has
+    /// passed; after that the hub sends it again.
     pub lease_ms: u64,
     /// A session with no poll or report for this long has lapsed: the
     /// broker is offline and must say `hello` again.

@@ -1999,16 +1999,11 @@ async fn a_poll_sends_again_what_was_not_acknowledged_but_not_a_received_dispatc
     assert_eq!(s.claim_intents(&[session], me, 10).await.unwrap().len(), 2);
     let other = broker(s, "other").await;
     assert_eq!(
-        s.receive_intents(other.id, &[received]).await.unwrap(),
-        vec![received],
+        s.receive(other.id, &[received.0]).await.unwrap(),
+        vec![received.0],
         "another broker's dispatch is not received"
     );
-    assert!(
-        s.receive_intents(b.id, &[received])
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(s.receive(b.id, &[received.0]).await.unwrap().is_empty());
     let report = s.requeue_unacknowledged(b.id, 5).await.unwrap();
     assert_eq!(report.requeued(), 1, "{report:?}");
     assert_eq!(
@@ -2025,6 +2020,41 @@ async fn a_poll_sends_again_what_was_not_acknowledged_but_not_a_received_dispatc
     assert_eq!(
         s.intent(received).await.unwrap().state,
         IntentState::Pending
+    );
+
+    // Messages alike: a received one stays in flight until its ack.
+    let a3 = agent(s, b.id, "w3").await;
+    let kept = s
+        .insert_messages(vec![message(a3, json!(1))])
+        .await
+        .unwrap()[0]
+        .row
+        .id;
+    let resent = s
+        .insert_messages(vec![message(a3, json!(2))])
+        .await
+        .unwrap()[0]
+        .row
+        .id;
+    s.claim_messages(&[session], me, 10).await.unwrap();
+    assert!(s.receive(b.id, &[kept.0]).await.unwrap().is_empty());
+    s.requeue_unacknowledged(b.id, 5).await.unwrap();
+    assert_eq!(
+        s.message(kept).await.unwrap().state,
+        MessageState::Dispatched
+    );
+    assert_eq!(
+        s.message(resent).await.unwrap().state,
+        MessageState::Pending
+    );
+    let unknown = uuid::Uuid::new_v4();
+    assert_eq!(s.receive(b.id, &[unknown]).await.unwrap(), vec![unknown]);
+    // A receipt that arrives after the ack changes nothing and is no error.
+    s.ack_messages(b.id, &[kept]).await.unwrap();
+    assert!(s.receive(b.id, &[kept.0]).await.unwrap().is_empty());
+    assert_eq!(
+        s.message(kept).await.unwrap().state,
+        MessageState::Delivered
     );
 }
 

@@ -103,7 +103,7 @@ impl RawBroker {
     pub async fn ack(&mut self, message: Uuid) {
         let ack = BrokerFrame::Ack {
             message_ids: vec![message],
-            dispatch_ids: Vec::new(),
+            received: Vec::new(),
         };
         self.send(&ack).await;
     }

@@ -155,9 +155,9 @@ pub fn done(dispatch: Uuid) -> BrokerFrame {
 }
 
 /// An `ack` of messages (and received dispatches).
-pub fn ack(message_ids: Vec<Uuid>, dispatch_ids: Vec<Uuid>) -> BrokerFrame {
+pub fn ack(message_ids: Vec<Uuid>, received: Vec<Uuid>) -> BrokerFrame {
     BrokerFrame::Ack {
         message_ids,
-        dispatch_ids,
+        received,
     }
 }

@@ -112,6 +112,32 @@ struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(60..=31_536_000)
     )]
     retention_secs: u64,
+    /// Bytes the files sent with one message may add up to (1 to
+    /// 1,073,741,824).
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_ATTACHMENT_BYTES",
+        default_value_t = 64 << 20,
+        value_parser = clap::value_parser!(u64).range(1..=1 << 30)
+    )]
+    max_attachment_bytes: u64,
+    /// Files one message may carry (1 to 1,000).
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_ATTACHMENTS",
+        default_value_t = 16,
+        value_parser = clap::value_parser!(u64).range(1..=1000)
+    )]
+    max_attachments: u64,
+    /// Seconds a polling broker has to acknowledge what a poll returned
+    /// before it is sent again (1 to 3,600).
+    #[arg(
+        long,
+        env = "SWITCHYARD_POLL_LEASE_SECS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    poll_lease_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -237,6 +263,9 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         message_ttl: Duration::from_secs(args.message_ttl_secs),
         intent_deadline: Duration::from_secs(args.intent_deadline_secs),
         retention: Duration::from_secs(args.retention_secs),
+        max_attachment_bytes: args.max_attachment_bytes,
+        max_attachments: usize::try_from(args.max_attachments).unwrap_or(usize::MAX),
+        poll_lease: Duration::from_secs(args.poll_lease_secs),
         ..HubConfig::default()
     };
     let hub = Hub::start(config, database).await?;
@@ -301,10 +330,19 @@ mod tests {
             defaults.intent_deadline
         );
         assert_eq!(Duration::from_secs(args.retention_secs), defaults.retention);
+        assert_eq!(args.max_attachment_bytes, defaults.max_attachment_bytes);
+        assert_eq!(args.max_attachments as usize, defaults.max_attachments);
+        assert_eq!(
+            Duration::from_secs(args.poll_lease_secs),
+            defaults.poll_lease
+        );
         for bad in [
             ["--message-ttl-secs", "0"],
             ["--intent-deadline-secs", "2592001"],
             ["--retention-secs", "59"],
+            ["--max-attachment-bytes", "0"],
+            ["--max-attachments", "1001"],
+            ["--poll-lease-secs", "0"],
         ] {
             let argv = ["switchyard", "serve", bad[0], bad[1]];
             assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");

@@ -15,8 +15,10 @@ use axum::extract::multipart::{Field, MultipartError};
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use std::time::Duration;
 use switchyard_proto::{AgentMessage, AttachmentRef, HubFrame, MAX_FRAME_BYTES, encode, file_name};
 use switchyard_store::{AgentId, AttachmentId, NewAttachment};
+
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use super::error::ApiError;
@@ -26,6 +28,13 @@ use super::request::{MAX_BODY_BYTES, refuse_in_json};
 use crate::idempotency::Entry;
 use crate::lookup;
 use crate::state::HubState;
+
+/// Messages with files received at once by one replica; one more answers
+/// 503, so the client tries again (or another replica).
+pub(crate) const MAX_UPLOADS: usize = 16;
+
+/// How long receiving one message with its files may take.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A file received and staged, not stored yet.
 struct Staged {
@@ -39,9 +48,38 @@ pub(crate) async fn send(
     state: HubState,
     reference: String,
     headers: HeaderMap,
-    mut multipart: Multipart,
+    multipart: Multipart,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let _permit = state
+        .upload_permits
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            unavailable(format!(
+                "this replica is receiving {MAX_UPLOADS} messages with files already; try again"
+            ))
+        })?;
     let key = idempotency_key(&headers)?;
+    let (message, files) = tokio::time::timeout(UPLOAD_TIMEOUT, receive(&state, multipart))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the form was not received within {} s",
+                    UPLOAD_TIMEOUT.as_secs()
+                ),
+            )
+        })??;
+    store(state, reference, key, message, files).await
+}
+
+/// Reads the form: its message part and its files, staged.
+async fn receive(
+    state: &HubState,
+    mut multipart: Multipart,
+) -> Result<(SendMessage, Vec<Staged>), ApiError> {
     let limit = state.config.max_attachment_bytes;
     let mut message: Option<SendMessage> = None;
     let mut files: Vec<Staged> = Vec::new();
@@ -81,6 +119,17 @@ pub(crate) async fn send(
     let message = message.ok_or_else(|| {
         ApiError::bad_request("no message part: send the message as a part named message")
     })?;
+    Ok((message, files))
+}
+
+/// Checks the message with its files and writes them in one transaction.
+async fn store(
+    state: HubState,
+    reference: String,
+    key: Option<String>,
+    message: SendMessage,
+    files: Vec<Staged>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let refs: Vec<AttachmentRef> = files
         .iter()
         .map(|f| AttachmentRef {
@@ -126,9 +175,19 @@ pub(crate) async fn send(
     }
     let sent = state.originator.send_with_files(new, attachments).await?;
     let mut body = answer(&sent);
-    if sent.route.is_some() {
-        body["attachments"] = json!(answered);
-    }
+    body["attachments"] = if sent.route.is_some() {
+        json!(answered)
+    } else {
+        // A repeated key: the files the first request stored (none once
+        // its message is final).
+        let stored = state.store.attachments_of(&[sent.row.id]).await?;
+        json!(
+            stored
+                .iter()
+                .map(|f| json!({ "id": f.id, "name": f.name, "size": f.size, "sha256": f.sha256 }))
+                .collect::<Vec<_>>()
+        )
+    };
     Ok((StatusCode::ACCEPTED, Json(body)))
 }
 

@@ -12,6 +12,8 @@ pub(crate) mod dispatches;
 pub(crate) mod error;
 pub(crate) mod events;
 mod files;
+
+pub(crate) use files::MAX_UPLOADS;
 pub(crate) mod messages;
 pub(crate) mod ops;
 pub(crate) mod request;

@@ -50,8 +50,8 @@ pub(crate) async fn apply(
         BrokerFrame::Result(report) => result(state, broker, report).await,
         BrokerFrame::Ack {
             message_ids,
-            dispatch_ids,
-        } => ack(state, broker, message_ids, dispatch_ids).await,
+            received,
+        } => ack(state, broker, message_ids, received).await,
         BrokerFrame::Error(error) => {
             tracing::warn!(broker = %broker.id, code = ?error.code, message = %error.message, "broker reported an error");
             Ok(())
@@ -132,34 +132,26 @@ async fn result(
 }
 
 /// `ack`: messages the broker handed to their agents, in one statement
-/// per frame, and dispatches it received (which a poll then does not send
-/// again). Repeating an ack changes nothing.
+/// per frame, and work it received (which a poll then does not send
+/// again). Every id is applied; one that is not this broker's is refused
+/// after the others. Repeating an ack changes nothing.
 async fn ack(
     state: &HubState,
     broker: &Broker,
     message_ids: Vec<uuid::Uuid>,
-    dispatch_ids: Vec<uuid::Uuid>,
+    received: Vec<uuid::Uuid>,
 ) -> Result<(), ApplyError> {
-    if !dispatch_ids.is_empty() {
-        let ids: Vec<IntentId> = dispatch_ids.into_iter().map(IntentId).collect();
-        if !state
-            .store
-            .receive_intents(broker.id, &ids)
-            .await?
-            .is_empty()
-        {
-            return Err(ApplyError::NotOwn(Entity::Intent));
+    let mut refused = None;
+    if !received.is_empty() && !state.store.receive(broker.id, &received).await?.is_empty() {
+        refused = Some(ApplyError::NotOwn(Entity::Intent));
+    }
+    if !message_ids.is_empty() {
+        let ids: Vec<MessageId> = message_ids.into_iter().map(MessageId).collect();
+        let acked = state.store.ack_messages(broker.id, &ids).await?;
+        state.metrics.messages_delivered.inc_by(acked.delivered);
+        if !acked.not_found.is_empty() {
+            refused = Some(ApplyError::NotOwn(Entity::Message));
         }
     }
-    if message_ids.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<MessageId> = message_ids.into_iter().map(MessageId).collect();
-    let acked = state.store.ack_messages(broker.id, &ids).await?;
-    state.metrics.messages_delivered.inc_by(acked.delivered);
-    if acked.not_found.is_empty() {
-        Ok(())
-    } else {
-        Err(ApplyError::NotOwn(Entity::Message))
-    }
+    refused.map_or(Ok(()), Err)
 }

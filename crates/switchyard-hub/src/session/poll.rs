@@ -22,7 +22,7 @@
 //!   a poll moves the session's affinity to the replica it arrived at
 //!   (compare-and-swap on the session id), so wake-ups follow the broker.
 //! - What a poll returned is leased: each poll first puts back what the
-//!   earlier ones returned and the broker has not acknowledged
+//!   earlier ones returned and the broker has not said it received
 //!   ([`switchyard_store::WorkStore::requeue_unacknowledged`]) and sends it
 //!   again, in order; the sweeper does the same when the lease runs out.
 //!   A lost answer therefore costs one poll, never a message.
@@ -298,8 +298,10 @@ async fn claim(
             // The client went away: claim nothing more for it.
             () = gone.cancelled() => return Ok(answer),
         }
+        // A heartbeat, not a resume: a stale poll must not pull the
+        // session's wake-ups back to its replica.
         if Instant::now() >= heartbeat {
-            affinity.resume().await?;
+            affinity.heartbeat().await?;
             heartbeat = Instant::now() + state.config.heartbeat_interval;
         }
     }

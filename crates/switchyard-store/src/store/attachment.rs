@@ -174,8 +174,12 @@ for_each_backend! {
         }
 
         async fn attachment(&self, broker: BrokerId, id: AttachmentId) -> StoreResult<Attachment> {
+            // A final message's files are gone, whether or not the sweeper
+            // has removed them yet.
             sqlx::query_as(sql!(
-                "SELECT * FROM attachments WHERE id = $1 AND broker_id = $2"
+                "SELECT a.* FROM attachments a JOIN messages m ON m.id = a.message_id
+                 WHERE a.id = $1 AND a.broker_id = $2 AND m.state IN {unfinished}",
+                unfinished = MESSAGE.unfinished,
             ))
             .bind(id)
             .bind(broker)

@@ -37,7 +37,7 @@ pub trait Housekeeping: Send + Sync {
     /// dead or whose lease ran out back to `pending`, or fails them once
     /// they have been tried `max_attempts` times. A broker whose latest
     /// session polls has a shorter lease, `poll_lease`, on what it has not
-    /// acknowledged (messages not acked, dispatches not received).
+    /// said it received.
     async fn requeue_abandoned(&self, policy: RequeuePolicy) -> StoreResult<RequeueReport>;
 
     /// Deletes finished intents (`done`, `failed`) and messages
@@ -104,6 +104,7 @@ for_each_backend! {
                         OR NOT EXISTS (SELECT 1 FROM replicas r
                                        WHERE r.instance_id = claimed_by AND r.last_seen >= @ago($2))
                         OR (claimed_at < @ago($4)
+                                 AND (received_at IS NULL OR received_at < claimed_at)
                             AND broker_id IN (SELECT id FROM brokers WHERE transport = {poll})))
                  RETURNING state",
                 requeue = MESSAGE.requeue_set("$3", ABANDONED),

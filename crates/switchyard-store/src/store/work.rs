@@ -188,9 +188,8 @@ pub trait WorkStore: Send + Sync {
     ) -> StoreResult<RequeueReport>;
 
     /// At the start of each poll of a poll session: puts back to `pending`
-    /// what earlier polls returned and the broker has not acknowledged
-    /// (every message in flight, and every intent in flight the broker has
-    /// not said it received), so the poll sends it again, in order. The
+    /// what earlier polls returned and the broker has not said it received
+    /// (see [`WorkStore::receive`]), so the poll sends it again, in order. The
     /// attempt rule is that of [`WorkStore::requeue_broker_in_flight`]
     /// with `Some(max_attempts)`: work the broker never gets past fails
     /// after `max_attempts` polls instead of holding back its agent.
@@ -200,14 +199,11 @@ pub trait WorkStore: Send + Sync {
         max_attempts: i32,
     ) -> StoreResult<RequeueReport>;
 
-    /// The broker says it received these dispatches (and will answer
-    /// them): they stay in flight until their result, and no poll sends
-    /// them again. Ids that are not this broker's intents are returned.
-    async fn receive_intents(
-        &self,
-        broker: BrokerId,
-        ids: &[IntentId],
-    ) -> StoreResult<Vec<IntentId>>;
+    /// The broker says it received these dispatches (or broker calls, or
+    /// messages) and will answer (ack) them: they stay in flight until it
+    /// does, and no poll sends them again. Ids that are neither intents
+    /// nor messages of this broker are returned.
+    async fn receive(&self, broker: BrokerId, ids: &[uuid::Uuid]) -> StoreResult<Vec<uuid::Uuid>>;
 
     /// Puts claimed rows that were never sent back to `pending`, without
     /// counting their claim (a poll's answer had no room left for them).
@@ -745,15 +741,11 @@ for_each_backend! {
             self.requeue_in_flight(broker, Some(max_attempts), false).await
         }
 
-        async fn receive_intents(
-            &self,
-            broker: BrokerId,
-            ids: &[IntentId],
-        ) -> StoreResult<Vec<IntentId>> {
+        async fn receive(&self, broker: BrokerId, ids: &[uuid::Uuid]) -> StoreResult<Vec<uuid::Uuid>> {
             let mut not_found = Vec::new();
             let mut tx = self.write().await?;
             for &id in ids {
-                let received = sqlx::query(sql!(
+                let intent = sqlx::query(sql!(
                     "UPDATE dispatch_intents SET received_at = @now
                      WHERE id = $1 AND broker_id = $2 AND state = {in_flight}",
                     in_flight = INTENT.in_flight,
@@ -763,17 +755,35 @@ for_each_backend! {
                 .bind_now()
                 .execute(&mut *tx)
                 .await?;
-                if received.rows_affected() == 0 {
-                    let ours: Option<i64> = sqlx::query_scalar(sql!(
-                        "SELECT 1 FROM dispatch_intents WHERE id = $1 AND broker_id = $2"
-                    ))
-                    .bind(id)
-                    .bind(broker)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    if ours.is_none() {
-                        not_found.push(id);
-                    }
+                if intent.rows_affected() == 1 {
+                    continue;
+                }
+                let message = sqlx::query(sql!(
+                    "UPDATE messages SET received_at = @now
+                     WHERE id = $1 AND broker_id = $2 AND state = {in_flight}",
+                    in_flight = MESSAGE.in_flight,
+                ))
+                .bind(id)
+                .bind(broker)
+                .bind_now()
+                .execute(&mut *tx)
+                .await?;
+                if message.rows_affected() == 1 {
+                    continue;
+                }
+                // Not in flight (finished already: a repeated receipt) or
+                // not this broker's.
+                let ours: Option<i32> = sqlx::query_scalar(sql!(
+                    "SELECT 1 FROM dispatch_intents WHERE id = $1 AND broker_id = $2
+                     UNION ALL
+                     SELECT 1 FROM messages WHERE id = $1 AND broker_id = $2"
+                ))
+                .bind(id)
+                .bind(broker)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if ours.is_none() {
+                    not_found.push(id);
                 }
             }
             tx.commit().await?;
@@ -819,15 +829,14 @@ for_each_backend! {
     }
 
     impl Backend {
-        /// [`WorkStore::requeue_broker_in_flight`] for every message in
-        /// flight and, unless `all_intents`, only the intents in flight the
-        /// broker has not said it received since their claim (migration
-        /// 0013).
+        /// [`WorkStore::requeue_broker_in_flight`] for every row in flight
+        /// or, unless `all`, only the rows in flight the broker has not
+        /// said it received since their claim (migration 0013).
         async fn requeue_in_flight(
             &self,
             broker: BrokerId,
             dead_letter_after: Option<i32>,
-            all_intents: bool,
+            all: bool,
         ) -> StoreResult<RequeueReport> {
             let mut tx = self.write().await?;
             let (mut intents, mut messages) = (Vec::new(), Vec::new());
@@ -851,16 +860,19 @@ for_each_backend! {
                 ))
                 .bind(broker)
                 .bind(max_attempts)
-                .bind(all_intents)
+                .bind(all)
                 .bind_now()
                 .fetch_all(&mut *tx)
                 .await?;
                 messages = sqlx::query_scalar(sql!(
                     "UPDATE messages SET {requeue}, updated_at = @now
                      WHERE broker_id = $1 AND state = {in_flight}
+                       AND ($3 OR received_at IS NULL OR received_at < claimed_at)
                        AND NOT EXISTS (SELECT 1 FROM messages o
                                        WHERE o.agent_id = messages.agent_id
                                          AND o.state = {in_flight}
+                                         AND ($3 OR o.received_at IS NULL
+                                              OR o.received_at < o.claimed_at)
                                          AND o.seq < messages.seq)
                      RETURNING state",
                     requeue = MESSAGE.requeue_set("$2", SESSION_ENDED),
@@ -868,6 +880,7 @@ for_each_backend! {
                 ))
                 .bind(broker)
                 .bind(max_attempts)
+                .bind(all)
                 .bind_now()
                 .fetch_all(&mut *tx)
                 .await?;
@@ -882,17 +895,19 @@ for_each_backend! {
                 in_flight = INTENT.in_flight,
             ))
             .bind(broker)
-            .bind(all_intents)
+            .bind(all)
             .bind_now()
             .execute(&mut *tx)
             .await?;
             let messages_behind = sqlx::query(sql!(
                 "UPDATE messages SET {uncounted}, updated_at = @now
-                 WHERE broker_id = $1 AND state = {in_flight}",
+                 WHERE broker_id = $1 AND state = {in_flight}
+                   AND ($2 OR received_at IS NULL OR received_at < claimed_at)",
                 uncounted = MESSAGE.uncounted_requeue_set(),
                 in_flight = MESSAGE.in_flight,
             ))
             .bind(broker)
+            .bind(all)
             .bind_now()
             .execute(&mut *tx)
             .await?;

@@ -281,7 +281,7 @@ async fn serve(
             let at = Instant::now();
             let frame = encode(&BrokerFrame::Ack {
                 message_ids: message_ids.clone(),
-                dispatch_ids: Vec::new(),
+                received: Vec::new(),
             });
             socket.feed(Message::Text(frame.into())).await?;
             acks.record(&message_ids, at);

@@ -188,7 +188,7 @@ async fn serve(
         let at = Instant::now();
         outgoing.clear();
         let mut message_ids = Vec::new();
-        let mut dispatch_ids = Vec::new();
+        let mut received = Vec::new();
         let mut replies = Vec::new();
         for frame in frames {
             match frame {
@@ -198,12 +198,12 @@ async fn serve(
                 }
                 HubFrame::Dispatch(dispatch) => {
                     counts.dispatches += 1;
-                    dispatch_ids.push(dispatch.id);
+                    received.push(dispatch.id);
                     replies.extend(answer_dispatch(dispatch));
                 }
                 HubFrame::BrokerCall(call) => {
                     counts.dispatches += 1;
-                    dispatch_ids.push(call.id);
+                    received.push(call.id);
                     replies.push(answer_call(call));
                 }
                 HubFrame::Error(error) => {
@@ -216,11 +216,11 @@ async fn serve(
         // sends next, at once: the same moment the WebSocket bench broker
         // records.
         acks.record(&message_ids, at);
-        if !message_ids.is_empty() || !dispatch_ids.is_empty() {
+        if !message_ids.is_empty() || !received.is_empty() {
             counts.ack_frames += 1;
             outgoing.push(BrokerFrame::Ack {
                 message_ids,
-                dispatch_ids,
+                received,
             });
         }
         outgoing.extend(replies);
