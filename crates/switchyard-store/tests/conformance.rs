@@ -48,6 +48,7 @@ switchyard_testkit::on_both_backends!(
     only_poll_sessions_lapse,
     a_poll_sends_again_what_was_not_acknowledged_but_not_a_received_dispatch,
     a_message_and_its_files_are_written_all_or_none_and_removed_once_final,
+    concurrent_sends_of_files_with_one_key_write_one_message,
     late_release_of_superseded_session_changes_nothing,
     heartbeat_of_superseded_session_reports_superseded,
     release_replica_affinities_touches_only_that_replica,
@@ -2129,4 +2130,47 @@ async fn a_message_and_its_files_are_written_all_or_none_and_removed_once_final(
     assert_eq!(s.remove_finished_attachments().await.unwrap(), 2);
     assert_eq!(s.attachment_bytes().await.unwrap(), 0);
     assert!(s.attachment_chunk(first_id, 0).await.unwrap().is_none());
+}
+
+async fn concurrent_sends_of_files_with_one_key_write_one_message(f: Fixture) {
+    use switchyard_store::{AttachmentId, NewAttachment};
+    let b = broker(&*f.store, "b").await;
+    let a = agent(&*f.store, b.id, "w").await;
+    let sends = (0..8)
+        .map(|_| {
+            let store = f.store.clone();
+            let mut keyed = message(a, json!("once"));
+            keyed.idempotency_key = Some("k-files".to_owned());
+            keyed.request_digest = Some("same".to_owned());
+            // The file arrives slowly: each transaction stays open after its
+            // insert, so the others read no row for the key and then collide.
+            let (mut writer, reader) = tokio::io::duplex(64);
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = writer.write_all(&[1, 2, 3]).await;
+            });
+            let file = NewAttachment {
+                id: AttachmentId::new(),
+                name: "f".to_owned(),
+                size: 3,
+                sha256: "digest".to_owned(),
+                content: Box::new(reader),
+            };
+            tokio::spawn(async move {
+                store
+                    .insert_message_with_attachments(keyed, vec![file])
+                    .await
+            })
+        })
+        .collect::<Vec<_>>();
+    let mut ids = std::collections::HashSet::new();
+    let mut created = 0;
+    for send in sends {
+        let inserted = send.await.unwrap().expect("every send is answered");
+        ids.insert(inserted.row.id);
+        created += usize::from(inserted.created);
+    }
+    assert_eq!((ids.len(), created), (1, 1), "one message, created once");
+    assert_eq!(f.store.attachment_bytes().await.unwrap(), 3, "and one file");
 }

@@ -88,7 +88,7 @@ for_each_backend! {
             .await?;
             let count = i32::try_from(attachments.len())
                 .map_err(|_| StoreError::Invalid(Invalid::Attachment("too many files".into())))?;
-            let row: Message = sqlx::query_as(sql!(
+            let inserted: Result<Message, sqlx::Error> = sqlx::query_as(sql!(
                 "INSERT INTO messages
                      (id, agent_id, broker_id, seq, ord, body, expires_at, deliver_after,
                       idempotency_key, request_digest, attachments, created_at, updated_at)
@@ -107,7 +107,28 @@ for_each_backend! {
             .bind(count)
             .bind_now()
             .fetch_one(&mut *tx)
-            .await?;
+            .await;
+            let row = match inserted {
+                Ok(row) => row,
+                // A concurrent request with the same key committed first
+                // (its agent lock made this one wait): answer with its row,
+                // as a later repeat would be.
+                Err(sqlx::Error::Database(db))
+                    if db.kind() == sqlx::error::ErrorKind::UniqueViolation
+                        && m.idempotency_key.is_some() =>
+                {
+                    drop(tx);
+                    let existing: Message = sqlx::query_as(sql!(
+                        "SELECT * FROM messages WHERE idempotency_key = $1"
+                    ))
+                    .bind(m.idempotency_key.as_deref())
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .ok_or(StoreError::NotFound(Entity::Message))?;
+                    return replay(&m, existing);
+                }
+                Err(err) => return Err(err.into()),
+            };
             let mut buf = vec![0; ATTACHMENT_CHUNK];
             for (position, mut file) in attachments.into_iter().enumerate() {
                 let size = i64::try_from(file.size).map_err(|_| {
