@@ -76,6 +76,22 @@ impl Registry {
         }
     }
 
+    /// Registers a waiting poll, unless another session of its broker is
+    /// registered here: a poll never closes a socket, which may belong to
+    /// a session newer than the one the poll checked a moment ago. An
+    /// unregistered poll still claims on every backstop interval.
+    pub(crate) fn insert_poll(&self, broker: BrokerId, handle: SessionHandle) {
+        let mut map = self.map();
+        match map.get(&broker) {
+            Some(other) if other.session_id != handle.session_id => {}
+            _ => {
+                if let Some(old) = map.insert(broker, handle) {
+                    old.supersede();
+                }
+            }
+        }
+    }
+
     /// Closes the broker's local session if it is not `session`: a newer
     /// session was claimed here without registering (a poll session's
     /// hello).

@@ -439,7 +439,7 @@ impl<'a> Waiting<'a> {
             wake: Arc::new(Notify::new()),
             cancel: state.shutdown.child_token(),
         };
-        state.registry.insert(broker.id, handle.clone());
+        state.registry.insert_poll(broker.id, handle.clone());
         Self {
             state,
             broker: broker.id,
