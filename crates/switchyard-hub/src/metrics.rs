@@ -5,7 +5,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use switchyard_store::DispatchIntent;
 
@@ -44,6 +45,12 @@ pub struct Metrics {
     pub stuck_work: IntGauge,
     /// Bytes of files sent with messages and not yet removed.
     pub attachment_bytes: IntGauge,
+    /// Seconds from a message's acceptance to its broker's ack, observed
+    /// by the replica that took the ack.
+    pub accept_to_ack: Histogram,
+    /// Unfinished messages and dispatches per broker (name), set by the
+    /// replica running the sweeper.
+    pub queue_depth: IntGaugeVec,
 }
 
 impl Metrics {
@@ -109,7 +116,7 @@ impl Metrics {
         .expect("valid metric");
         info.set(1);
         register(Box::new(info));
-        Self {
+        let metrics = Self {
             database_up: gauge(
                 "database_up",
                 "1 while the last database round trip of this replica succeeded.",
@@ -191,12 +198,37 @@ impl Metrics {
                 "stuck_work",
                 "Unfinished intents and messages older than five minutes.",
             ),
+            accept_to_ack: histogram(
+                "message_accept_to_ack_seconds",
+                "Time from a message's acceptance to its broker's ack.",
+            ),
+            queue_depth: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "queue_depth",
+                        "Unfinished messages and dispatches per broker (set by the replica running the sweeper).",
+                    ),
+                    &["broker"],
+                )
+                .expect("valid metric");
+                register(Box::new(g.clone()));
+                g
+            },
             attachment_bytes: gauge(
                 "attachment_bytes",
                 "Bytes of files sent with messages that storage still holds (until their message is final).",
             ),
             registry,
+        };
+        // Series with a known, closed set of labels exist from the start
+        // (at 0), so dashboards and alerts see them before the first event.
+        for kind in ["message", "dispatch"] {
+            metrics.dead_letters.with_label_values(&[kind]);
         }
+        for route in ["local", "forward", "queued"] {
+            metrics.routes.with_label_values(&[route]);
+        }
+        metrics
     }
 
     /// Counts a dispatch that just finished.

@@ -102,6 +102,14 @@ impl Sweeper {
         self.store.prune_finished(self.retention).await?;
         let stuck = self.store.count_stuck(STUCK_AFTER).await?;
         self.metrics.stuck_work.set(stuck as i64);
+        let depths = self.store.queue_depths().await?;
+        self.metrics.queue_depth.reset();
+        for (broker, depth) in depths {
+            self.metrics
+                .queue_depth
+                .with_label_values(&[broker.as_str()])
+                .set(depth);
+        }
         Ok(())
     }
 }

@@ -556,4 +556,7 @@ pub struct Acked {
     pub delivered: u64,
     /// Acked ids that are not messages of the acking broker.
     pub not_found: Vec<MessageId>,
+    /// For each message this ack moved to `delivered`: how long it took
+    /// from its acceptance (`created_at`) to this ack.
+    pub waited: Vec<std::time::Duration>,
 }

@@ -149,6 +149,9 @@ async fn ack(
         let ids: Vec<MessageId> = message_ids.into_iter().map(MessageId).collect();
         let acked = state.store.ack_messages(broker.id, &ids).await?;
         state.metrics.messages_delivered.inc_by(acked.delivered);
+        for waited in &acked.waited {
+            state.metrics.accept_to_ack.observe(waited.as_secs_f64());
+        }
         if !acked.not_found.is_empty() {
             refused = Some(ApplyError::NotOwn(Entity::Message));
         }

@@ -465,18 +465,20 @@ impl WorkDialect for PgStore {
         static DELIVER: LazyLock<String> = LazyLock::new(|| {
             format!(
                 "UPDATE messages SET state = {delivered}, delivered_at = now(), updated_at = now()
-                 WHERE id = ANY($1) AND broker_id = $2 AND state IN {unfinished}",
+                 WHERE id = ANY($1) AND broker_id = $2 AND state IN {unfinished}
+                 RETURNING EXTRACT(EPOCH FROM now() - created_at)::float8",
                 delivered = *DELIVERED,
                 unfinished = MESSAGE.unfinished,
             )
         });
         let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
-        let delivered = sqlx::query(DELIVER.as_str())
+        let waited: Vec<f64> = sqlx::query_scalar(DELIVER.as_str())
             .bind(&ids)
             .bind(broker)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+            .fetch_all(&self.pool)
+            .await?;
+        let delivered = waited.len() as u64;
+        let waited = waited.into_iter().map(seconds).collect();
         // Only when some id changed nothing: which of them are not ours?
         // (A message never changes broker, so reading after the update is
         // as good as reading within it.)
@@ -497,6 +499,12 @@ impl WorkDialect for PgStore {
         Ok(Acked {
             delivered,
             not_found,
+            waited,
         })
     }
+}
+
+/// A non-negative number of seconds (clocks may disagree by a little).
+fn seconds(secs: f64) -> std::time::Duration {
+    std::time::Duration::try_from_secs_f64(secs).unwrap_or_default()
 }

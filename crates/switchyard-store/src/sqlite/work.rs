@@ -262,14 +262,15 @@ impl WorkDialect for SqliteStore {
     async fn deliver(&self, broker: BrokerId, ids: &[MessageId]) -> StoreResult<Acked> {
         let mut acked = Acked::default();
         let mut tx = self.write().await?;
+        let now = Utc::now();
         for id in ids {
-            let owner: Option<(BrokerId, String)> =
-                sqlx::query_as("SELECT broker_id, state FROM messages WHERE id = $1")
+            let owner: Option<(BrokerId, String, chrono::DateTime<Utc>)> =
+                sqlx::query_as("SELECT broker_id, state, created_at FROM messages WHERE id = $1")
                     .bind(id)
                     .fetch_optional(&mut *tx)
                     .await?;
             match owner {
-                Some((owner, state)) if owner == broker => {
+                Some((owner, state, created_at)) if owner == broker => {
                     let unfinished = state.parse().is_ok_and(|s| {
                         matches!(s, MessageState::Pending | MessageState::Dispatched)
                     });
@@ -281,10 +282,13 @@ impl WorkDialect for SqliteStore {
                             delivered = *DELIVERED
                         )))
                         .bind(id)
-                        .bind(Utc::now())
+                        .bind(now)
                         .execute(&mut *tx)
                         .await?;
                         acked.delivered += 1;
+                        acked
+                            .waited
+                            .push((now - created_at).to_std().unwrap_or_default());
                     }
                 }
                 _ => acked.not_found.push(*id),

@@ -48,6 +48,10 @@ pub trait Housekeeping: Send + Sync {
     /// Intents and messages not finished although created more than
     /// `older_than` ago: work that is stuck (e.g. its broker is offline).
     async fn count_stuck(&self, older_than: Duration) -> StoreResult<u64>;
+
+    /// Unfinished intents and messages (pending or in flight) per broker
+    /// name, for brokers that have any.
+    async fn queue_depths(&self) -> StoreResult<Vec<(String, i64)>>;
 }
 
 /// How a backend keeps the singleton role.
@@ -149,6 +153,21 @@ for_each_backend! {
             .await?;
             tx.commit().await?;
             Ok(intents.rows_affected() + messages.rows_affected())
+        }
+
+        async fn queue_depths(&self) -> StoreResult<Vec<(String, i64)>> {
+            Ok(sqlx::query_as(sql!(
+                "SELECT b.name, CAST(count(*) AS BIGINT) FROM brokers b
+                 JOIN (SELECT broker_id FROM dispatch_intents WHERE state IN {intents}
+                       UNION ALL
+                       SELECT broker_id FROM messages WHERE state IN {messages}) w
+                   ON w.broker_id = b.id
+                 GROUP BY b.name",
+                intents = INTENT.unfinished,
+                messages = MESSAGE.unfinished,
+            ))
+            .fetch_all(&self.pool)
+            .await?)
         }
 
         async fn count_stuck(&self, older_than: Duration) -> StoreResult<u64> {
