@@ -116,15 +116,10 @@ pub(crate) async fn hello(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match body {
-        Ok(body) => {
-            detached(
-                move |_gone| async move { respond(start_session(&state, &headers, &body).await) },
-            )
-            .await
-        }
-        Err(rejection) => body_error(rejection).into_response(),
-    }
+    detached(body, move |body, _gone| async move {
+        start_session(&state, &headers, &body).await
+    })
+    .await
 }
 
 /// `POST /v1/brokers/poll`.
@@ -133,15 +128,10 @@ pub(crate) async fn poll(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match body {
-        Ok(body) => {
-            detached(
-                move |gone| async move { respond(claim(&state, &headers, &body, &gone).await) },
-            )
-            .await
-        }
-        Err(rejection) => body_error(rejection).into_response(),
-    }
+    detached(body, move |body, gone| async move {
+        claim(&state, &headers, &body, &gone).await
+    })
+    .await
 }
 
 /// `POST /v1/brokers/poll/report`.
@@ -150,31 +140,32 @@ pub(crate) async fn report(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match body {
-        Ok(body) => {
-            detached(
-                move |_gone| async move { respond(apply_report(&state, &headers, &body).await) },
-            )
-            .await
-        }
-        Err(rejection) => body_error(rejection).into_response(),
-    }
+    detached(body, move |body, _gone| async move {
+        apply_report(&state, &headers, &body).await
+    })
+    .await
 }
 
-/// Runs a request's work on a task of its own. When a client goes away,
-/// hyper drops its handler at whatever await it is in; a transaction begun
-/// there would be abandoned halfway and its connection handed back in an
-/// unknown state. On its own task the work runs to its end; `gone` tells it
-/// the client left, so a waiting poll stops waiting instead of claiming
-/// work nobody will receive.
-async fn detached<F, Fut>(work: F) -> Response
+/// Runs a request's work, given its body, on a task of its own, and
+/// answers with what it returns. When a client goes away, hyper drops its
+/// handler at whatever await it is in; a transaction begun there would be
+/// abandoned halfway and its connection handed back in an unknown state.
+/// On its own task the work runs to its end; `gone` tells it the client
+/// left, so a waiting poll stops waiting instead of claiming work nobody
+/// will receive.
+async fn detached<F, Fut>(body: Result<Bytes, BytesRejection>, work: F) -> Response
 where
-    F: FnOnce(CancellationToken) -> Fut,
-    Fut: Future<Output = Response> + Send + 'static,
+    F: FnOnce(Bytes, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<Vec<String>, PollError>> + Send + 'static,
 {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return body_error(rejection).into_response(),
+    };
     let gone = CancellationToken::new();
     let _on_drop = gone.clone().drop_guard();
-    match tokio::spawn(work(gone)).await {
+    let work = work(body, gone);
+    match tokio::spawn(async move { respond(work.await) }).await {
         Ok(response) => response,
         Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
         Err(_) => ApiError::new(

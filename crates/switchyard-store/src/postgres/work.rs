@@ -461,6 +461,33 @@ impl WorkDialect for PgStore {
 
     /// One statement, no transaction: the common case (every id is this
     /// broker's and was in flight) costs a single round trip.
+    async fn receive_rows(&self, broker: BrokerId, ids: &[Uuid]) -> StoreResult<Vec<Uuid>> {
+        // One statement: both updates run whatever the final SELECT reads,
+        // which sees the rows as of the statement's start (existence is
+        // all it asks).
+        static RECEIVE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH received_intents AS (
+                     UPDATE dispatch_intents SET received_at = now()
+                     WHERE id = ANY($1) AND broker_id = $2 AND state = {intent_in_flight}
+                 ), received_messages AS (
+                     UPDATE messages SET received_at = now()
+                     WHERE id = ANY($1) AND broker_id = $2 AND state = {message_in_flight}
+                 )
+                 SELECT id FROM dispatch_intents WHERE id = ANY($1) AND broker_id = $2
+                 UNION ALL
+                 SELECT id FROM messages WHERE id = ANY($1) AND broker_id = $2",
+                intent_in_flight = INTENT.in_flight,
+                message_in_flight = MESSAGE.in_flight,
+            )
+        });
+        Ok(sqlx::query_scalar(RECEIVE.as_str())
+            .bind(ids)
+            .bind(broker)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     async fn deliver(&self, broker: BrokerId, ids: &[MessageId]) -> StoreResult<Acked> {
         static DELIVER: LazyLock<String> = LazyLock::new(|| {
             format!(

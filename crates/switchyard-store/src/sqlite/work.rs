@@ -259,6 +259,43 @@ impl WorkDialect for SqliteStore {
         claim(self, tables, sessions, claimer, limit).await
     }
 
+    async fn receive_rows(
+        &self,
+        broker: BrokerId,
+        ids: &[uuid::Uuid],
+    ) -> StoreResult<Vec<uuid::Uuid>> {
+        let mut known = Vec::new();
+        let now = Utc::now();
+        let mut tx = self.write().await?;
+        for &id in ids {
+            for (table, states) in [("dispatch_intents", &*INTENT), ("messages", &*MESSAGE)] {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE {table} SET received_at = $3
+                     WHERE id = $1 AND broker_id = $2 AND state = {in_flight}",
+                    in_flight = states.in_flight,
+                )))
+                .bind(id)
+                .bind(broker)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                let ours: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT 1 FROM {table} WHERE id = $1 AND broker_id = $2"
+                )))
+                .bind(id)
+                .bind(broker)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if ours.is_some() {
+                    known.push(id);
+                    break;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(known)
+    }
+
     async fn deliver(&self, broker: BrokerId, ids: &[MessageId]) -> StoreResult<Acked> {
         let mut acked = Acked::default();
         let mut tx = self.write().await?;

@@ -216,7 +216,7 @@ pub trait WorkStore: Send + Sync {
 }
 
 /// The work statements whose text genuinely differs between backends: the
-/// batch insert, the claim and the batch ack. Callers have checked the
+/// batch insert, the claim, the batch ack and the batch receipt. Callers have checked the
 /// batch ([`check_batch`]) and the sessions (not empty); the rows come back
 /// in any order.
 pub(crate) trait WorkDialect {
@@ -245,6 +245,16 @@ pub(crate) trait WorkDialect {
     ) -> StoreResult<Vec<Message>>;
 
     async fn deliver(&self, broker: BrokerId, ids: &[MessageId]) -> StoreResult<Acked>;
+
+    /// [`WorkStore::receive`]'s update: marks those of `ids` that are this
+    /// broker's intents or messages in flight as received now, and returns
+    /// every one of `ids` that is this broker's intent or message (in
+    /// flight or not).
+    async fn receive_rows(
+        &self,
+        broker: BrokerId,
+        ids: &[uuid::Uuid],
+    ) -> StoreResult<Vec<uuid::Uuid>>;
 }
 
 for_each_backend! {
@@ -742,52 +752,12 @@ for_each_backend! {
         }
 
         async fn receive(&self, broker: BrokerId, ids: &[uuid::Uuid]) -> StoreResult<Vec<uuid::Uuid>> {
-            let mut not_found = Vec::new();
-            let mut tx = self.write().await?;
-            for &id in ids {
-                let intent = sqlx::query(sql!(
-                    "UPDATE dispatch_intents SET received_at = @now
-                     WHERE id = $1 AND broker_id = $2 AND state = {in_flight}",
-                    in_flight = INTENT.in_flight,
-                ))
-                .bind(id)
-                .bind(broker)
-                .bind_now()
-                .execute(&mut *tx)
-                .await?;
-                if intent.rows_affected() == 1 {
-                    continue;
-                }
-                let message = sqlx::query(sql!(
-                    "UPDATE messages SET received_at = @now
-                     WHERE id = $1 AND broker_id = $2 AND state = {in_flight}",
-                    in_flight = MESSAGE.in_flight,
-                ))
-                .bind(id)
-                .bind(broker)
-                .bind_now()
-                .execute(&mut *tx)
-                .await?;
-                if message.rows_affected() == 1 {
-                    continue;
-                }
-                // Not in flight (finished already: a repeated receipt) or
-                // not this broker's.
-                let ours: Option<i32> = sqlx::query_scalar(sql!(
-                    "SELECT 1 FROM dispatch_intents WHERE id = $1 AND broker_id = $2
-                     UNION ALL
-                     SELECT 1 FROM messages WHERE id = $1 AND broker_id = $2"
-                ))
-                .bind(id)
-                .bind(broker)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if ours.is_none() {
-                    not_found.push(id);
-                }
+            if ids.is_empty() {
+                return Ok(Vec::new());
             }
-            tx.commit().await?;
-            Ok(not_found)
+            let known: std::collections::HashSet<uuid::Uuid> =
+                self.receive_rows(broker, ids).await?.into_iter().collect();
+            Ok(ids.iter().filter(|id| !known.contains(id)).copied().collect())
         }
 
         async fn unclaim(
