@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::{self};
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::Executor;
-use crate::files::Fetcher;
+use crate::files::HubClient;
 use crate::poll;
 use crate::runtime::Runtime;
 use crate::session::{self, Ended, SessionError, Socket};
@@ -246,6 +246,12 @@ pub async fn run(
             let index = (next_hub + k) % urls.len();
             let url = &urls[index];
             let base = &bases[index];
+            let client = Arc::new(HubClient {
+                http: http.clone(),
+                base: base.clone(),
+                broker: config.broker.clone(),
+                secret: config.secret.clone(),
+            });
             let polling = match config.transport {
                 Transport::Ws => None,
                 Transport::Poll => Some(None),
@@ -297,12 +303,7 @@ pub async fn run(
                     // A poll session kept for this hub is superseded now.
                     kept = None;
                     tracing::info!(hub = %url, "connected");
-                    let files = Arc::new(Fetcher {
-                        http: http.clone(),
-                        base: base.clone(),
-                        broker: config.broker.clone(),
-                        secret: config.secret.clone(),
-                    });
+                    let files = client.clone();
                     session::run(socket, files, &runtime, &mut executor, &shutdown).await
                 }
                 None => {
@@ -315,9 +316,7 @@ pub async fn run(
                         .and_then(|(hub, session)| (hub == index).then_some(session));
                     tracing::info!(hub = %base, "polling");
                     poll::run(
-                        &http,
-                        base,
-                        &config,
+                        client.clone(),
                         &runtime,
                         &mut executor,
                         &shutdown,

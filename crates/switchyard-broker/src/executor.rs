@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::dedup::DispatchLog;
-use crate::files::Fetcher;
+use crate::files::HubClient;
 use crate::inbox::Inbox;
 use crate::layout;
 use crate::runtime::{Runtime, RuntimeError};
@@ -49,7 +49,7 @@ pub(crate) struct Replies {
     pub(crate) results: mpsc::UnboundedSender<DispatchResult>,
     pub(crate) acks: mpsc::UnboundedSender<Uuid>,
     /// Fetches a message's files from the session's hub.
-    pub(crate) files: Arc<Fetcher>,
+    pub(crate) files: Arc<HubClient>,
     /// Cancelled by a worker that could not hand a message over: the
     /// session ends, and the next one gets the message again, first.
     pub(crate) failed: CancellationToken,
@@ -61,7 +61,7 @@ impl Replies {
     pub(crate) fn new(
         results: mpsc::UnboundedSender<DispatchResult>,
         acks: mpsc::UnboundedSender<Uuid>,
-        files: Arc<Fetcher>,
+        files: Arc<HubClient>,
     ) -> Self {
         Self {
             results,

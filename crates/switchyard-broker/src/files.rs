@@ -45,10 +45,11 @@ pub(crate) enum FetchError {
     },
 }
 
-/// Fetches files from the hub of the current session, with the broker's
-/// own credentials.
+/// The hub of the current session over plain HTTP, with the broker's own
+/// credentials: every request is signed with a fresh nonce. Used to fetch
+/// files (on either transport) and by the poll transport.
 #[derive(Clone)]
-pub(crate) struct Fetcher {
+pub(crate) struct HubClient {
     pub(crate) http: reqwest::Client,
     /// `http(s)://host[:port][/prefix]`.
     pub(crate) base: String,
@@ -56,16 +57,25 @@ pub(crate) struct Fetcher {
     pub(crate) secret: String,
 }
 
-impl std::fmt::Debug for Fetcher {
+impl std::fmt::Debug for HubClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fetcher")
+        f.debug_struct("HubClient")
             .field("base", &self.base)
             .field("broker", &self.broker)
             .finish_non_exhaustive()
     }
 }
 
-impl Fetcher {
+impl HubClient {
+    /// A request to `path` on the hub, signed (a fresh nonce each time).
+    pub(crate) fn signed(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        for (name, value) in Handshake::new(&self.broker, &self.secret).headers() {
+            request = request.header(name, value);
+        }
+        request
+    }
+
     /// Fetches `file` into `agent_dir`; returns its path relative to it.
     pub(crate) async fn fetch(
         &self,
@@ -83,15 +93,10 @@ impl Fetcher {
             move |source| FetchError::Write { path, source }
         };
         tokio::fs::create_dir_all(&dir).await.map_err(write(&dir))?;
-        let url = format!(
-            "{}{}",
-            self.base,
-            ATTACHMENT_PATH.replace("{id}", &file.id.to_string())
-        );
-        let mut request = self.http.get(url).timeout(FETCH_TIMEOUT);
-        for (header, value) in Handshake::new(&self.broker, &self.secret).headers() {
-            request = request.header(header, value);
-        }
+        let path = ATTACHMENT_PATH.replace("{id}", &file.id.to_string());
+        let request = self
+            .signed(reqwest::Method::GET, &path)
+            .timeout(FETCH_TIMEOUT);
         let mut response = request.send().await.map_err(|e| http(e.to_string()))?;
         if !response.status().is_success() {
             return Err(FetchError::Status {

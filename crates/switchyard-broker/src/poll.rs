@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_proto::auth::Handshake;
 use switchyard_proto::poll::{
     MAX_POLL_RESPONSE_BYTES, POLL_HELLO_PATH, POLL_PATH, PollRequest, PollTerms, REPORT_PATH,
     ReportRequest,
@@ -25,9 +24,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::connection::BrokerConfig;
 use crate::executor::{BROKER_WORKER, Executor, Job, Replies};
-use crate::files::Fetcher;
+use crate::files::HubClient;
 use crate::reports::StatusFeed;
 use crate::runtime::Runtime;
 use crate::session::{Ended, SessionError};
@@ -69,23 +67,15 @@ pub(crate) struct Kept {
 /// new one) until it ends, the shutdown, or `until`: then it ends with
 /// [`Ended::Rotate`] and the session, so the caller can try the WebSocket
 /// and, if the upgrade is refused again, go on polling it.
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
-    http: &reqwest::Client,
-    base: &str,
-    config: &BrokerConfig,
+    client: Arc<HubClient>,
     runtime: &Arc<dyn Runtime>,
     executor: &mut Executor,
     shutdown: &CancellationToken,
     until: Option<Instant>,
     kept: Option<Kept>,
 ) -> Result<Ended, SessionError> {
-    let hub = Hub {
-        http: http.clone(),
-        base: base.to_owned(),
-        broker: config.broker.clone(),
-        secret: config.secret.clone(),
-    };
+    let hub = Hub(client.clone());
     let mut status_feed = StatusFeed::subscribe(runtime);
     let Kept { session_id, terms } = match kept {
         Some(kept) => kept,
@@ -104,16 +94,8 @@ pub(crate) async fn run(
 
     let (acks_tx, acks) = mpsc::unbounded_channel();
     let (results_tx, results) = mpsc::unbounded_channel();
-    let replies = Replies::new(
-        results_tx,
-        acks_tx,
-        Arc::new(Fetcher {
-            http: http.clone(),
-            base: base.to_owned(),
-            broker: config.broker.clone(),
-            secret: config.secret.clone(),
-        }),
-    );
+    let replies = Replies::new(results_tx, acks_tx, client);
+
     let (ended_tx, mut ended) = mpsc::channel(1);
     let reporter = tokio::spawn({
         let hub = hub.clone();
@@ -308,12 +290,7 @@ async fn report(
 
 /// One hub, as the poll transport reaches it.
 #[derive(Clone)]
-struct Hub {
-    http: reqwest::Client,
-    base: String,
-    broker: String,
-    secret: String,
-}
+struct Hub(Arc<HubClient>);
 
 impl Hub {
     async fn hello(&self, hello: &BrokerFrame) -> Result<(Uuid, PollTerms), SessionError> {
@@ -349,15 +326,12 @@ impl Hub {
         body: String,
         wait: Duration,
     ) -> Result<Vec<HubFrame>, SessionError> {
-        let mut request = self
-            .http
-            .post(format!("{}{path}", self.base))
+        let request = self
+            .0
+            .signed(reqwest::Method::POST, path)
             .timeout(wait + REQUEST_TIMEOUT)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
-        for (name, value) in Handshake::new(&self.broker, &self.secret).headers() {
-            request = request.header(name, value);
-        }
         let response = request
             .send()
             .await

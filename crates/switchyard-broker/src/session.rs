@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::executor::{BROKER_WORKER, Executor, Job, Replies};
-use crate::files::Fetcher;
+use crate::files::HubClient;
 use crate::reports::StatusFeed;
 use crate::runtime::Runtime;
 
@@ -83,7 +83,7 @@ pub(crate) enum Ended {
 /// Runs one session on an upgraded socket until it ends.
 pub(crate) async fn run(
     mut socket: Socket,
-    files: Arc<Fetcher>,
+    files: Arc<HubClient>,
     runtime: &Arc<dyn Runtime>,
     executor: &mut Executor,
     shutdown: &CancellationToken,
