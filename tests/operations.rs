@@ -9,72 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use switchyard_testkit::TestDb;
-use switchyard_tests::{Api, BrokerProcess, Server, TOKEN, wait_inbox};
+use switchyard_tests::{Api, Setup, TOKEN, wait_inbox};
 
 switchyard_testkit::on_both_backends!(every_operation_of_the_process_runtime_answers);
-
-/// `switchyard serve` replicas on one database (A, and B when `two`), a
-/// broker named "edge" registered through A, and its workdir.
-struct Setup {
-    _dir: tempfile::TempDir,
-    workdir: std::path::PathBuf,
-    a: Server,
-    b: Option<Server>,
-    api: Api,
-    broker_id: String,
-    secret: String,
-}
-
-impl Setup {
-    async fn new(db: &TestDb, two: bool) -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let workdir = dir.path().join("broker");
-        std::fs::create_dir_all(&workdir).unwrap();
-        let a = Server::start(dir.path(), Some(db.url()));
-        let b = two.then(|| Server::start(dir.path(), Some(db.url())));
-        let api = Api::new(&a.base, TOKEN);
-        let (status, broker) = api
-            .call("POST", "/v1/brokers", Some(json!({"name": "edge"})))
-            .await;
-        assert_eq!(status, 201, "{broker}");
-        Setup {
-            broker_id: broker["id"].as_str().unwrap().to_owned(),
-            secret: broker["secret"].as_str().unwrap().to_owned(),
-            _dir: dir,
-            workdir,
-            a,
-            b,
-            api,
-        }
-    }
-
-    /// The replica holding the broker's session: B if there is one.
-    fn owner(&self) -> &Server {
-        self.b.as_ref().unwrap_or(&self.a)
-    }
-
-    /// Starts the broker process on `hubs` and waits until its session is
-    /// on the first of them.
-    async fn start_broker(&self, hubs: &[&str]) -> BrokerProcess {
-        let broker = BrokerProcess::start(hubs, &self.broker_id, &self.secret, &self.workdir);
-        let first = if hubs[0] == self.a.base {
-            &self.a
-        } else {
-            self.owner()
-        };
-        let health: Value = first.get("/healthz").await.json().await.unwrap();
-        self.api
-            .wait_until(
-                &format!("/v1/brokers/{}", self.broker_id),
-                Duration::from_secs(20),
-                |row| {
-                    row["status"] == "online" && row["connected_replica"] == health["instance_id"]
-                },
-            )
-            .await;
-        broker
-    }
-}
 
 async fn every_operation_of_the_process_runtime_answers(db: TestDb) {
     // SQLite serves one replica: the broker is on A too.

@@ -5,78 +5,17 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use switchyard_testkit::{TcpProxy, TestDb};
-use switchyard_tests::{
-    Api, BrokerProcess, Server, TOKEN, assert_once_in_order, inbox, wait_inbox,
-};
+use switchyard_tests::{Api, Setup, TOKEN, assert_once_in_order, inbox, wait_inbox};
 
 switchyard_testkit::on_both_backends!(
     a_polling_broker_behind_a_proxy_that_refuses_upgrades_gets_1000_messages_once_and_in_order,
     a_broker_that_alternates_transports_every_50_messages_loses_and_duplicates_nothing,
     a_20_mib_file_sent_through_a_reaches_the_agent_of_a_broker_polling_b_unchanged,
 );
-
-struct Setup {
-    _dir: tempfile::TempDir,
-    workdir: PathBuf,
-    a: Server,
-    /// A second replica (PostgreSQL only).
-    b: Option<Server>,
-    api: Api,
-    broker_id: String,
-    secret: String,
-}
-
-impl Setup {
-    async fn new(db: &TestDb) -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let workdir = dir.path().join("broker");
-        std::fs::create_dir_all(&workdir).unwrap();
-        let a = Server::start(dir.path(), Some(db.url()));
-        let b = db
-            .url()
-            .starts_with("postgres")
-            .then(|| Server::start(dir.path(), Some(db.url())));
-        let api = Api::new(&a.base, TOKEN);
-        let (status, broker) = api
-            .call("POST", "/v1/brokers", Some(json!({"name": "edge"})))
-            .await;
-        assert_eq!(status, 201, "{broker}");
-        Setup {
-            broker_id: broker["id"].as_str().unwrap().to_owned(),
-            secret: broker["secret"].as_str().unwrap().to_owned(),
-            _dir: dir,
-            workdir,
-            a,
-            b,
-            api,
-        }
-    }
-
-    fn broker(&self, hubs: &[&str], transport: &str) -> BrokerProcess {
-        BrokerProcess::start_with(
-            hubs,
-            &self.broker_id,
-            &self.secret,
-            &self.workdir,
-            transport,
-        )
-    }
-
-    async fn online(&self, transport: &str) -> Value {
-        self.api
-            .wait_until(
-                &format!("/v1/brokers/{}", self.broker_id),
-                Duration::from_secs(20),
-                |row| row["status"] == "online" && row["transport"] == transport,
-            )
-            .await
-    }
-}
 
 fn addr(base: &str) -> SocketAddr {
     base.trim_start_matches("http://").parse().unwrap()
@@ -97,7 +36,7 @@ async fn a_polling_broker_behind_a_proxy_that_refuses_upgrades_gets_1000_message
     db: TestDb,
 ) {
     const N: u64 = 1000;
-    let mut setup = Setup::new(&db).await;
+    let mut setup = Setup::new(&db, db.url().starts_with("postgres")).await;
     let proxy_a = TcpProxy::refusing_upgrades(addr(&setup.a.base))
         .await
         .unwrap();
@@ -151,7 +90,7 @@ async fn a_broker_that_alternates_transports_every_50_messages_loses_and_duplica
     db: TestDb,
 ) {
     const N: u64 = 300;
-    let setup = Setup::new(&db).await;
+    let setup = Setup::new(&db, db.url().starts_with("postgres")).await;
     let hubs: Vec<&str> = setup
         .b
         .iter()
@@ -198,7 +137,7 @@ async fn a_20_mib_file_sent_through_a_reaches_the_agent_of_a_broker_polling_b_un
     db: TestDb,
 ) {
     use sha2::{Digest, Sha256};
-    let setup = Setup::new(&db).await;
+    let setup = Setup::new(&db, db.url().starts_with("postgres")).await;
     let polled = setup.b.as_ref().unwrap_or(&setup.a).base.clone();
     let _broker = setup.broker(&[polled.as_str()], "poll");
     setup.online("poll").await;

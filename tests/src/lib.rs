@@ -368,3 +368,96 @@ pub async fn wait_inbox(workdir: &Path, agent: &str, n: usize, within: Duration)
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `switchyard serve` replicas on one database (A, and B when `two`), a
+/// broker named "edge" registered through A, and its workdir; all removed
+/// when dropped.
+#[derive(Debug)]
+pub struct Setup {
+    _dir: tempfile::TempDir,
+    pub workdir: PathBuf,
+    pub a: Server,
+    pub b: Option<Server>,
+    pub api: Api,
+    pub broker_id: String,
+    pub secret: String,
+}
+
+impl Setup {
+    pub async fn new(db: &switchyard_testkit::TestDb, two: bool) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let workdir = dir.path().join("broker");
+        std::fs::create_dir_all(&workdir).unwrap();
+        let a = Server::start(dir.path(), Some(db.url()));
+        let b = two.then(|| Server::start(dir.path(), Some(db.url())));
+        let api = Api::new(&a.base, TOKEN);
+        let (status, broker) = api
+            .call(
+                "POST",
+                "/v1/brokers",
+                Some(serde_json::json!({"name": "edge"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{broker}");
+        Setup {
+            broker_id: broker["id"].as_str().unwrap().to_owned(),
+            secret: broker["secret"].as_str().unwrap().to_owned(),
+            _dir: dir,
+            workdir,
+            a,
+            b,
+            api,
+        }
+    }
+
+    /// The replica that holds the broker's session in these tests: B if
+    /// there is one.
+    pub fn owner(&self) -> &Server {
+        self.b.as_ref().unwrap_or(&self.a)
+    }
+
+    /// Starts the broker process on `hubs` over `transport` (`ws`, `poll`
+    /// or `auto`).
+    pub fn broker(&self, hubs: &[&str], transport: &str) -> BrokerProcess {
+        BrokerProcess::start_with(
+            hubs,
+            &self.broker_id,
+            &self.secret,
+            &self.workdir,
+            transport,
+        )
+    }
+
+    /// Waits until the broker is online with a session on `transport`.
+    pub async fn online(&self, transport: &str) -> Value {
+        self.api
+            .wait_until(
+                &format!("/v1/brokers/{}", self.broker_id),
+                Duration::from_secs(20),
+                |row| row["status"] == "online" && row["transport"] == transport,
+            )
+            .await
+    }
+
+    /// Starts the broker process on `hubs` (WebSocket) and waits until its
+    /// session is on the first of them.
+    pub async fn start_broker(&self, hubs: &[&str]) -> BrokerProcess {
+        let broker = self.broker(hubs, "ws");
+        let first = if hubs[0] == self.a.base {
+            &self.a
+        } else {
+            self.owner()
+        };
+        let health: Value = first.get("/healthz").await.json().await.unwrap();
+        self.api
+            .wait_until(
+                &format!("/v1/brokers/{}", self.broker_id),
+                Duration::from_secs(20),
+                |row| {
+                    row["status"] == "online" && row["connected_replica"] == health["instance_id"]
+                },
+            )
+            .await;
+        broker
+    }
+}
