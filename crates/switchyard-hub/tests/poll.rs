@@ -330,6 +330,24 @@ async fn reports_about_another_brokers_work_are_refused_and_repeated_acks_change
     answer_creates(&them, 1).await;
     assert_eq!(messages(&them.poll(vec![], 0).await.unwrap())[0].0, id);
 
+    // Another broker's receipt is refused too, and does not keep the
+    // message from being sent again.
+    let answers = me.report(vec![ack(vec![], vec![id])]).await.unwrap();
+    assert!(
+        matches!(
+            &answers[..],
+            [HubFrame::Error(ErrorFrame {
+                code: ErrorCode::Forbidden,
+                ..
+            })]
+        ),
+        "{answers:?}"
+    );
+    assert_eq!(
+        messages(&them.poll(vec![], 0).await.unwrap())[0].0,
+        id,
+        "not received, so sent again"
+    );
     let answers = me.report(vec![ack(vec![id], vec![])]).await.unwrap();
     assert!(
         matches!(
