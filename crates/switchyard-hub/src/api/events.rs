@@ -27,6 +27,18 @@ pub(crate) struct EventsQuery {
     agent: Option<String>,
 }
 
+#[utoipa::path(
+    get, path = "/v1/events", operation_id = "stream_events", tag = "events",
+    params(("agent" = Option<String>, Query, description = "Only this agent's events (id or name)")),
+    responses(
+        (status = 200, description = "Server-Sent Events, until the client or the replica goes away: `agent_status`, `dispatch_finished`, `lagged` (see docs/api.md, Events)", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`bad_request`: a query that does not parse", body = super::error::ErrorBody),
+        (status = 401, description = "`unauthorized`", body = super::error::ErrorBody),
+        (status = 404, description = "`not_found`: no such agent", body = super::error::ErrorBody),
+        (status = 422, description = "`invalid`: a NUL byte in the query", body = super::error::ErrorBody),
+        (status = 503, description = "`unavailable`", body = super::error::ErrorBody),
+    )
+)]
 pub(crate) async fn stream(
     State(state): State<HubState>,
     Query(query): Query<EventsQuery>,
