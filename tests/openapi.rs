@@ -161,7 +161,10 @@ async fn the_hub_answers_as_its_document_says_under_fuzzing(db: TestDb) {
             "not_a_server_error,status_code_conformance,\
              content_type_conformance,response_schema_conformance",
         ])
-        .args(["--phases", "examples,coverage,fuzzing"])
+        // Not the `coverage` phase: on Python 3.11 (this machine's) it
+        // crashes inside Hypothesis ("AST constructor recursion depth
+        // mismatch") before sending anything.
+        .args(["--phases", "examples,fuzzing"])
         .args(["--max-examples", "25"])
         .args(["--seed", "20261204"])
         .args(["--generation-database", "none"])

@@ -73,7 +73,9 @@ pub(crate) struct AgentWithDispatch {
     #[serde(flatten)]
     #[schema(value_type = Agent)]
     agent: Option<Agent>,
-    dispatch: DispatchIntent,
+    /// Absent only in the answer to `POST /v1/agents` without `?wait=true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dispatch: Option<DispatchIntent>,
 }
 
 /// The answer to a call made with `?wait=false`: the dispatch written,
@@ -176,7 +178,11 @@ pub(crate) async fn create(
             .originator
             .dispatch(agent.id, Ask::create(args))
             .await?;
-        return Ok((StatusCode::CREATED, Json(agent)).into_response());
+        let created = AgentWithDispatch {
+            agent: Some(agent),
+            dispatch: None,
+        };
+        return Ok((StatusCode::CREATED, Json(created)).into_response());
     };
     let outcome = state
         .originator
@@ -439,7 +445,11 @@ pub(crate) fn answer(
         )
             .into_response()),
         Lifecycle::Done { agent, dispatch } => {
-            Ok((done, Json(AgentWithDispatch { agent, dispatch })).into_response())
+            let body = AgentWithDispatch {
+                agent,
+                dispatch: Some(dispatch),
+            };
+            Ok((done, Json(body)).into_response())
         }
         Lifecycle::Failed(dispatch) => Err(ApiError::new(
             StatusCode::BAD_GATEWAY,
