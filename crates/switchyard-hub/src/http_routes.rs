@@ -231,7 +231,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(resp.status(), 500);
-        let body: Value = resp.json().await.unwrap();
+        let body: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(body["error"]["code"], "internal", "{body}");
         assert_eq!(metrics.http_panics.get(), 1);
 
