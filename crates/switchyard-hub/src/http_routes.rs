@@ -1,6 +1,7 @@
 //! The HTTP route table of a replica, and the three operator endpoints
 //! (`/healthz`, `/readyz`, `/metrics`). Every `/v1` route but the control
-//! channel requires the admin token.
+//! channel and the API's own description (`/v1/openapi.json`) requires the
+//! admin token.
 
 use std::time::Duration;
 
@@ -10,15 +11,18 @@ use axum::response::IntoResponse;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
-use serde_json::{Value, json};
+use serde::Serialize;
 use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::ToSchema;
 
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, ErrorBody};
 use crate::api::{
-    AdminTokens, MAX_BODY_BYTES, agents, brokers, dispatches, events, messages, ops, require_admin,
+    AdminTokens, MAX_BODY_BYTES, agents, brokers, dispatches, events, messages, openapi, ops,
+    require_admin,
 };
 use switchyard_proto::ATTACHMENT_PATH;
 use switchyard_proto::poll::{MAX_POLL_REQUEST_BYTES, POLL_HELLO_PATH, POLL_PATH, REPORT_PATH};
+use switchyard_store::ReplicaId;
 
 use crate::metrics::Metrics;
 use crate::session;
@@ -68,6 +72,7 @@ pub(crate) fn router(state: HubState) -> Router {
         .route("/v1/cluster", get(dispatches::cluster))
         .route("/v1/events", get(events::stream))
         .route_layer(middleware::from_fn_with_state(admin, require_admin))
+        .route(openapi::PATH, get(openapi::document))
         .route("/v1/brokers/connect", get(session::connect))
         .route(
             POLL_HELLO_PATH,
@@ -123,14 +128,46 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// `GET /healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Health {
+    #[schema(example = "ok")]
+    status: &'static str,
+    instance_id: ReplicaId,
+}
+
+/// `GET /readyz` when ready.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Ready {
+    #[schema(example = "ready")]
+    status: &'static str,
+    instance_id: ReplicaId,
+    /// `sqlite` or `postgres`.
+    backend: &'static str,
+}
+
 /// Liveness: the process is serving requests.
-async fn healthz(State(state): State<HubState>) -> Json<Value> {
-    Json(json!({"status": "ok", "instance_id": state.replica_id}))
+#[utoipa::path(
+    get, path = "/healthz", operation_id = "healthz", tag = "operator", security(()),
+    responses((status = 200, description = "The process serves requests", body = Health))
+)]
+pub(crate) async fn healthz(State(state): State<HubState>) -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        instance_id: state.replica_id,
+    })
 }
 
 /// Readiness: the database answers a round trip in time and the bus is
 /// listening (on PostgreSQL, the LISTEN connection is up).
-async fn readyz(State(state): State<HubState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get, path = "/readyz", operation_id = "readyz", tag = "operator", security(()),
+    responses(
+        (status = 200, description = "Ready to serve", body = Ready),
+        (status = 503, description = "`not_ready`: the database did not answer within 2 s, or the command bus listener is down", body = ErrorBody),
+    )
+)]
+pub(crate) async fn readyz(State(state): State<HubState>) -> Result<Json<Ready>, ApiError> {
     let ping = tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await;
     let outcome = match ping {
         Ok(Ok(())) => Ok(()),
@@ -145,14 +182,19 @@ async fn readyz(State(state): State<HubState>) -> Result<Json<Value>, ApiError> 
     if !state.bus.is_listening() {
         return Err(ApiError::not_ready("command bus listener is not connected"));
     }
-    Ok(Json(json!({
-        "status": "ready",
-        "instance_id": state.replica_id,
-        "backend": state.store.backend(),
-    })))
+    Ok(Json(Ready {
+        status: "ready",
+        instance_id: state.replica_id,
+        backend: state.store.backend(),
+    }))
 }
 
-async fn metrics(State(state): State<HubState>) -> impl IntoResponse {
+/// Prometheus metrics of this replica.
+#[utoipa::path(
+    get, path = "/metrics", operation_id = "metrics", tag = "operator", security(()),
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4", body = String))
+)]
+pub(crate) async fn metrics(State(state): State<HubState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -189,7 +231,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(resp.status(), 500);
-        let body: Value = resp.json().await.unwrap();
+        let body: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(body["error"]["code"], "internal", "{body}");
         assert_eq!(metrics.http_panics.get(), 1);
 

@@ -60,11 +60,14 @@ pub(crate) enum OriginatorError {
 }
 
 /// How new work reaches the owner of its broker's session.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Route {
+    /// The broker's session is on this replica.
     Local,
+    /// Another replica holds the session and was woken.
     Forward,
+    /// No live session: the work waits for the broker.
     Queued,
 }
 

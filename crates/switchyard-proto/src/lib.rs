@@ -66,7 +66,7 @@ pub fn check_payload<T: Serialize>(payload: &T) -> Result<(), TooLarge> {
 }
 
 /// A frame with its version: `{"v": 1, "type": ..., ...fields}`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Envelope<T> {
     pub v: u32,
     #[serde(flatten)]
@@ -83,7 +83,7 @@ impl<T> Envelope<T> {
 }
 
 /// Frames the hub sends.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HubFrame {
     /// First frame after the broker's `hello`: the session is live.
@@ -107,7 +107,7 @@ pub enum HubFrame {
 /// Run the broker runtime's operation `name` with `args` and answer with a
 /// `result` frame for `id`. Like a dispatch, `id` is the idempotency key;
 /// unlike one, it belongs to no agent and waits for no other work.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BrokerCall {
     pub id: Uuid,
     pub name: String,
@@ -116,7 +116,7 @@ pub struct BrokerCall {
 }
 
 /// Frames the broker sends.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum BrokerFrame {
     /// First frame after the upgrade: the state of every agent the broker
@@ -145,7 +145,7 @@ pub enum BrokerFrame {
 
 /// Run `op` on one agent. `id` is the idempotency key: a broker that has
 /// seen it already must not run it again.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Dispatch {
     pub id: Uuid,
     pub agent_id: Uuid,
@@ -159,7 +159,7 @@ pub struct Dispatch {
 }
 
 /// What a broker needs to run an agent.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentSpec {
     pub name: String,
     pub command: Vec<String>,
@@ -169,7 +169,7 @@ pub struct AgentSpec {
 
 /// A message for one agent. Per agent, `seq` increases in the order the
 /// messages must be handed over; `id` is the idempotency key.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentMessage {
     pub id: Uuid,
     pub agent_id: Uuid,
@@ -186,7 +186,7 @@ pub struct AgentMessage {
 pub const ATTACHMENT_PATH: &str = "/v1/brokers/attachments/{id}";
 
 /// A file sent with a message, as the message frame names it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttachmentRef {
     pub id: Uuid,
     /// The file name, already sanitized by the hub (see [`file_name`]).
@@ -222,7 +222,7 @@ pub fn file_name(given: &str) -> String {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DispatchResult {
     pub dispatch_id: Uuid,
     pub ok: bool,
@@ -274,7 +274,7 @@ pub fn check_op_name(name: &str) -> Result<(), BadOpName> {
 /// An agent's phase as the broker sees it. `seq` increases with every
 /// report about the agent, across broker restarts too (brokers use a clock
 /// based counter), so the hub ignores reports that arrive late.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentStatus {
     pub agent_id: Uuid,
     pub phase: Phase,
@@ -285,14 +285,14 @@ pub struct AgentStatus {
     pub detail: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorFrame {
     pub code: ErrorCode,
     pub message: String,
 }
 
 /// Error codes of error frames.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// Malformed frame, unknown type, wrong version, binary data, oversize.

@@ -39,7 +39,7 @@ pub const MAX_POLL_FRAMES: usize = 1000;
 pub const MAX_POLL_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
 /// How a poll session is to be kept, sent with its `welcome`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PollTerms {
     /// Longest `wait_ms` the hub honours.
     pub max_wait_ms: u64,
@@ -55,7 +55,7 @@ pub struct PollTerms {
 }
 
 /// `POST` [`POLL_PATH`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PollRequest {
     /// From the session's `welcome`.
@@ -74,7 +74,7 @@ pub struct PollRequest {
 }
 
 /// `POST` [`REPORT_PATH`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReportRequest {
     pub session_id: Uuid,
@@ -82,7 +82,7 @@ pub struct ReportRequest {
 }
 
 /// The answer to a poll or a report.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PollResponse {
     pub frames: Vec<Envelope<HubFrame>>,
 }

@@ -6,7 +6,13 @@
 macro_rules! text_enum {
     ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+        #[derive(
+            Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+        )]
+        // Every word is its variant in snake_case; said here as well as on
+        // each variant, because the schema derive cannot read a rename
+        // whose text comes from this macro's arguments.
+        #[serde(rename_all = "snake_case")]
         pub enum $name {
             $($(#[$vdoc])* #[serde(rename = $text)] $variant),+
         }
@@ -111,3 +117,26 @@ text_enum!(
         Call => "call",
     }
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The words a schema of the API lists are the words on the wire.
+    fn schema_words<T: utoipa::PartialSchema>() -> serde_json::Value {
+        serde_json::to_value(T::schema()).unwrap_or_default()["enum"].clone()
+    }
+
+    #[test]
+    fn the_schema_of_each_word_set_lists_its_wire_words() {
+        let wire = |words: Vec<&str>| serde_json::json!(words);
+        assert_eq!(
+            schema_words::<Phase>(),
+            wire(Phase::ALL.iter().map(|p| p.as_str()).collect())
+        );
+        assert_eq!(
+            schema_words::<Op>(),
+            wire(Op::ALL.iter().map(|o| o.as_str()).collect())
+        );
+    }
+}

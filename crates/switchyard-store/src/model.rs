@@ -64,7 +64,7 @@ text_enum!(
 );
 
 /// A hub replica's registry row.
-#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Replica {
     pub instance_id: ReplicaId,
     pub address: String,
@@ -73,7 +73,7 @@ pub struct Replica {
 }
 
 /// A registered broker with its affinity fields.
-#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Broker {
     pub id: BrokerId,
     pub name: String,
@@ -125,14 +125,17 @@ pub enum SessionHeartbeat {
 }
 
 /// An agent definition.
-#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Agent {
     pub id: AgentId,
     pub name: String,
     pub broker_id: BrokerId,
+    #[schema(value_type = Vec<String>)]
     pub command: Json<Vec<String>>,
+    #[schema(value_type = BTreeMap<String, String>)]
     pub env: Json<BTreeMap<String, String>>,
     /// `key=value` pairs a broadcast can select the agent by.
+    #[schema(value_type = BTreeMap<String, String>)]
     pub labels: Json<BTreeMap<String, String>>,
     #[sqlx(try_from = "String")]
     pub phase: Phase,
@@ -210,7 +213,7 @@ pub struct NewAgent {
 }
 
 /// A durable request to run `op` for an agent on its broker.
-#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct DispatchIntent {
     pub id: IntentId,
     pub broker_id: BrokerId,
@@ -222,9 +225,11 @@ pub struct DispatchIntent {
     pub op: Op,
     /// For [`Op::Call`]: the operation's name.
     pub name: Option<String>,
+    #[schema(value_type = Value)]
     pub args: Json<Value>,
     #[sqlx(try_from = "String")]
     pub state: IntentState,
+    #[schema(value_type = Option<Value>)]
     pub result: Option<Json<Value>>,
     pub error: Option<String>,
     /// For a failed intent: the broker's machine-readable reason, if it
@@ -273,13 +278,14 @@ pub struct NewBrokerCall {
 }
 
 /// A message to one agent.
-#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Message {
     pub id: MessageId,
     pub agent_id: AgentId,
     pub broker_id: BrokerId,
     /// Per-agent FIFO position.
     pub seq: i64,
+    #[schema(value_type = Value)]
     pub body: Json<Value>,
     #[sqlx(try_from = "String")]
     pub state: MessageState,
@@ -307,7 +313,7 @@ pub struct Message {
 
 /// A file sent with a message; its bytes are read in chunks
 /// ([`crate::AttachmentStore::attachment_chunk`]).
-#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Attachment {
     pub id: AttachmentId,
     pub message_id: MessageId,

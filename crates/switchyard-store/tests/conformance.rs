@@ -76,6 +76,7 @@ switchyard_testkit::on_both_backends!(
     message_idempotency_and_idempotent_ack,
     a_key_reused_for_another_request_refuses_the_batch_and_writes_nothing,
     concurrent_lifecycle_calls_on_one_agent_write_one_intent,
+    nothing_is_queued_behind_an_unfinished_delete,
     ack_from_another_broker_changes_nothing,
     batch_acks_deliver_their_own_and_report_the_rest,
     concurrent_message_claimers_deliver_each_once_in_order,
@@ -2273,4 +2274,31 @@ async fn pruning_the_event_log_raises_its_horizon_and_ids_are_never_reused(f: Fi
     let next = s.events_after(0, 10).await.unwrap();
     assert_eq!(next.len(), 1);
     assert!(next[0].id > all[2].id, "ids are never reused after pruning");
+}
+
+/// An agent whose delete is pending or in flight takes no other op: in
+/// its one order the op would reach a broker that no longer has it. A
+/// second delete joins the open one.
+async fn nothing_is_queued_behind_an_unfinished_delete(f: Fixture) {
+    const ANY: &[Phase] = &[Phase::Created, Phase::Running, Phase::Stopped];
+    let b = broker(&*f.store, "b").await;
+    let a = agent(&*f.store, b.id, "w").await;
+    let delete = f.store.insert_lifecycle(intent(a, Op::Delete), ANY).await.unwrap();
+    for op in [Op::Start, Op::Stop, Op::Restart, Op::Call] {
+        match f.store.insert_lifecycle(intent(a, op), ANY).await {
+            Err(StoreError::Conflict(Conflict::Phase(Phase::Deleted))) => {}
+            other => panic!("{op:?} behind a delete: {other:?}"),
+        }
+    }
+    let again = f.store.insert_lifecycle(intent(a, Op::Delete), ANY).await.unwrap();
+    assert_eq!((again.created, again.row.id), (false, delete.row.id));
+    f.store
+        .finish_intent(delete.row.id, IntentOutcome::Failed {
+            error: "refused".into(),
+            code: None,
+        })
+        .await
+        .unwrap();
+    let start = f.store.insert_lifecycle(intent(a, Op::Start), ANY).await.unwrap();
+    assert!(start.created, "a failed delete holds nothing back");
 }

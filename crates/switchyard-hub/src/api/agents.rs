@@ -12,43 +12,78 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use switchyard_proto::AgentSpec;
-use switchyard_store::{Agent, AgentId, NewAgent, Op, Phase};
+use switchyard_store::{Agent, AgentId, DispatchIntent, IntentId, NewAgent, Op, Phase};
+use utoipa::{IntoParams, ToSchema};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
+use super::openapi::IdempotencyKey;
 use super::request::{Path, Query};
 use super::{ApiJson, idempotency_key, validate_labels, validate_name};
 use crate::idempotency::Entry;
 use crate::lookup;
-use crate::originator::{Ask, Lifecycle, Wait};
+use crate::originator::{Ask, Lifecycle, Route, Wait};
 use crate::state::HubState;
 
-#[derive(Debug, Deserialize)]
+/// The body of `POST /v1/agents`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateAgent {
+    /// 1-64 of `A-Z a-z 0-9 . _ -`, not `.` or `..`, not a UUID.
+    #[schema(example = "worker-1")]
     name: String,
     /// The broker's id or name.
+    #[schema(example = "edge")]
     broker_id: String,
+    /// The program and its arguments; the first item names the program.
+    #[schema(example = json!(["sh", "-c", "cat > /dev/null"]))]
     command: Vec<String>,
+    /// Environment variables of the agent (names without `=`).
     #[serde(default)]
     env: BTreeMap<String, String>,
-    /// `key=value` pairs a broadcast can select the agent by.
+    /// `key=value` pairs a broadcast can select the agent by: at most 32;
+    /// a key is 1-63 of `a-z 0-9 . _ / -` starting with a letter or digit,
+    /// a value 0-63 of `A-Z a-z 0-9 . _ -`.
     #[serde(default)]
     labels: BTreeMap<String, String>,
     /// Arguments of the broker's create (a JSON object; `{}` if absent).
+    #[schema(value_type = Option<Object>)]
     args: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct CreateQuery {
     /// Wait for the broker's create and answer with its result. Off by
     /// default: an agent may be defined before its broker ever connects.
     #[serde(default)]
     wait: bool,
+    /// With `wait=true`: how long to wait without progress, 1 to 3,600
+    /// seconds (default 60).
+    #[param(minimum = 1, maximum = 3600)]
     timeout_secs: Option<u64>,
+}
+
+/// The answer to a lifecycle call that finished: the agent, with its new
+/// phase, and the dispatch that moved it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct AgentWithDispatch {
+    #[serde(flatten)]
+    #[schema(value_type = Agent)]
+    agent: Option<Agent>,
+    /// Absent only in the answer to `POST /v1/agents` without `?wait=true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dispatch: Option<DispatchIntent>,
+}
+
+/// The answer to a call made with `?wait=false`: the dispatch written,
+/// and how it reaches the broker.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Accepted {
+    dispatch_id: IntentId,
+    route: Route,
 }
 
 /// `POST /v1/agents`: defines the agent and writes its create dispatch.
@@ -56,6 +91,24 @@ pub(crate) struct CreateQuery {
 /// lifecycle call (201 with the agent and its finished `dispatch`, whose
 /// `result` is what the runtime answered; 502 or 504 with the dispatch id,
 /// the agent staying defined).
+#[utoipa::path(
+    post, path = "/v1/agents", operation_id = "create_agent", tag = "agents",
+    params(CreateQuery),
+    request_body = CreateAgent,
+    responses(
+        (status = 201, description = "Defined; with `?wait=true` also the finished create `dispatch`", body = AgentWithDispatch),
+        (status = 400, description = "`bad_request`: malformed JSON, a bad query", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such broker", body = ErrorBody),
+        (status = 409, description = "`conflict`: a live agent has that name; `cancelled`: the create was cancelled while waited for", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not JSON", body = ErrorBody),
+        (status = 422, description = "`invalid`", body = ErrorBody),
+        (status = 502, description = "`broker_failed` (with `?wait=true`): the agent stays defined", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`timeout` (with `?wait=true`): the agent stays defined", body = ErrorBody),
+    )
+)]
 pub(crate) async fn create(
     State(state): State<HubState>,
     Query(query): Query<CreateQuery>,
@@ -125,7 +178,11 @@ pub(crate) async fn create(
             .originator
             .dispatch(agent.id, Ask::create(args))
             .await?;
-        return Ok((StatusCode::CREATED, Json(agent)).into_response());
+        let created = AgentWithDispatch {
+            agent: Some(agent),
+            dispatch: None,
+        };
+        return Ok((StatusCode::CREATED, Json(created)).into_response());
     };
     let outcome = state
         .originator
@@ -134,15 +191,29 @@ pub(crate) async fn create(
     answer(outcome, Op::Create, StatusCode::CREATED)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
+    /// Only this broker's agents (id or name).
     broker_id: Option<String>,
     /// Deleted agents are left out unless this is true.
     #[serde(default)]
     include_deleted: bool,
 }
 
+#[utoipa::path(
+    get, path = "/v1/agents", operation_id = "list_agents", tag = "agents",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The agents, deleted ones only if asked for", body = Vec<Agent>),
+        (status = 400, description = "`bad_request`: a query that does not parse", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such broker", body = ErrorBody),
+        (status = 422, description = "`invalid`: a NUL byte in the query", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn list(
     State(state): State<HubState>,
     Query(query): Query<ListQuery>,
@@ -158,6 +229,18 @@ pub(crate) async fn list(
     Ok(Json(agents))
 }
 
+#[utoipa::path(
+    get, path = "/v1/agents/{agent}", operation_id = "show_agent", tag = "agents",
+    params(("agent" = String, Path, description = "The agent's id or name", example = "worker")),
+    responses(
+        (status = 200, description = "The agent (by id also a deleted one)", body = Agent),
+        (status = 400, description = "`bad_request`: a path that does not parse", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid`: a NUL byte in the path", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn show(
     State(state): State<HubState>,
     Path(reference): Path<String>,
@@ -165,13 +248,17 @@ pub(crate) async fn show(
     Ok(Json(lookup::agent(&*state.store, &reference).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct LifecycleQuery {
+    /// Wait for the outcome (default); `false` answers 202 at once.
     #[serde(default = "yes")]
+    #[param(default = true)]
     wait: bool,
     /// Rolling window in seconds: how long to wait without any progress,
-    /// 1 to [`MAX_TIMEOUT_SECS`].
+    /// 1 to 3,600 (default 60).
+    #[param(minimum = 1, maximum = 3600)]
     timeout_secs: Option<u64>,
 }
 
@@ -204,6 +291,26 @@ impl LifecycleQuery {
     }
 }
 
+#[utoipa::path(
+    post, path = "/v1/agents/{agent}/start", operation_id = "start_agent", tag = "agents",
+    params(
+        ("agent" = String, Path, description = "The agent's id or name", example = "worker"),
+        LifecycleQuery,
+        IdempotencyKey,
+    ),
+    responses(
+        (status = 200, description = "The broker reported success: the agent with its new phase, and the finished dispatch", body = AgentWithDispatch),
+        (status = 202, description = "With `?wait=false`: the dispatch written", body = Accepted),
+        (status = 400, description = "`bad_request`: a query or `Idempotency-Key` that does not parse, `timeout_secs` out of range", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`invalid_phase`: nothing is written; `cancelled`: the dispatch was cancelled while waited for", body = ErrorBody),
+        (status = 422, description = "`invalid`: a NUL byte; `idempotency_key_reused`", body = ErrorBody),
+        (status = 502, description = "`broker_failed`, with `dispatch_id`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`timeout`, with `dispatch_id`: no outcome and no progress within `timeout_secs`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn start(
     state: State<HubState>,
     reference: Path<String>,
@@ -213,6 +320,26 @@ pub(crate) async fn start(
     lifecycle(state, reference, query, headers, Op::Start).await
 }
 
+#[utoipa::path(
+    post, path = "/v1/agents/{agent}/stop", operation_id = "stop_agent", tag = "agents",
+    params(
+        ("agent" = String, Path, description = "The agent's id or name", example = "worker"),
+        LifecycleQuery,
+        IdempotencyKey,
+    ),
+    responses(
+        (status = 200, description = "The broker reported success: the agent with its new phase, and the finished dispatch", body = AgentWithDispatch),
+        (status = 202, description = "With `?wait=false`: the dispatch written", body = Accepted),
+        (status = 400, description = "`bad_request`: a query or `Idempotency-Key` that does not parse, `timeout_secs` out of range", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`invalid_phase`: nothing is written; `cancelled`: the dispatch was cancelled while waited for", body = ErrorBody),
+        (status = 422, description = "`invalid`: a NUL byte; `idempotency_key_reused`", body = ErrorBody),
+        (status = 502, description = "`broker_failed`, with `dispatch_id`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`timeout`, with `dispatch_id`: no outcome and no progress within `timeout_secs`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn stop(
     state: State<HubState>,
     reference: Path<String>,
@@ -222,6 +349,26 @@ pub(crate) async fn stop(
     lifecycle(state, reference, query, headers, Op::Stop).await
 }
 
+#[utoipa::path(
+    post, path = "/v1/agents/{agent}/restart", operation_id = "restart_agent", tag = "agents",
+    params(
+        ("agent" = String, Path, description = "The agent's id or name", example = "worker"),
+        LifecycleQuery,
+        IdempotencyKey,
+    ),
+    responses(
+        (status = 200, description = "The broker reported success: the agent with its new phase, and the finished dispatch", body = AgentWithDispatch),
+        (status = 202, description = "With `?wait=false`: the dispatch written", body = Accepted),
+        (status = 400, description = "`bad_request`: a query or `Idempotency-Key` that does not parse, `timeout_secs` out of range", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`invalid_phase`: nothing is written; `cancelled`: the dispatch was cancelled while waited for", body = ErrorBody),
+        (status = 422, description = "`invalid`: a NUL byte; `idempotency_key_reused`", body = ErrorBody),
+        (status = 502, description = "`broker_failed`, with `dispatch_id`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`timeout`, with `dispatch_id`: no outcome and no progress within `timeout_secs`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn restart(
     state: State<HubState>,
     reference: Path<String>,
@@ -231,6 +378,26 @@ pub(crate) async fn restart(
     lifecycle(state, reference, query, headers, Op::Restart).await
 }
 
+#[utoipa::path(
+    delete, path = "/v1/agents/{agent}", operation_id = "delete_agent", tag = "agents",
+    params(
+        ("agent" = String, Path, description = "The agent's id or name", example = "worker"),
+        LifecycleQuery,
+        IdempotencyKey,
+    ),
+    responses(
+        (status = 200, description = "The broker reported success: the agent with its new phase, and the finished dispatch", body = AgentWithDispatch),
+        (status = 202, description = "With `?wait=false`: the dispatch written", body = Accepted),
+        (status = 400, description = "`bad_request`: a query or `Idempotency-Key` that does not parse, `timeout_secs` out of range", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`invalid_phase`: nothing is written; `cancelled`: the dispatch was cancelled while waited for", body = ErrorBody),
+        (status = 422, description = "`invalid`: a NUL byte; `idempotency_key_reused`", body = ErrorBody),
+        (status = 502, description = "`broker_failed`, with `dispatch_id`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`timeout`, with `dispatch_id`: no outcome and no progress within `timeout_secs`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn remove(
     state: State<HubState>,
     reference: Path<String>,
@@ -271,13 +438,17 @@ pub(crate) fn answer(
     match outcome {
         Lifecycle::Accepted { dispatch, route } => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({ "dispatch_id": dispatch, "route": route })),
+            Json(Accepted {
+                dispatch_id: dispatch,
+                route,
+            }),
         )
             .into_response()),
         Lifecycle::Done { agent, dispatch } => {
-            // The agent as API.md promises, plus the dispatch that moved it.
-            let mut body = json!(agent);
-            body["dispatch"] = json!(dispatch);
+            let body = AgentWithDispatch {
+                agent,
+                dispatch: Some(dispatch),
+            };
             Ok((done, Json(body)).into_response())
         }
         Lifecycle::Failed(dispatch) => Err(ApiError::new(

@@ -5,8 +5,9 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
 use switchyard_store::{Conflict, StoreError};
+use utoipa::ToSchema;
 
 use crate::originator::OriginatorError;
 
@@ -83,13 +84,34 @@ impl From<OriginatorError> for ApiError {
     }
 }
 
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorBody {
+    error: ErrorDetail,
+}
+
+/// What went wrong: `code` is a stable word a program can branch on
+/// (`docs/api.md`, Errors), `message` is for people.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorDetail {
+    #[schema(example = "not_found")]
+    code: &'static str,
+    message: String,
+    /// The dispatch the call wrote, so the caller can follow it (`GET
+    /// /v1/dispatches/{id}`); only where one exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dispatch_id: Option<uuid::Uuid>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut error = json!({"code": self.code, "message": self.message});
-        if let Some(id) = self.dispatch_id {
-            error["dispatch_id"] = json!(id);
-        }
-        let body = json!({ "error": error });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+                dispatch_id: self.dispatch_id,
+            },
+        };
         (self.status, Json(body)).into_response()
     }
 }

@@ -37,6 +37,21 @@ pub(crate) struct EventsQuery {
     agent: Option<String>,
 }
 
+#[utoipa::path(
+    get, path = "/v1/events", operation_id = "stream_events", tag = "events",
+    params(
+        ("agent" = Option<String>, Query, description = "Only this agent's events (id or name)"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The id of the last event a reconnecting client saw: it gets what it missed, then live events"),
+    ),
+    responses(
+        (status = 200, description = "Server-Sent Events from the durable event log, each with its log id as `id:`, until the client or the replica goes away: `agent_status`, `dispatch_finished`, `broker_online`, `broker_offline`, `message_delivered`, `message_expired`, `message_failed`, and `resume` first after a reconnect with `Last-Event-ID` (see docs/api.md, Events)", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`bad_request`: a query that does not parse; `invalid_request`: a `Last-Event-ID` that is not a non-negative integer", body = super::error::ErrorBody),
+        (status = 401, description = "`unauthorized`", body = super::error::ErrorBody),
+        (status = 404, description = "`not_found`: no such agent", body = super::error::ErrorBody),
+        (status = 422, description = "`invalid`: a NUL byte in the query", body = super::error::ErrorBody),
+        (status = 503, description = "`unavailable`", body = super::error::ErrorBody),
+    )
+)]
 pub(crate) async fn stream(
     State(state): State<HubState>,
     headers: HeaderMap,

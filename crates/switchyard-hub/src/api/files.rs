@@ -23,7 +23,7 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use super::error::ApiError;
 use super::idempotency_key;
-use super::messages::{SendMessage, When, answer};
+use super::messages::{MessageAccepted, SendMessage, StoredFile, When, answer};
 use super::request::{MAX_BODY_BYTES, refuse_in_json};
 use crate::idempotency::Entry;
 use crate::lookup;
@@ -49,7 +49,7 @@ pub(crate) async fn send(
     reference: String,
     headers: HeaderMap,
     multipart: Multipart,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<MessageAccepted>), ApiError> {
     let _permit = state
         .upload_permits
         .clone()
@@ -129,7 +129,7 @@ async fn store(
     key: Option<String>,
     message: SendMessage,
     files: Vec<Staged>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<MessageAccepted>), ApiError> {
     let refs: Vec<AttachmentRef> = files
         .iter()
         .map(|f| AttachmentRef {
@@ -163,8 +163,12 @@ async fn store(
             .await
             .map_err(|e| unavailable(format!("cannot read a staged file: {e}")))?;
         let id = AttachmentId::new();
-        answered.push(json!({ "id": id, "name": staged.name, "size": staged.size,
-                              "sha256": staged.sha256 }));
+        answered.push(StoredFile {
+            id,
+            name: staged.name.clone(),
+            size: staged.size,
+            sha256: staged.sha256.clone(),
+        });
         attachments.push(NewAttachment {
             id,
             name: staged.name,
@@ -174,21 +178,23 @@ async fn store(
         });
     }
     let sent = state.originator.send_with_files(new, attachments).await?;
-    let mut body = answer(&sent);
-    body["attachments"] = if sent.route.is_some() {
-        json!(answered)
+    let files = if sent.route.is_some() {
+        answered
     } else {
         // A repeated key: the files the first request stored (none once
         // its message is final).
         let stored = state.store.attachments_of(&[sent.row.id]).await?;
-        json!(
-            stored
-                .iter()
-                .map(|f| json!({ "id": f.id, "name": f.name, "size": f.size, "sha256": f.sha256 }))
-                .collect::<Vec<_>>()
-        )
+        stored
+            .into_iter()
+            .map(|f| StoredFile {
+                id: f.id,
+                name: f.name,
+                size: u64::try_from(f.size).unwrap_or_default(),
+                sha256: f.sha256,
+            })
+            .collect()
     };
-    Ok((StatusCode::ACCEPTED, Json(body)))
+    Ok((StatusCode::ACCEPTED, Json(answer(&sent).with_files(files))))
 }
 
 /// A part read whole, which must be small (the message part).

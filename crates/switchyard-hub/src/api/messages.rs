@@ -14,22 +14,94 @@ use chrono::{DateTime, Utc};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use switchyard_store::{AgentId, CancelOutcome, Message, MessageId, Target};
+use switchyard_store::{
+    AgentId, AttachmentId, BroadcastId, CancelOutcome, Message, MessageId, MessageState, Target,
+};
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
+use super::openapi::IdempotencyKey;
 use super::request::{MAX_BODY_BYTES, Path};
 use super::{ApiJson, idempotency_key, validate_labels};
 use crate::idempotency::Entry;
 use crate::lookup;
-use crate::originator::{Lifetime, Sent};
+use crate::originator::{Lifetime, Route, Sent};
 use crate::state::HubState;
 
-#[derive(Debug, Deserialize)]
+/// A message to one agent (the JSON body, or the `message` part of a
+/// form with files).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SendMessage {
+    /// Any JSON; at most 252 KiB as compact JSON.
+    #[schema(value_type = Value, example = json!({"task": "summarize"}))]
     pub(crate) body: Value,
+    /// Seconds it may wait for delivery, 1 to 2,592,000 (default: the
+    /// server's `--message-ttl-secs`).
+    #[schema(minimum = 1, maximum = 2_592_000)]
     pub(crate) ttl_secs: Option<u64>,
+    /// Not sent before this instant: at most 7 days ahead, before it
+    /// expires.
     pub(crate) deliver_after: Option<DateTime<Utc>>,
+}
+
+/// `POST /v1/agents/{agent}/messages` as `multipart/form-data`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // describes the form only; `super::files` reads it
+pub(crate) struct MessageForm {
+    /// The message, as a plain send's JSON body.
+    message: SendMessage,
+    /// One part per file (at most 16, adding up to 64 MiB by default),
+    /// named by its `filename`.
+    #[schema(value_type = Vec<String>, format = Binary)]
+    file: Vec<Vec<u8>>,
+}
+
+/// A message accepted: durable, with its place in the agent's FIFO.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MessageAccepted {
+    id: MessageId,
+    state: MessageState,
+    /// Its place in the agent's FIFO.
+    seq: i64,
+    /// How it was routed; `null` for a repeated `Idempotency-Key`
+    /// (nothing new was routed).
+    route: Option<Route>,
+    /// In a broadcast's answer: whose copy this is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_id: Option<AgentId>,
+    /// For a message with files: the files stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attachments: Option<Vec<StoredFile>>,
+}
+
+/// A file stored with a message.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct StoredFile {
+    pub(crate) id: AttachmentId,
+    /// As stored, made safe (see `docs/api.md`, Messages with files).
+    pub(crate) name: String,
+    pub(crate) size: u64,
+    /// Lowercase hex SHA-256 of its bytes.
+    pub(crate) sha256: String,
+}
+
+/// The answer to `POST /v1/messages`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BatchAccepted {
+    /// For a broadcast: its id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broadcast_id: Option<BroadcastId>,
+    /// In request order; for a broadcast, one per agent reached.
+    messages: Vec<MessageAccepted>,
+}
+
+impl MessageAccepted {
+    /// The same answer with the files stored with the message.
+    pub(crate) fn with_files(mut self, files: Vec<StoredFile>) -> Self {
+        self.attachments = Some(files);
+        self
+    }
 }
 
 /// The longest `ttl_secs` a message may ask for.
@@ -107,12 +179,35 @@ impl When {
 
 /// A message as JSON, or as `multipart/form-data` with files (see
 /// [`super::files`]).
+#[utoipa::path(
+    post, path = "/v1/agents/{agent}/messages", operation_id = "send_message", tag = "messages",
+    params(
+        ("agent" = String, Path, description = "The agent's id or name", example = "worker"),
+        IdempotencyKey,
+    ),
+    request_body(content(
+        (SendMessage = "application/json"),
+        (MessageForm = "multipart/form-data"),
+    )),
+    responses(
+        (status = 202, description = "Durable; `attachments` for a message with files", body = MessageAccepted),
+        (status = 400, description = "`bad_request`: malformed JSON or form, a bad `Idempotency-Key`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such live agent", body = ErrorBody),
+        (status = 408, description = "`request_timeout`: the form did not arrive within 10 minutes; nothing is written", body = ErrorBody),
+        (status = 409, description = "`conflict`: the agent is deleted", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: neither JSON nor a form", body = ErrorBody),
+        (status = 422, description = "`invalid`; `idempotency_key_reused`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: also when the replica receives 16 messages with files already", body = ErrorBody),
+    )
+)]
 pub(crate) async fn send(
     State(state): State<HubState>,
     Path(reference): Path<String>,
     headers: HeaderMap,
     request: Request,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<MessageAccepted>), ApiError> {
     let multipart = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -170,40 +265,53 @@ fn fits_in_a_frame(body: &Value, what: &str) -> Result<(), ApiError> {
     })
 }
 
-pub(crate) fn answer(sent: &Sent) -> Value {
+pub(crate) fn answer(sent: &Sent) -> MessageAccepted {
     let row = &sent.row;
-    json!({ "id": row.id, "state": row.state, "seq": row.seq, "route": sent.route })
+    MessageAccepted {
+        id: row.id,
+        state: row.state,
+        seq: row.seq,
+        route: sent.route,
+        agent_id: None,
+        attachments: None,
+    }
 }
 
 /// Most messages in one `POST /v1/messages`.
 const MAX_BATCH: usize = 1000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchItem {
     /// The agent's id or name.
     agent: String,
+    #[schema(value_type = Value)]
     body: Value,
     /// This item's own idempotency key (overrides the derived `K/i`).
     idempotency_key: Option<String>,
+    #[schema(minimum = 1, maximum = 2_592_000)]
     ttl_secs: Option<u64>,
     deliver_after: Option<DateTime<Utc>>,
 }
 
-/// `POST /v1/messages`: either `messages` (explicit agents) or `to` and
-/// `body` (a broadcast).
-#[derive(Debug, Deserialize)]
+/// `POST /v1/messages`: either `messages` (explicit agents, 1 to 1,000)
+/// or `to` and `body` (a broadcast, which may carry `ttl_secs` and
+/// `deliver_after`).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SendBatch {
+    #[schema(min_items = 1, max_items = 1000)]
     messages: Option<Vec<BatchItem>>,
     to: Option<To>,
+    #[schema(value_type = Option<Value>)]
     body: Option<Value>,
+    #[schema(minimum = 1, maximum = 2_592_000)]
     ttl_secs: Option<u64>,
     deliver_after: Option<DateTime<Utc>>,
 }
 
 /// A broadcast's target: exactly one of a broker (id or name) or labels.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct To {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -212,11 +320,27 @@ pub(crate) struct To {
     labels: Option<BTreeMap<String, String>>,
 }
 
+#[utoipa::path(
+    post, path = "/v1/messages", operation_id = "send_messages", tag = "messages",
+    params(IdempotencyKey),
+    request_body = SendBatch,
+    responses(
+        (status = 202, description = "All durable, in request order (a broadcast: one per agent reached, by agent id)", body = BatchAccepted),
+        (status = 400, description = "`bad_request`: malformed JSON, a bad `Idempotency-Key`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: an unknown or deleted agent or broker; nothing is written", body = ErrorBody),
+        (status = 409, description = "`conflict`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not JSON", body = ErrorBody),
+        (status = 422, description = "`invalid`; `idempotency_key_reused`; nothing is written", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn send_batch(
     state: State<HubState>,
     headers: HeaderMap,
     ApiJson(request): ApiJson<SendBatch>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<BatchAccepted>), ApiError> {
     match request {
         SendBatch {
             messages: Some(items),
@@ -249,7 +373,7 @@ async fn broadcast(
     to: To,
     body: Value,
     when: When,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<BatchAccepted>), ApiError> {
     let key = idempotency_key(&headers)?;
     fits_in_a_frame(&body, "the message body")?;
     let lifetime = when.lifetime(&state, "the broadcast")?;
@@ -270,17 +394,19 @@ async fn broadcast(
         .originator
         .broadcast(target, body, entry, lifetime)
         .await?;
-    let answers: Vec<Value> = sent
+    let messages = sent
         .iter()
-        .map(|s| {
-            let mut a = answer(s);
-            a["agent_id"] = json!(s.row.agent_id);
-            a
+        .map(|s| MessageAccepted {
+            agent_id: Some(s.row.agent_id),
+            ..answer(s)
         })
         .collect();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "broadcast_id": id, "messages": answers })),
+        Json(BatchAccepted {
+            broadcast_id: Some(id),
+            messages,
+        }),
     ))
 }
 
@@ -292,7 +418,7 @@ async fn send_items(
     State(state): State<HubState>,
     headers: HeaderMap,
     messages: Vec<BatchItem>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<BatchAccepted>), ApiError> {
     let key = idempotency_key(&headers)?;
     if messages.is_empty() || messages.len() > MAX_BATCH {
         return Err(ApiError::new(
@@ -328,14 +454,33 @@ async fn send_items(
         );
     }
     let sent = state.originator.send_batch(batch).await?;
-    let answers: Vec<Value> = sent.iter().map(answer).collect();
-    Ok((StatusCode::ACCEPTED, Json(json!({ "messages": answers }))))
+    let messages = sent.iter().map(answer).collect();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(BatchAccepted {
+            broadcast_id: None,
+            messages,
+        }),
+    ))
 }
 
 /// `DELETE /v1/messages/{id}`: withdraws a message that has not been sent
 /// (`cancelled`, final; no drain on any replica sends it). Cancelling a
 /// cancelled message answers the same; one already sent is a 409 naming
 /// its state.
+#[utoipa::path(
+    delete, path = "/v1/messages/{id}", operation_id = "cancel_message", tag = "messages",
+    params(("id" = String, Path, description = "The message's id (a UUID)")),
+    responses(
+        (status = 200, description = "The message, `cancelled` (also when it was before)", body = Message),
+        (status = 400, description = "`bad_request`: the id is not a UUID", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`not_pending`: already sent or finished; nothing changes", body = ErrorBody),
+        (status = 422, description = "`invalid`: a NUL byte in the path", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn cancel(
     State(state): State<HubState>,
     Path(id): Path<String>,
@@ -357,6 +502,18 @@ pub(crate) async fn cancel(
     Ok(Json(row))
 }
 
+#[utoipa::path(
+    get, path = "/v1/messages/{id}", operation_id = "show_message", tag = "messages",
+    params(("id" = String, Path, description = "The message's id (a UUID)")),
+    responses(
+        (status = 200, description = "The message", body = Message),
+        (status = 400, description = "`bad_request`: the id is not a UUID", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid`: a NUL byte in the path", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn show(
     State(state): State<HubState>,
     Path(id): Path<String>,

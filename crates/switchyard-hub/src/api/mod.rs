@@ -15,6 +15,7 @@ mod files;
 
 pub(crate) use files::MAX_UPLOADS;
 pub(crate) mod messages;
+pub(crate) mod openapi;
 pub(crate) mod ops;
 pub(crate) mod request;
 

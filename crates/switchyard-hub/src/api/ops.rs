@@ -16,9 +16,12 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchyard_proto::{AgentSpec, INVALID_ARGS, UNKNOWN_OPERATION};
+use switchyard_store::DispatchIntent;
+use utoipa::ToSchema;
 
-use super::agents::{LifecycleQuery, answer as lifecycle_answer};
-use super::error::ApiError;
+use super::agents::{Accepted, LifecycleQuery, answer as lifecycle_answer};
+use super::error::{ApiError, ErrorBody};
+use super::openapi::IdempotencyKey;
 use super::request::{Path, Query};
 use super::{ApiJson, idempotency_key};
 use crate::idempotency::Entry;
@@ -26,14 +29,40 @@ use crate::lookup;
 use crate::originator::{Ask, Lifecycle, Wait};
 use crate::state::HubState;
 
-#[derive(Debug, Default, Deserialize)]
+/// The body of an operation call; no body at all is `{}`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CallBody {
     /// The operation's arguments: a JSON object (`{}` when absent).
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     args: Option<Value>,
 }
 
+#[utoipa::path(
+    post, path = "/v1/agents/{agent}/ops/{name}", operation_id = "call_agent_operation", tag = "operations",
+    params(
+        ("agent" = String, Path, description = "The agent's id or name", example = "worker"),
+        ("name" = String, Path, description = "The operation: a lowercase letter, then lowercase letters, digits, `.`, `_` or `-`; at most 64", pattern = "^[a-z][a-z0-9._-]{0,63}$"),
+        LifecycleQuery,
+        IdempotencyKey,
+    ),
+    request_body(content = Option<CallBody>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The runtime answered: the finished dispatch, whose `result` is its answer", body = DispatchIntent),
+        (status = 202, description = "With `?wait=false`: the dispatch written", body = Accepted),
+        (status = 400, description = "`bad_request`: malformed JSON, a query or `Idempotency-Key` that does not parse, `timeout_secs` out of range", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such agent, or (with `dispatch_id`) the operation named a thing that does not exist; `unknown_operation`, with `dispatch_id`", body = ErrorBody),
+        (status = 409, description = "`invalid_phase`: the agent is deleted; `cancelled`: the dispatch was cancelled while waited for", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the arguments do not fit in one frame", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: a body that is not JSON", body = ErrorBody),
+        (status = 422, description = "`invalid`: a bad name, `args` not an object, an unknown field; `invalid_args`, with `dispatch_id`: the operation refused its arguments; `idempotency_key_reused`", body = ErrorBody),
+        (status = 502, description = "`broker_failed`, with `dispatch_id`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`timeout`, with `dispatch_id`: no answer and no progress within `timeout_secs`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn call(
     State(state): State<HubState>,
     Path((reference, name)): Path<(String, String)>,
@@ -66,6 +95,30 @@ pub(crate) async fn call(
 /// `POST /v1/brokers/{broker}/ops/{name}`: a named operation of the
 /// broker's runtime itself (not of one agent), answered like a call on an
 /// agent. It waits for no other work of the broker and holds none back.
+#[utoipa::path(
+    post, path = "/v1/brokers/{broker}/ops/{name}", operation_id = "call_broker_operation", tag = "operations",
+    params(
+        ("broker" = String, Path, description = "The broker's id or name", example = "edge"),
+        ("name" = String, Path, description = "The operation: a lowercase letter, then lowercase letters, digits, `.`, `_` or `-`; at most 64", pattern = "^[a-z][a-z0-9._-]{0,63}$"),
+        LifecycleQuery,
+        IdempotencyKey,
+    ),
+    request_body(content = Option<CallBody>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The runtime answered: the finished dispatch, whose `result` is its answer", body = DispatchIntent),
+        (status = 202, description = "With `?wait=false`: the dispatch written", body = Accepted),
+        (status = 400, description = "`bad_request`: malformed JSON, a query or `Idempotency-Key` that does not parse, `timeout_secs` out of range", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such broker, or (with `dispatch_id`) the operation named a thing that does not exist; `unknown_operation`, with `dispatch_id`", body = ErrorBody),
+        (status = 409, description = "`cancelled`: the dispatch was cancelled while waited for", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the arguments do not fit in one frame", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: a body that is not JSON", body = ErrorBody),
+        (status = 422, description = "`invalid`: a bad name, `args` not an object, an unknown field; `invalid_args`, with `dispatch_id`: the operation refused its arguments; `idempotency_key_reused`", body = ErrorBody),
+        (status = 502, description = "`broker_failed`, with `dispatch_id`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`timeout`, with `dispatch_id`: no answer and no progress within `timeout_secs`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn broker_call(
     State(state): State<HubState>,
     Path((reference, name)): Path<(String, String)>,

@@ -16,13 +16,27 @@ use futures::stream;
 use switchyard_store::{AttachmentId, StoreError};
 
 use super::hello;
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, ErrorBody};
 use crate::api::request::Path;
 use crate::state::HubState;
 
 /// The header carrying the file's SHA-256 (lowercase hex).
 pub(crate) const SHA256_HEADER: &str = "x-switchyard-sha256";
 
+#[utoipa::path(
+    get, path = "/v1/brokers/attachments/{id}", operation_id = "fetch_attachment", tag = "control channel",
+    params(("id" = String, Path, description = "The file's id, from the message frame")),
+    security(("broker_id" = [], "broker_timestamp" = [], "broker_nonce" = [], "broker_signature" = [])),
+    responses(
+        (status = 200, description = "The file's bytes", content_type = "application/octet-stream", body = Vec<u8>,
+         headers(("x-switchyard-sha256" = String, description = "Lowercase hex SHA-256 of the bytes"))),
+        (status = 400, description = "`bad_request`: a path that does not parse", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: a missing or malformed handshake header, a timestamp off by more than 300 s, wrong credentials, a replayed nonce", body = ErrorBody),
+        (status = 404, description = "`not_found`: an unknown id, another broker's file, or one removed since (its message is final)", body = ErrorBody),
+        (status = 422, description = "`invalid`: a NUL byte in the path", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn fetch(
     State(state): State<HubState>,
     Path(id): Path<String>,

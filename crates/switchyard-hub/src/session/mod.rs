@@ -36,7 +36,7 @@ use switchyard_store::{Broker, BrokerId, SessionId, StoreError, Transport};
 use tokio::sync::Notify;
 
 use crate::affinity::{Affinity, AffinityError};
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, ErrorBody};
 use crate::events;
 use crate::state::HubState;
 use apply::ApplyError;
@@ -57,6 +57,16 @@ pub(crate) enum StartError {
 
 /// The upgrade: authenticated before the socket exists. A request that is
 /// no WebSocket upgrade is refused first, in the API's JSON error format.
+#[utoipa::path(
+    get, path = "/v1/brokers/connect", operation_id = "connect_broker", tag = "control channel",
+    security(("broker_id" = [], "broker_timestamp" = [], "broker_nonce" = [], "broker_signature" = [])),
+    responses(
+        (status = 101, description = "Switching to the WebSocket control channel (docs/protocol.md)"),
+        (status = 400, description = "`bad_request`: not a WebSocket upgrade", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: a missing or malformed handshake header, a timestamp off by more than 300 s, wrong credentials, a replayed nonce", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the replica holds its maximum of sessions (try another), or the database is unreachable", body = ErrorBody),
+    )
+)]
 pub(crate) async fn connect(
     State(state): State<HubState>,
     headers: HeaderMap,

@@ -40,9 +40,10 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use switchyard_proto::poll::{
-    MAX_POLL_FRAMES, MAX_POLL_RESPONSE_BYTES, PollRequest, PollTerms, ReportRequest, frames_of,
+    MAX_POLL_FRAMES, MAX_POLL_RESPONSE_BYTES, PollRequest, PollResponse, PollTerms, ReportRequest,
+    frames_of,
 };
-use switchyard_proto::{BrokerFrame, HubFrame, MAX_MESSAGE_BYTES, decode, encode};
+use switchyard_proto::{BrokerFrame, Envelope, HubFrame, MAX_MESSAGE_BYTES, decode, encode};
 use switchyard_store::{Broker, SessionId, StoreError, Transport};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -53,7 +54,7 @@ use super::drain::{Claimer, SessionHandle, WorkId};
 use super::hello::{self, HelloError};
 use super::{StartError, millis, start};
 use crate::affinity::{Affinity, AffinityError};
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, ErrorBody};
 use crate::state::HubState;
 
 /// Most work frames one poll answers with.
@@ -111,6 +112,18 @@ impl From<PollError> for ApiError {
 }
 
 /// `POST /v1/brokers/poll/hello`: the body is a `hello` frame.
+#[utoipa::path(
+    post, path = "/v1/brokers/poll/hello", operation_id = "poll_hello", tag = "control channel",
+    security(("broker_id" = [], "broker_timestamp" = [], "broker_nonce" = [], "broker_signature" = [])),
+    request_body(content = Envelope<BrokerFrame>, description = "A `hello` frame", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Frames for the broker: one `welcome`, with the session id and the poll terms", body = PollResponse),
+        (status = 400, description = "`bad_request`: a body that is not the expected JSON, a frame of another protocol version", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: a missing or malformed handshake header, a timestamp off by more than 300 s, wrong credentials, a replayed nonce", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: a body over 4 MiB or over 1,000 frames", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn hello(
     State(state): State<HubState>,
     headers: HeaderMap,
@@ -123,6 +136,19 @@ pub(crate) async fn hello(
 }
 
 /// `POST /v1/brokers/poll`.
+#[utoipa::path(
+    post, path = "/v1/brokers/poll", operation_id = "poll", tag = "control channel",
+    security(("broker_id" = [], "broker_timestamp" = [], "broker_nonce" = [], "broker_signature" = [])),
+    request_body(content = PollRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Frames for the broker: an error frame per refused frame of the request, then the work claimed (none after `wait_ms`)", body = PollResponse),
+        (status = 400, description = "`bad_request`: a body that is not the expected JSON, a frame of another protocol version", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: a missing or malformed handshake header, a timestamp off by more than 300 s, wrong credentials, a replayed nonce", body = ErrorBody),
+        (status = 409, description = "`superseded`: the session is no longer the broker's live one; say hello again", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: a body over 4 MiB or over 1,000 frames", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn poll(
     State(state): State<HubState>,
     headers: HeaderMap,
@@ -135,6 +161,19 @@ pub(crate) async fn poll(
 }
 
 /// `POST /v1/brokers/poll/report`.
+#[utoipa::path(
+    post, path = "/v1/brokers/poll/report", operation_id = "poll_report", tag = "control channel",
+    security(("broker_id" = [], "broker_timestamp" = [], "broker_nonce" = [], "broker_signature" = [])),
+    request_body(content = ReportRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Frames for the broker: an error frame per refused frame", body = PollResponse),
+        (status = 400, description = "`bad_request`: a body that is not the expected JSON, a frame of another protocol version", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: a missing or malformed handshake header, a timestamp off by more than 300 s, wrong credentials, a replayed nonce", body = ErrorBody),
+        (status = 409, description = "`superseded`: the session is no longer the broker's live one; say hello again", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: a body over 4 MiB or over 1,000 frames", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn report(
     State(state): State<HubState>,
     headers: HeaderMap,

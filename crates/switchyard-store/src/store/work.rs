@@ -297,6 +297,22 @@ for_each_backend! {
             if !allowed.contains(&phase) {
                 return Err(StoreError::Conflict(Conflict::Phase(phase)));
             }
+            // Behind an unfinished delete, in the agent's one order, any
+            // other op would reach a broker that no longer has the agent.
+            if intent.op != Op::Delete {
+                let deleting: Option<i32> = sqlx::query_scalar(sql!(
+                    "SELECT 1 FROM dispatch_intents
+                     WHERE agent_id = $1 AND op = '{delete}' AND state IN {unfinished} LIMIT 1",
+                    delete = Op::Delete.as_str(),
+                    unfinished = INTENT.unfinished,
+                ))
+                .bind(intent.agent_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if deleting.is_some() {
+                    return Err(StoreError::Conflict(Conflict::Phase(Phase::Deleted)));
+                }
+            }
             let latest: Option<DispatchIntent> = sqlx::query_as(sql!(
                 "SELECT * FROM dispatch_intents WHERE agent_id = $1 ORDER BY seq DESC LIMIT 1"
             ))
