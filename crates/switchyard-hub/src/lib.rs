@@ -15,6 +15,7 @@ mod server;
 mod session;
 mod state;
 mod sweeper;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -20,8 +20,8 @@ pub use model::{
     Acked, Affinity, Agent, Attachment, Broadcast, Broker, BrokerStatus, CancelOutcome,
     DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState, MAX_BROADCAST_AGENTS,
     Message, MessageState, NewAgent, NewAttachment, NewBroadcast, NewBrokerCall, NewIntent,
-    NewMessage, Op, Phase, Replica, RequeuePolicy, RequeueReport, SessionHeartbeat, StatusReport,
-    Target, Transport, UnknownWord,
+    NewMessage, Op, Phase, QueueDepth, Replica, RequeuePolicy, RequeueReport, SessionHeartbeat,
+    StatusReport, Target, Transport, UnknownWord,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

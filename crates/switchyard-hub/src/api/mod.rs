@@ -16,6 +16,7 @@ mod files;
 pub(crate) use files::MAX_UPLOADS;
 pub(crate) mod messages;
 pub(crate) mod ops;
+pub(crate) mod queues;
 pub(crate) mod request;
 
 pub(crate) use request::{
