@@ -32,6 +32,7 @@ class Session {
     this.lastRefresh = 0;
     this.messageFailures = [];
     this.snapshot = null;
+    this.reads = 0;
   }
 
   get active() {
@@ -420,6 +421,9 @@ function render(s) {
   )), 6);
 
   $("updated").textContent = "updated " + time(new Date().toISOString());
+  // How many snapshots this page has shown: lets a test tell a quiet page.
+  s.reads += 1;
+  $("updated").dataset.reads = String(s.reads);
 }
 
 /// Ages ("session age", "last seen") move on between snapshots; this only
