@@ -15,7 +15,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
 use switchyard_testkit::TestDb;
-use switchyard_tests::{Setup, TOKEN};
+use switchyard_tests::{ECHO_AGENT, Setup, TOKEN};
 
 switchyard_testkit::on_both_backends!(
     the_dashboard_refuses_a_wrong_token_and_shows_a_broker_and_an_agent_change_live,
@@ -205,9 +205,10 @@ fn screenshot_path(name: &str) -> PathBuf {
 /// The operator's path through the dashboard: a wrong token is refused
 /// with a message and shows nothing; the right one shows the cluster; a
 /// broker started after the page loaded turns `online`, and an agent
-/// created and started through the API appears and turns `running`, all
-/// without reloading the page (a marker set in the page survives) and
-/// without anything the CSP refused; logging out forgets the token.
+/// created and started through the API appears and turns `running`, and
+/// work waiting for an offline broker is counted, all without reloading
+/// the page (a marker set in the page survives) and without anything the
+/// CSP refused; logging out forgets the token.
 async fn the_dashboard_refuses_a_wrong_token_and_shows_a_broker_and_an_agent_change_live(
     db: TestDb,
 ) {
@@ -268,12 +269,50 @@ async fn the_dashboard_refuses_a_wrong_token_and_shows_a_broker_and_an_agent_cha
         .unwrap();
     assert_eq!(replica, setup.a.base, "held by the one replica");
 
+    // Work for a broker that is not connected waits (no event says so:
+    // the page counts it, per agent and per broker, on its next read).
+    let (status, standby) = setup
+        .api
+        .call("POST", "/v1/brokers", Some(json!({"name": "standby"})))
+        .await;
+    assert_eq!(status, 201, "{standby}");
+    let queued = setup
+        .api
+        .echo_agent(standby["id"].as_str().unwrap(), "queued")
+        .await;
+    setup.api.send(&queued, json!("one")).await;
+    setup.api.send(&queued, json!("two")).await;
+
     // An agent is defined, then started, through the API.
-    let agent = setup.api.echo_agent(&setup.broker_id, "worker").await;
+    let (status, agent) = setup
+        .api
+        .call(
+            "POST",
+            "/v1/agents",
+            Some(json!({
+                "name": "worker",
+                "broker_id": setup.broker_id,
+                "command": ["sh", "-c", ECHO_AGENT],
+                "labels": {"team": "red"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{agent}");
+    let agent = agent["id"].as_str().unwrap().to_owned();
     let row = "#agents tr[data-agent='worker']";
     wait_text(&browser, &format!("{row} .phase"), "created").await;
     setup.api.lifecycle("start", &agent).await;
     wait_text(&browser, &format!("{row} .phase"), "running").await;
+    wait_text(&browser, &format!("{row} .labels"), "team=red").await;
+
+    wait_text(&browser, "#agents tr[data-agent='queued'] .queue", "3").await;
+    wait_text(&browser, "#brokers tr[data-broker='standby'] .queue", "3").await;
+    wait_text(
+        &browser,
+        "#brokers tr[data-broker='standby'] .status",
+        "offline",
+    )
+    .await;
     wait_text(&browser, "#dispatches tbody tr:first-child .state", "done").await;
 
     assert_eq!(
