@@ -5,123 +5,16 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use std::collections::HashSet;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use switchyard_tests::pg_cluster::Cluster;
 use switchyard_tests::{Api, BrokerProcess, Server, TOKEN, inbox};
-
-/// A PostgreSQL cluster of its own, stopped when dropped.
-struct Cluster {
-    data: PathBuf,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-/// A packaged server binary (`/usr/lib/postgresql/*/bin`), else from PATH.
-fn pg_bin(name: &str) -> PathBuf {
-    let packaged = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|version| version.path().join("bin").join(name))
-        .find(|path| path.exists());
-    packaged.unwrap_or_else(|| PathBuf::from(name))
-}
-
-/// `program args...`, as the `postgres` user when this process is root
-/// (initdb and the server refuse to run as root).
-fn as_owner(program: &Path, args: &[&str]) -> Command {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"));
-    if root {
-        let mut cmd = Command::new("runuser");
-        cmd.args(["-u", "postgres", "--"]).arg(program).args(args);
-        cmd
-    } else {
-        let mut cmd = Command::new(program);
-        cmd.args(args);
-        cmd
-    }
-}
-
-fn run(mut cmd: Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        // The server's user must own the directory (and reach it).
-        let _ = Command::new("chown")
-            .args(["-R", "postgres"])
-            .arg(dir.path())
-            .status();
-        let data_str = data.to_str().unwrap();
-        run(as_owner(
-            &pg_bin("initdb"),
-            &["-D", data_str, "-A", "trust", "-U", "postgres", "--no-sync"],
-        ));
-        let cluster = Cluster {
-            data,
-            port,
-            _dir: dir,
-        };
-        cluster.pg_ctl(&["start"]);
-        cluster
-    }
-
-    fn pg_ctl(&self, action: &[&str]) {
-        let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
-            self.port,
-            self.data.display()
-        );
-        let data = self.data.to_str().unwrap();
-        let mut args = vec!["-D", data, "-w", "-t", "60", "-o", &options, "-l"];
-        let log = self.data.join("server.log");
-        let log = log.to_str().unwrap().to_owned();
-        args.push(&log);
-        args.extend_from_slice(action);
-        run(as_owner(&pg_bin("pg_ctl"), &args));
-    }
-
-    fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let data = self.data.to_str().unwrap();
-        let _ = as_owner(&pg_bin("pg_ctl"), &["-D", data, "-m", "immediate", "stop"]).output();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_in_the_middle_of_traffic_loses_nothing() {
     let pg = Cluster::start();
-    run({
-        let mut cmd = Command::new("psql");
-        cmd.args([&pg.url("postgres"), "-c", "CREATE DATABASE sy"]);
-        cmd
-    });
+    pg.create_database("sy");
     let dir = tempfile::tempdir().unwrap();
     let workdir = dir.path().join("broker");
     std::fs::create_dir_all(&workdir).unwrap();
@@ -156,16 +49,9 @@ async fn a_postgres_restart_in_the_middle_of_traffic_loses_nothing() {
     let mut slowest = Duration::ZERO;
     for i in 0..400u64 {
         if i == 100 {
-            let data = pg.data.clone();
-            let port = pg.port;
+            let ctl = pg.ctl();
             restart = Some(std::thread::spawn(move || {
-                let restarting = Cluster {
-                    data,
-                    port,
-                    _dir: tempfile::tempdir().unwrap(),
-                };
-                restarting.pg_ctl(&["-m", "fast", "restart"]);
-                std::mem::forget(restarting);
+                ctl.pg_ctl(&["-m", "fast", "restart"]);
             }));
         }
         let asked = Instant::now();
@@ -194,7 +80,7 @@ async fn a_postgres_restart_in_the_middle_of_traffic_loses_nothing() {
     restart.unwrap().join().unwrap();
     assert!(accepted.len() > 100, "{} accepted", accepted.len());
     // The server really went down and came back while calls were made.
-    let log = std::fs::read_to_string(pg.data.join("server.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(pg.data().join("server.log")).unwrap_or_default();
     assert!(log.contains("database system is shut down"), "{log}");
     assert_eq!(
         log.matches("database system is ready to accept connections")

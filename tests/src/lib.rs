@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod pg_cluster;
+
 pub const TOKEN: &str = "test-admin-token-0123456789";
 
 /// The `switchyard` executable, built (or found up to date) by cargo the

@@ -95,22 +95,30 @@ impl Affinity {
         }
     }
 
-    /// Clears the affinity if this session still holds it.
-    pub(crate) async fn release(&self) {
+    /// Clears the affinity if this session still holds it; true when it
+    /// did (the broker is offline now).
+    pub(crate) async fn release(&self) -> bool {
         match self
             .store
             .release_affinity(self.broker, self.replica, self.session)
             .await
         {
             Ok(true) => {
-                tracing::info!(broker = %self.broker, session = %self.session, "broker disconnected")
+                tracing::info!(broker = %self.broker, session = %self.session, "broker disconnected");
+                true
             }
-            Ok(false) => tracing::info!(
-                broker = %self.broker,
-                session = %self.session,
-                "superseded session closed; the newer session keeps the affinity"
-            ),
-            Err(err) => tracing::warn!(broker = %self.broker, %err, "could not release affinity"),
+            Ok(false) => {
+                tracing::info!(
+                    broker = %self.broker,
+                    session = %self.session,
+                    "superseded session closed; the newer session keeps the affinity"
+                );
+                false
+            }
+            Err(err) => {
+                tracing::warn!(broker = %self.broker, %err, "could not release affinity");
+                false
+            }
         }
     }
 }

@@ -47,6 +47,9 @@ pub struct HubConfig {
     pub listener_database_url: Option<String>,
     /// Finished intents and messages older than this are deleted.
     pub retention: Duration,
+    /// Events older than this leave the event log: a client resuming from
+    /// before them is told it missed some (`recovered: false`).
+    pub event_retention: Duration,
     /// Longest one write to a broker's socket may take. A broker that stops
     /// reading for this long is disconnected; what it had claimed goes back
     /// to `pending` when its next session starts.
@@ -84,6 +87,7 @@ impl Default for HubConfig {
             max_attempts: 10,
             listener_database_url: None,
             retention: Duration::from_secs(7 * 24 * 3600),
+            event_retention: Duration::from_secs(24 * 3600),
             write_timeout: Duration::from_secs(30),
             max_connections: 8192,
             max_sessions: 4096,

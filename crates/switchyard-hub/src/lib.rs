@@ -4,6 +4,7 @@ mod affinity;
 mod api;
 mod bus;
 mod config;
+mod event_log;
 mod events;
 mod http_routes;
 mod idempotency;
@@ -33,10 +34,15 @@ pub use metrics::Metrics;
 
 use bus::Bus;
 use bus::in_process::InProcessBus;
+use event_log::EventLog;
 use events::Events;
 use originator::Originator;
 use session::Registry;
 use state::{HubState, Shared};
+
+/// How long a stopping replica waits for its last events (the brokers it
+/// released) to reach the event log.
+const LOG_FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why a replica could not start.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +93,11 @@ impl Hub {
         let tasks = TaskTracker::new();
         let config = Arc::new(config);
         let registry = Arc::new(Registry::default());
-        let events = Events::default();
+        let events = Events::new(EventLog::start(
+            store.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
         let bus: Arc<dyn Bus> = match &database {
             Database::Postgres(pool) => {
                 let listen = match &config.listener_database_url {
@@ -150,6 +160,7 @@ impl Hub {
                 },
                 poll_lapse: config.poll_lapse(),
                 retention: config.retention,
+                event_retention: config.event_retention,
                 shutdown: shutdown.clone(),
             }
             .run(),
@@ -168,13 +179,19 @@ impl Hub {
             state.sockets.close();
             state.sockets.wait().await;
             match state.store.deregister_replica(replica_id).await {
-                Ok(released) => tracing::info!(
-                    replica = %replica_id,
-                    released = released.len(),
-                    "replica deregistered"
-                ),
+                Ok(released) => {
+                    tracing::info!(
+                        replica = %replica_id,
+                        released = released.len(),
+                        "replica deregistered"
+                    );
+                    for broker in released {
+                        session::announce_offline(&state, broker).await;
+                    }
+                }
                 Err(err) => tracing::warn!(%err, "could not deregister replica; it will be reaped"),
             }
+            state.events.log().flush(LOG_FLUSH_GRACE).await;
         });
         tasks.spawn(replica::run_heartbeat(
             store,

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub notifications_received: IntCounter,
     pub command_bus_reconnects: IntCounter,
     pub http_panics: IntCounter,
+    /// Events this replica could not append to the event log (its queue
+    /// was full, or the database refused the append for too long).
+    pub events_dropped: IntCounter,
     /// Unfinished intents and messages older than five minutes (sweeper).
     pub stuck_work: IntGauge,
     /// Bytes of files sent with messages and not yet removed.
@@ -189,6 +192,10 @@ impl Metrics {
             http_panics: counter(
                 "http_panics_total",
                 "HTTP requests whose handler panicked (answered 500 `internal`).",
+            ),
+            events_dropped: counter(
+                "events_dropped_total",
+                "Events this replica could not append to the durable event log.",
             ),
             command_bus_reconnects: counter(
                 "command_bus_reconnects_total",

@@ -18,7 +18,7 @@ use switchyard_store::{IntentState, RequeuePolicy, Store, StoreResult};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
-use crate::events::HubEvent;
+use crate::events::{self, HubEvent};
 use crate::metrics::Metrics;
 
 /// Unfinished work older than this counts as stuck.
@@ -31,6 +31,8 @@ pub(crate) struct Sweeper {
     pub(crate) interval: Duration,
     pub(crate) policy: RequeuePolicy,
     pub(crate) retention: Duration,
+    /// How long the event log keeps events for clients that resume.
+    pub(crate) event_retention: Duration,
     /// Poll sessions silent this long have lapsed.
     pub(crate) poll_lapse: Duration,
     pub(crate) shutdown: CancellationToken,
@@ -77,12 +79,14 @@ impl Sweeper {
         }
         for broker in self.store.release_lapsed_sessions(self.poll_lapse).await? {
             tracing::info!(%broker, "poll session lapsed: the broker stopped polling");
+            events::announce_broker(&*self.store, &*self.bus, broker, false).await;
         }
         let report = self.store.requeue_abandoned(self.policy).await?;
         if report != Default::default() {
             tracing::info!(?report, "requeued abandoned work");
         }
         self.metrics.observe_requeue(&report);
+        events::publish_dead_letters(&*self.store, &*self.bus, &report).await;
         for id in self.store.expire_intents().await? {
             let row = self.store.intent(id).await?;
             if row.state == IntentState::Failed {
@@ -92,6 +96,10 @@ impl Sweeper {
         }
         let expired = self.store.expire_messages().await?;
         self.metrics.messages_expired.inc_by(expired.len() as u64);
+        for message in expired {
+            self.bus.publish(HubEvent::MessageExpired(message));
+        }
+        self.store.prune_events(self.event_retention).await?;
         let removed = self.store.remove_finished_attachments().await?;
         if removed > 0 {
             tracing::debug!(removed, "removed the files of final messages");

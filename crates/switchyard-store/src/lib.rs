@@ -18,16 +18,17 @@ pub use ids::{
 };
 pub use model::{
     Acked, Affinity, Agent, Attachment, Broadcast, Broker, BrokerStatus, CancelOutcome,
-    DispatchIntent, Inserted, IntentFilter, IntentOutcome, IntentState, MAX_BROADCAST_AGENTS,
-    Message, MessageState, NewAgent, NewAttachment, NewBroadcast, NewBrokerCall, NewIntent,
-    NewMessage, Op, Phase, QueueDepth, Replica, RequeuePolicy, RequeueReport, SessionHeartbeat,
-    StatusReport, Target, Transport, UnknownWord,
+    DispatchIntent, EventBounds, Inserted, IntentFilter, IntentOutcome, IntentState, LoggedEvent,
+    MAX_BROADCAST_AGENTS, Message, MessageRef, MessageState, NewAgent, NewAttachment, NewBroadcast,
+    NewBrokerCall, NewEvent, NewIntent, NewMessage, Op, Phase, QueueDepth, Replica, RequeuePolicy,
+    RequeueReport, SessionHeartbeat, StatusReport, Target, Transport, UnknownWord,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use store::{
     ATTACHMENT_CHUNK, AffinityStore, AgentStore, AttachmentStore, AuthStore, BrokerStore,
-    Housekeeping, ReplicaStore, Singleton, Store, WorkStore,
+    EVENT_LOG_CHANNEL, EventStore, Housekeeping, MAX_EVENTS_PER_READ, ReplicaStore, Singleton,
+    Store, WorkStore,
 };
 
 /// The aggregate traits, for calling store methods on a concrete
@@ -35,7 +36,7 @@ pub use store::{
 /// (`dyn Store` needs no import).
 pub mod prelude {
     pub use crate::store::{
-        AffinityStore, AgentStore, AttachmentStore, AuthStore, BrokerStore, Housekeeping,
-        ReplicaStore, Singleton, Store, WorkStore,
+        AffinityStore, AgentStore, AttachmentStore, AuthStore, BrokerStore, EventStore,
+        Housekeeping, ReplicaStore, Singleton, Store, WorkStore,
     };
 }

@@ -516,24 +516,67 @@ pub struct QueueDepth {
 }
 
 /// What a requeue pass changed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RequeueReport {
     pub intents_requeued: u64,
     pub intents_failed: u64,
     pub messages_requeued: u64,
     pub messages_failed: u64,
+    /// The intents that failed (dead letters), for their events.
+    pub failed_intents: Vec<IntentId>,
+    /// The messages that failed (dead letters), for their events.
+    pub failed_messages: Vec<MessageRef>,
+}
+
+/// A row a requeue statement returned: which it is and its new state.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Requeued<Id> {
+    pub(crate) id: Id,
+    /// None only for a broker call's intent.
+    pub(crate) agent_id: Option<AgentId>,
+    pub(crate) broker_id: BrokerId,
+    pub(crate) state: String,
 }
 
 impl RequeueReport {
-    /// The report of requeue statements that returned each row's new state.
-    pub(crate) fn counted(intents: &[String], messages: &[String]) -> Self {
-        let count =
-            |rows: &[String], state: &str| rows.iter().filter(|s| *s == state).count() as u64;
+    /// The report of requeue statements that returned each row
+    /// (`RETURNING id, agent_id, broker_id, state`).
+    pub(crate) fn counted(
+        intents: &[Requeued<IntentId>],
+        messages: &[Requeued<MessageId>],
+    ) -> Self {
+        let failed_intents: Vec<IntentId> = intents
+            .iter()
+            .filter(|r| r.state == IntentState::Failed.as_str())
+            .map(|r| r.id)
+            .collect();
+        let failed_messages: Vec<MessageRef> = messages
+            .iter()
+            .filter(|r| r.state == MessageState::Failed.as_str())
+            .filter_map(|r| {
+                Some(MessageRef {
+                    id: r.id,
+                    agent_id: r.agent_id?,
+                    broker_id: r.broker_id,
+                })
+            })
+            .collect();
+        let pending = |states: &mut dyn Iterator<Item = &String>, state: &str| {
+            states.filter(|s| *s == state).count() as u64
+        };
         Self {
-            intents_requeued: count(intents, IntentState::Pending.as_str()),
-            intents_failed: count(intents, IntentState::Failed.as_str()),
-            messages_requeued: count(messages, MessageState::Pending.as_str()),
-            messages_failed: count(messages, MessageState::Failed.as_str()),
+            intents_requeued: pending(
+                &mut intents.iter().map(|r| &r.state),
+                IntentState::Pending.as_str(),
+            ),
+            intents_failed: failed_intents.len() as u64,
+            messages_requeued: pending(
+                &mut messages.iter().map(|r| &r.state),
+                MessageState::Pending.as_str(),
+            ),
+            messages_failed: failed_messages.len() as u64,
+            failed_intents,
+            failed_messages,
         }
     }
 
@@ -564,9 +607,57 @@ pub struct RequeuePolicy {
 pub struct Acked {
     /// Messages this ack moved to `delivered`.
     pub delivered: u64,
+    /// Which they are, in the order `waited` gives their waits.
+    pub messages: Vec<MessageRef>,
     /// Acked ids that are not messages of the acking broker.
     pub not_found: Vec<MessageId>,
     /// For each message this ack moved to `delivered`: how long it took
     /// from its acceptance (`created_at`) to this ack.
     pub waited: Vec<std::time::Duration>,
+}
+
+/// An event to append to the durable log ([`crate::EventStore`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    /// The SSE event name (`agent_status`, `broker_online`, ...).
+    pub kind: String,
+    /// The agent it concerns, if one (for `?agent=` filters).
+    pub agent_id: Option<AgentId>,
+    /// The event's JSON data, as sent.
+    pub data: String,
+}
+
+/// An event read back from the log, with its id (the SSE `id:`).
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct LoggedEvent {
+    pub id: i64,
+    pub kind: String,
+    pub agent_id: Option<AgentId>,
+    pub data: String,
+}
+
+impl LoggedEvent {
+    /// Whether a reader narrowed to `agent` gets this event: events that
+    /// concern no agent go only to unfiltered readers.
+    pub fn concerns(&self, agent: Option<AgentId>) -> bool {
+        agent.is_none_or(|a| self.agent_id == Some(a))
+    }
+}
+
+/// Where the event log stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventBounds {
+    /// The newest id ever appended (0 before the first).
+    pub last: i64,
+    /// Every id up to this one has been pruned: a reader resuming from
+    /// below it has missed events.
+    pub pruned_through: i64,
+}
+
+/// A message that reached a final state, named for its events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct MessageRef {
+    pub id: MessageId,
+    pub agent_id: AgentId,
+    pub broker_id: BrokerId,
 }

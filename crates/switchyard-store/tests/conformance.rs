@@ -12,9 +12,9 @@ use chrono::Utc;
 use serde_json::json;
 use switchyard_store::{
     AgentId, Broker, BrokerId, BrokerStatus, CancelOutcome, Conflict, IntentFilter, IntentId,
-    IntentOutcome, IntentState, MessageId, MessageState, NewAgent, NewBrokerCall, NewIntent,
-    NewMessage, Op, Phase, QueueDepth, ReplicaId, RequeuePolicy, SessionHeartbeat, SessionId,
-    StatusReport, Store, StoreError, Transport, open,
+    IntentOutcome, IntentState, MessageId, MessageState, NewAgent, NewBrokerCall, NewEvent,
+    NewIntent, NewMessage, Op, Phase, QueueDepth, ReplicaId, RequeuePolicy, SessionHeartbeat,
+    SessionId, StatusReport, Store, StoreError, Transport, open,
 };
 use switchyard_testkit::{FromTestDb, TestDb};
 
@@ -41,6 +41,8 @@ impl FromTestDb for Fixture {
 switchyard_testkit::on_both_backends!(
     worker_threads = 4;
     migrations_are_idempotent,
+    a_reader_of_the_event_log_never_skips_an_event_appended_concurrently,
+    pruning_the_event_log_raises_its_horizon_and_ids_are_never_reused,
     replica_registry_tracks_liveness,
     reaping_a_dead_replica_releases_its_affinities,
     affinity_claim_is_newest_wins_and_returns_previous_holder,
@@ -1414,7 +1416,15 @@ async fn messages_past_ttl_expire(f: Fixture) {
         .await
         .unwrap();
     s.ack_message(b.id, delivered.id).await.unwrap();
-    assert_eq!(s.expire_messages().await.unwrap(), vec![stale.id]);
+    assert_eq!(
+        s.expire_messages()
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.id)
+            .collect::<Vec<_>>(),
+        vec![stale.id]
+    );
     assert_eq!(
         s.message(stale.id).await.unwrap().state,
         MessageState::Expired
@@ -2247,4 +2257,94 @@ async fn concurrent_sends_of_files_with_one_key_write_one_message(f: Fixture) {
     }
     assert_eq!((ids.len(), created), (1, 1), "one message, created once");
     assert_eq!(f.store.attachment_bytes().await.unwrap(), 3, "and one file");
+}
+
+fn event(n: usize) -> NewEvent {
+    NewEvent {
+        kind: "test".into(),
+        agent_id: None,
+        data: format!("{{\"n\":{n}}}"),
+    }
+}
+
+/// The event log's invariant: ids are handed out in commit order, so a
+/// reader that asks for the events after the last id it saw, while four
+/// writers (separate pools, as separate replicas) append concurrently,
+/// sees every event exactly once. Without the ordered append a later id
+/// can commit first and the reader steps over the earlier one.
+async fn a_reader_of_the_event_log_never_skips_an_event_appended_concurrently(f: Fixture) {
+    const WRITERS: usize = 4;
+    const BATCHES: usize = 60;
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let store = f.replica().await;
+        writers.push(tokio::spawn(async move {
+            for b in 0..BATCHES {
+                let n = (w * BATCHES + b) * 2;
+                store
+                    .append_events(&[event(n), event(n + 1)])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    let total = WRITERS * BATCHES * 2;
+    let reader = f.replica().await;
+    let mut cursor = 0;
+    let mut seen = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen.len() < total {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{} of {total}",
+            seen.len()
+        );
+        for e in reader.events_after(cursor, 7).await.unwrap() {
+            assert!(e.id > cursor);
+            cursor = e.id;
+            seen.push(e.data);
+        }
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let distinct: HashSet<&String> = seen.iter().collect();
+    assert_eq!(distinct.len(), total, "each event once");
+    assert!(reader.events_after(cursor, 10).await.unwrap().is_empty());
+    let all = reader.events_after(0, 1000).await.unwrap();
+    assert_eq!(all.len(), total, "the tailing reader missed none");
+    let bounds = reader.event_bounds().await.unwrap();
+    assert_eq!((bounds.last, bounds.pruned_through), (cursor, 0));
+}
+
+async fn pruning_the_event_log_raises_its_horizon_and_ids_are_never_reused(f: Fixture) {
+    let s = &f.store;
+    let empty = s.event_bounds().await.unwrap();
+    assert_eq!((empty.last, empty.pruned_through), (0, 0));
+    s.append_events(&[event(1), event(2), event(3)])
+        .await
+        .unwrap();
+    let all = s.events_after(0, 10).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(
+        s.events_after(all[0].id, 1).await.unwrap(),
+        vec![all[1].clone()]
+    );
+    assert_eq!(
+        s.prune_events(Duration::from_secs(3600)).await.unwrap(),
+        0,
+        "nothing is old"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(s.prune_events(Duration::ZERO).await.unwrap(), 3);
+    let pruned = s.event_bounds().await.unwrap();
+    assert_eq!(pruned.pruned_through, all[2].id);
+    assert_eq!(
+        pruned.last, all[2].id,
+        "the newest id is remembered when the log is empty"
+    );
+    s.append_events(&[event(4)]).await.unwrap();
+    let next = s.events_after(0, 10).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert!(next[0].id > all[2].id, "ids are never reused after pruning");
 }

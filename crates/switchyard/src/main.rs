@@ -112,6 +112,15 @@ struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(60..=31_536_000)
     )]
     retention_secs: u64,
+    /// Seconds the event log keeps events for `GET /v1/events` clients
+    /// that resume with `Last-Event-ID` (60 to 31,536,000).
+    #[arg(
+        long,
+        env = "SWITCHYARD_EVENT_RETENTION_SECS",
+        default_value_t = 86_400,
+        value_parser = clap::value_parser!(u64).range(60..=31_536_000)
+    )]
+    event_retention_secs: u64,
     /// Bytes the files sent with one message may add up to (1 to
     /// 1,073,741,824).
     #[arg(
@@ -263,6 +272,7 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         message_ttl: Duration::from_secs(args.message_ttl_secs),
         intent_deadline: Duration::from_secs(args.intent_deadline_secs),
         retention: Duration::from_secs(args.retention_secs),
+        event_retention: Duration::from_secs(args.event_retention_secs),
         max_attachment_bytes: args.max_attachment_bytes,
         max_attachments: usize::try_from(args.max_attachments).unwrap_or(usize::MAX),
         poll_lease: Duration::from_secs(args.poll_lease_secs),
@@ -330,6 +340,10 @@ mod tests {
             defaults.intent_deadline
         );
         assert_eq!(Duration::from_secs(args.retention_secs), defaults.retention);
+        assert_eq!(
+            Duration::from_secs(args.event_retention_secs),
+            defaults.event_retention
+        );
         assert_eq!(args.max_attachment_bytes, defaults.max_attachment_bytes);
         assert_eq!(args.max_attachments as usize, defaults.max_attachments);
         assert_eq!(
@@ -340,6 +354,7 @@ mod tests {
             ["--message-ttl-secs", "0"],
             ["--intent-deadline-secs", "2592001"],
             ["--retention-secs", "59"],
+            ["--event-retention-secs", "59"],
             ["--max-attachment-bytes", "0"],
             ["--max-attachments", "1001"],
             ["--poll-lease-secs", "0"],

@@ -150,20 +150,28 @@ class Session {
         return;
       case "message_failed":
       case "message_expired":
-        if (data && data.message) this.noteMessageFailure(event.type, data.message);
-        break;
+        // The event names the message; its row says when and why.
+        if (data && data.message) this.noteMessageFailure(data.message);
+        return;
       default:
         // agent_status, dispatch_finished, broker_online, broker_offline,
-        // message_delivered, lagged, and kinds this page does not know.
+        // message_delivered, and kinds this page does not know.
         break;
     }
     this.scheduleRefresh();
   }
 
-  noteMessageFailure(kind, message) {
-    if (this.messageFailures.some((m) => m.id === message.id)) return;
-    this.messageFailures.unshift({ ...message, kind });
-    this.messageFailures.length = Math.min(this.messageFailures.length, RECENT_FAILURES);
+  async noteMessageFailure(message) {
+    let row = { ...message, updated_at: new Date().toISOString() };
+    try {
+      row = await this.get("/v1/messages/" + encodeURIComponent(message.id));
+    } catch (_) {
+      // Pruned or unreachable: what the event said is still worth showing.
+    }
+    if (!this.active) return;
+    this.messageFailures = [row, ...this.messageFailures.filter((m) => m.id !== row.id)]
+      .slice(0, RECENT_FAILURES);
+    this.scheduleRefresh();
   }
 }
 
@@ -407,7 +415,7 @@ function render(s) {
       state: d.state, reason: d.error_code ? d.error_code + ": " + (d.error || "") : d.error || "", id: d.id,
     })),
     ...s.messageFailures.map((m) => ({
-      at: m.updated_at, what: "message #" + m.seq, agent: m.agent_id, broker: m.broker_id,
+      at: m.updated_at, what: m.seq === undefined ? "message" : "message #" + m.seq, agent: m.agent_id, broker: m.broker_id,
       state: m.state, reason: m.error || (m.state === "expired" ? "not delivered before it expired" : ""), id: m.id,
     })),
   ].sort((x, y) => Date.parse(y.at) - Date.parse(x.at)).slice(0, RECENT_FAILURES);

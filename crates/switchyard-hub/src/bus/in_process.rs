@@ -25,7 +25,7 @@ impl Bus for InProcessBus {
     }
 
     fn publish(&self, event: HubEvent) {
-        self.events.publish_local(event);
+        self.events.publish_committed(event);
     }
 
     fn is_listening(&self) -> bool {

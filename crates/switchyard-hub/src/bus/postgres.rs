@@ -1,6 +1,7 @@
 //! The command bus on PostgreSQL: LISTEN/NOTIFY, used only as a wake-up.
 //!
-//! Two channels carry ids, never bodies:
+//! Two channels carry ids, never bodies (a third, the store's
+//! `switchyard_event_log`, only says the event log grew):
 //! - `switchyard_wake`: "these brokers, whose sessions replica r owns, have
 //!   new work";
 //! - `switchyard_event`: "these dispatches finished / these agents changed
@@ -32,7 +33,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgNotification, PgPoolOptions};
-use switchyard_store::{AgentId, BrokerId, IntentId, ReplicaId, Store};
+use switchyard_store::{AgentId, BrokerId, EVENT_LOG_CHANNEL, IntentId, ReplicaId, Store};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -141,6 +142,8 @@ pub(crate) enum DecodeError {
 enum Notice {
     Wake(WakePayload),
     Event(EventPayload),
+    /// The event log grew (sent by the store at each append's commit).
+    Logged,
 }
 
 fn decode(notification: &PgNotification) -> Result<Notice, DecodeError> {
@@ -158,6 +161,7 @@ fn decode(notification: &PgNotification) -> Result<Notice, DecodeError> {
                 channel: EVENT_CHANNEL,
                 source,
             }),
+        EVENT_LOG_CHANNEL => Ok(Notice::Logged),
         other => Err(DecodeError::Channel(other.to_owned())),
     }
 }
@@ -224,12 +228,17 @@ impl Bus for PostgresBus {
     }
 
     fn publish(&self, event: HubEvent) {
+        // Waiters on other replicas need only lifecycle outcomes; every
+        // event reaches other replicas' SSE clients through the log.
         let item = match &event {
-            HubEvent::DispatchFinished(row) => Outgoing::Dispatch(row.id),
-            HubEvent::AgentStatus(row) => Outgoing::Agent(row.id),
+            HubEvent::DispatchFinished(row) => Some(Outgoing::Dispatch(row.id)),
+            HubEvent::AgentStatus(row) => Some(Outgoing::Agent(row.id)),
+            _ => None,
         };
-        let _ = self.queue.send(item);
-        self.events.publish_local(event);
+        if let Some(item) = item {
+            let _ = self.queue.send(item);
+        }
+        self.events.publish_committed(event);
     }
 
     fn is_listening(&self) -> bool {
@@ -402,13 +411,16 @@ impl Listener {
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(self.options.clone());
         let mut listener = PgListener::connect_with(&pool).await?;
-        listener.listen_all([WAKE_CHANNEL, EVENT_CHANNEL]).await?;
+        listener
+            .listen_all([WAKE_CHANNEL, EVENT_CHANNEL, EVENT_LOG_CHANNEL])
+            .await?;
         Ok(listener)
     }
 
     fn after_connect(&self) {
         self.listening.store(true, Ordering::Relaxed);
         self.registry.wake_all();
+        self.events.log().wake();
         tracing::info!("command bus listening");
     }
 
@@ -449,6 +461,7 @@ impl Listener {
                 let events = self.events.clone();
                 tokio::spawn(async move { events.republish(&*store, event.d, event.a).await });
             }
+            Ok(Notice::Logged) => self.events.log().wake(),
             Ok(_) => {}
             Err(err) => tracing::warn!(%err, "unreadable notification"),
         }

@@ -152,6 +152,9 @@ async fn ack(
         for waited in &acked.waited {
             state.metrics.accept_to_ack.observe(waited.as_secs_f64());
         }
+        for message in acked.messages {
+            state.bus.publish(HubEvent::MessageDelivered(message));
+        }
         if !acked.not_found.is_empty() {
             refused = Some(ApplyError::NotOwn(Entity::Message));
         }

@@ -32,11 +32,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use switchyard_proto::{AgentStatus, ErrorCode, HubFrame, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES};
-use switchyard_store::{Broker, SessionId, StoreError, Transport};
+use switchyard_store::{Broker, BrokerId, SessionId, StoreError, Transport};
 use tokio::sync::Notify;
 
 use crate::affinity::{Affinity, AffinityError};
 use crate::api::error::ApiError;
+use crate::events;
 use crate::state::HubState;
 use apply::ApplyError;
 use close::Close;
@@ -178,7 +179,9 @@ async fn run(state: HubState, broker: Broker, socket: WebSocket) {
 
     cancel.cancel();
     state.registry.remove(broker.id, &handle);
-    affinity.release().await;
+    if affinity.release().await {
+        announce_offline(&state, broker.id).await;
+    }
     let _ = writer.await;
     close::linger(&mut stream).await;
 }
@@ -216,6 +219,8 @@ async fn start(
         );
     }
     state.metrics.observe_requeue(&report);
+    events::publish_dead_letters(&*state.store, &*state.bus, &report).await;
+    events::announce_broker(&*state.store, &*state.bus, broker.id, true).await;
     for report in agents {
         match apply::status(state, broker, report).await {
             Ok(()) | Err(ApplyError::NotOwn(_)) => {}
@@ -223,6 +228,12 @@ async fn start(
         }
     }
     Ok(())
+}
+
+/// Publishes that `broker`, whose session this replica released, is
+/// offline.
+pub(crate) async fn announce_offline(state: &HubState, broker: BrokerId) {
+    events::announce_broker(&*state.store, &*state.bus, broker, false).await;
 }
 
 /// A duration as the milliseconds a frame carries.

@@ -252,6 +252,7 @@ async fn claim(
         tracing::info!(broker = %broker.id, requeued = report.requeued(), "sending again what earlier polls returned and the broker did not acknowledge");
     }
     state.metrics.observe_requeue(&report);
+    crate::events::publish_dead_letters(&*state.store, &*state.bus, &report).await;
 
     let limit = request
         .max_frames

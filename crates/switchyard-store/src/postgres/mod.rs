@@ -40,6 +40,17 @@ impl PgStore {
     }
 }
 
+/// Event-log appends take a transaction-level advisory lock, key "swyd" +
+/// 2 (0x7377_7964_0000_0002; the singleton's is "swyd" + 1), held until
+/// the append commits.
+impl crate::store::EventDialect for PgStore {
+    const APPEND_LOCK: Option<&'static str> =
+        Some("SELECT pg_advisory_xact_lock(8320252306993971202)");
+    /// On [`crate::EVENT_LOG_CHANNEL`].
+    const APPEND_NOTIFY: Option<&'static str> =
+        Some("SELECT pg_notify('switchyard_event_log', '')");
+}
+
 impl Dialect for PgStore {
     type Ago = f64;
     const NAME: &'static str = "postgres";

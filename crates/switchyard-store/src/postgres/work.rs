@@ -11,8 +11,8 @@ use uuid::Uuid;
 
 use crate::batch::{NewRow, StoredRow, match_inserted};
 use crate::error::{Entity, StoreError, StoreResult};
-use crate::ids::{BrokerId, MessageId, ReplicaId, SessionId};
-use crate::model::{Acked, DispatchIntent, Inserted, Message, NewIntent, NewMessage};
+use crate::ids::{AgentId, BrokerId, MessageId, ReplicaId, SessionId};
+use crate::model::{Acked, DispatchIntent, Inserted, Message, MessageRef, NewIntent, NewMessage};
 use crate::postgres::PgStore;
 use crate::rules::{DELETED, DELIVERED, INTENT, MESSAGE, WorkStates};
 use crate::store::WorkDialect;
@@ -493,19 +493,29 @@ impl WorkDialect for PgStore {
             format!(
                 "UPDATE messages SET state = {delivered}, delivered_at = now(), updated_at = now()
                  WHERE id = ANY($1) AND broker_id = $2 AND state IN {unfinished}
-                 RETURNING EXTRACT(EPOCH FROM now() - created_at)::float8",
+                 RETURNING id, agent_id, broker_id, EXTRACT(EPOCH FROM now() - created_at)::float8",
                 delivered = *DELIVERED,
                 unfinished = MESSAGE.unfinished,
             )
         });
         let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
-        let waited: Vec<f64> = sqlx::query_scalar(DELIVER.as_str())
+        let rows: Vec<(MessageId, AgentId, BrokerId, f64)> = sqlx::query_as(DELIVER.as_str())
             .bind(&ids)
             .bind(broker)
             .fetch_all(&self.pool)
             .await?;
-        let delivered = waited.len() as u64;
-        let waited = waited.into_iter().map(seconds).collect();
+        let delivered = rows.len() as u64;
+        let (messages, waited) = rows
+            .into_iter()
+            .map(|(id, agent_id, broker_id, secs)| {
+                let message = MessageRef {
+                    id,
+                    agent_id,
+                    broker_id,
+                };
+                (message, seconds(secs))
+            })
+            .unzip();
         // Only when some id changed nothing: which of them are not ours?
         // (A message never changes broker, so reading after the update is
         // as good as reading within it.)
@@ -525,6 +535,7 @@ impl WorkDialect for PgStore {
         };
         Ok(Acked {
             delivered,
+            messages,
             not_found,
             waited,
         })

@@ -38,6 +38,14 @@ impl SqliteStore {
     }
 }
 
+/// Every write transaction holds SQLite's one write lock from its start
+/// (`BEGIN IMMEDIATE`): appends are already serialized.
+impl crate::store::EventDialect for SqliteStore {
+    const APPEND_LOCK: Option<&'static str> = None;
+    /// One process: the hub wakes its own reader.
+    const APPEND_NOTIFY: Option<&'static str> = None;
+}
+
 impl Dialect for SqliteStore {
     type Ago = DateTime<Utc>;
     const NAME: &'static str = "sqlite";

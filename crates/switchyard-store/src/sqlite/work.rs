@@ -9,7 +9,9 @@ use sqlx::{QueryBuilder, Sqlite, Transaction};
 use crate::batch::replay;
 use crate::error::{Entity, StoreError, StoreResult};
 use crate::ids::{AgentId, BrokerId, MessageId, ReplicaId, SessionId};
-use crate::model::{Acked, DispatchIntent, Inserted, Message, MessageState, NewIntent, NewMessage};
+use crate::model::{
+    Acked, DispatchIntent, Inserted, Message, MessageRef, MessageState, NewIntent, NewMessage,
+};
 use crate::rules::{DELETED, DELIVERED, INTENT, MESSAGE, WorkStates};
 use crate::sqlite::SqliteStore;
 use crate::store::WorkDialect;
@@ -301,13 +303,14 @@ impl WorkDialect for SqliteStore {
         let mut tx = self.write().await?;
         let now = Utc::now();
         for id in ids {
-            let owner: Option<(BrokerId, String, chrono::DateTime<Utc>)> =
-                sqlx::query_as("SELECT broker_id, state, created_at FROM messages WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+            let owner: Option<(BrokerId, AgentId, String, chrono::DateTime<Utc>)> = sqlx::query_as(
+                "SELECT broker_id, agent_id, state, created_at FROM messages WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
             match owner {
-                Some((owner, state, created_at)) if owner == broker => {
+                Some((owner, agent_id, state, created_at)) if owner == broker => {
                     let unfinished = state.parse().is_ok_and(|s| {
                         matches!(s, MessageState::Pending | MessageState::Dispatched)
                     });
@@ -323,6 +326,11 @@ impl WorkDialect for SqliteStore {
                         .execute(&mut *tx)
                         .await?;
                         acked.delivered += 1;
+                        acked.messages.push(MessageRef {
+                            id: *id,
+                            agent_id,
+                            broker_id: broker,
+                        });
                         acked
                             .waited
                             .push((now - created_at).to_std().unwrap_or_default());

@@ -7,7 +7,8 @@ use async_trait::async_trait;
 
 use crate::dialect::{BindNow, Dialect, for_each_backend, sql};
 use crate::error::StoreResult;
-use crate::model::{QueueDepth, RequeuePolicy, RequeueReport};
+use crate::ids::{IntentId, MessageId};
+use crate::model::{QueueDepth, RequeuePolicy, RequeueReport, Requeued};
 use crate::rules::{ABANDONED, INTENT, MESSAGE, POLL};
 
 /// One replica's claim on the cluster-singleton role.
@@ -82,7 +83,7 @@ for_each_backend! {
         async fn requeue_abandoned(&self, policy: RequeuePolicy) -> StoreResult<RequeueReport> {
             let mut tx = self.write().await?;
             // `$3` is the attempt limit (see `WorkStates::requeue_set`).
-            let intents: Vec<String> = sqlx::query_scalar(sql!(
+            let intents: Vec<Requeued<IntentId>> = sqlx::query_as(sql!(
                 "UPDATE dispatch_intents SET {requeue},
                      updated_at = @now
                  WHERE state = {in_flight}
@@ -92,7 +93,7 @@ for_each_backend! {
                         OR (claimed_at < @ago($4)
                                  AND (received_at IS NULL OR received_at < claimed_at)
                             AND broker_id IN (SELECT id FROM brokers WHERE transport = {poll})))
-                 RETURNING state",
+                 RETURNING id, agent_id, broker_id, state",
                 requeue = INTENT.requeue_set("$3", ABANDONED),
                 in_flight = INTENT.in_flight,
                 poll = *POLL,
@@ -104,7 +105,7 @@ for_each_backend! {
             .bind_now()
             .fetch_all(&mut *tx)
             .await?;
-            let messages: Vec<String> = sqlx::query_scalar(sql!(
+            let messages: Vec<Requeued<MessageId>> = sqlx::query_as(sql!(
                 "UPDATE messages SET {requeue},
                      updated_at = @now
                  WHERE state = {in_flight}
@@ -114,7 +115,7 @@ for_each_backend! {
                         OR (claimed_at < @ago($4)
                                  AND (received_at IS NULL OR received_at < claimed_at)
                             AND broker_id IN (SELECT id FROM brokers WHERE transport = {poll})))
-                 RETURNING state",
+                 RETURNING id, agent_id, broker_id, state",
                 requeue = MESSAGE.requeue_set("$3", ABANDONED),
                 in_flight = MESSAGE.in_flight,
                 poll = *POLL,

@@ -9,6 +9,7 @@ mod agent;
 mod attachment;
 mod auth;
 mod broker;
+mod event;
 mod housekeeping;
 mod replica;
 mod work;
@@ -18,6 +19,8 @@ pub use agent::AgentStore;
 pub use attachment::{ATTACHMENT_CHUNK, AttachmentStore};
 pub use auth::AuthStore;
 pub use broker::BrokerStore;
+pub(crate) use event::EventDialect;
+pub use event::{EVENT_LOG_CHANNEL, EventStore, MAX_EVENTS_PER_READ};
 pub(crate) use housekeeping::HousekeepingDialect;
 pub use housekeeping::{Housekeeping, Singleton};
 pub use replica::ReplicaStore;
@@ -46,6 +49,7 @@ pub trait Store:
     + WorkStore
     + AttachmentStore
     + AuthStore
+    + EventStore
     + Housekeeping
     + Send
     + Sync
@@ -62,6 +66,7 @@ impl<T> Store for T where
         + WorkStore
         + AttachmentStore
         + AuthStore
+        + EventStore
         + Housekeeping
         + Send
         + Sync

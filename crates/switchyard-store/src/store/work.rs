@@ -12,8 +12,8 @@ use crate::error::{Conflict, Entity, Invalid, StoreError, StoreResult};
 use crate::ids::{AgentId, BroadcastId, BrokerId, IntentId, MessageId, ReplicaId, SessionId};
 use crate::model::{
     Acked, Broadcast, CancelOutcome, DispatchIntent, Inserted, IntentFilter, IntentOutcome,
-    IntentState, MAX_BROADCAST_AGENTS, Message, MessageState, NewBroadcast, NewBrokerCall,
-    NewIntent, NewMessage, Op, Phase, RequeueReport, Target,
+    IntentState, MAX_BROADCAST_AGENTS, Message, MessageRef, MessageState, NewBroadcast,
+    NewBrokerCall, NewIntent, NewMessage, Op, Phase, RequeueReport, Requeued, Target,
 };
 use crate::rules::{DELETED, EXPIRED, INTENT, MESSAGE, SESSION_ENDED};
 
@@ -165,7 +165,7 @@ pub trait WorkStore: Send + Sync {
     async fn has_pending_messages(&self, agent: AgentId) -> StoreResult<bool>;
 
     /// Expires every undelivered message whose TTL has passed.
-    async fn expire_messages(&self) -> StoreResult<Vec<MessageId>>;
+    async fn expire_messages(&self) -> StoreResult<Vec<MessageRef>>;
 
     /// Puts every claimed-but-unfinished intent and message of `broker`
     /// back to `pending`. Called when a new session of the broker starts:
@@ -722,11 +722,11 @@ for_each_backend! {
             .is_some())
         }
 
-        async fn expire_messages(&self) -> StoreResult<Vec<MessageId>> {
-            Ok(sqlx::query_scalar(sql!(
+        async fn expire_messages(&self) -> StoreResult<Vec<MessageRef>> {
+            Ok(sqlx::query_as(sql!(
                 "UPDATE messages SET state = {expired}, updated_at = @now
                  WHERE state IN {unfinished} AND expires_at < @now
-                 RETURNING id",
+                 RETURNING id, agent_id, broker_id",
                 expired = *EXPIRED,
                 unfinished = MESSAGE.unfinished,
             ))
@@ -809,12 +809,13 @@ for_each_backend! {
             all: bool,
         ) -> StoreResult<RequeueReport> {
             let mut tx = self.write().await?;
-            let (mut intents, mut messages) = (Vec::new(), Vec::new());
+            let (mut intents, mut messages): (Vec<Requeued<IntentId>>, Vec<Requeued<MessageId>>) =
+                (Vec::new(), Vec::new());
             // Per agent, the oldest row in flight is the one the broker was
             // handling when its session ended: its claim counts, and at
             // `max_attempts` it fails.
             if let Some(max_attempts) = dead_letter_after {
-                intents = sqlx::query_scalar(sql!(
+                intents = sqlx::query_as(sql!(
                     "UPDATE dispatch_intents SET {requeue}, updated_at = @now
                      WHERE broker_id = $1 AND state = {in_flight}
                        AND ($3 OR received_at IS NULL OR received_at < claimed_at)
@@ -824,7 +825,7 @@ for_each_backend! {
                                          AND ($3 OR o.received_at IS NULL
                                               OR o.received_at < o.claimed_at)
                                          AND o.seq < dispatch_intents.seq)
-                     RETURNING state",
+                     RETURNING id, agent_id, broker_id, state",
                     requeue = INTENT.requeue_set("$2", SESSION_ENDED),
                     in_flight = INTENT.in_flight,
                 ))
@@ -834,7 +835,7 @@ for_each_backend! {
                 .bind_now()
                 .fetch_all(&mut *tx)
                 .await?;
-                messages = sqlx::query_scalar(sql!(
+                messages = sqlx::query_as(sql!(
                     "UPDATE messages SET {requeue}, updated_at = @now
                      WHERE broker_id = $1 AND state = {in_flight}
                        AND ($3 OR received_at IS NULL OR received_at < claimed_at)
@@ -844,7 +845,7 @@ for_each_backend! {
                                          AND ($3 OR o.received_at IS NULL
                                               OR o.received_at < o.claimed_at)
                                          AND o.seq < messages.seq)
-                     RETURNING state",
+                     RETURNING id, agent_id, broker_id, state",
                     requeue = MESSAGE.requeue_set("$2", SESSION_ENDED),
                     in_flight = MESSAGE.in_flight,
                 ))
