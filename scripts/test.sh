@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 source scripts/ensure-postgres.sh
 # shellcheck source=scripts/ensure-haproxy.sh
 source scripts/ensure-haproxy.sh
+source scripts/ensure-chromium.sh
 # shellcheck source=scripts/ensure-python-tools.sh
 source scripts/ensure-python-tools.sh
 cargo build --locked --workspace --bins

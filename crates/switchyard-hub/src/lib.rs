@@ -16,6 +16,7 @@ mod server;
 mod session;
 mod state;
 mod sweeper;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

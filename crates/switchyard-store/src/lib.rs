@@ -20,7 +20,7 @@ pub use model::{
     Acked, Affinity, Agent, Attachment, Broadcast, Broker, BrokerStatus, CancelOutcome,
     DispatchIntent, EventBounds, Inserted, IntentFilter, IntentOutcome, IntentState, LoggedEvent,
     MAX_BROADCAST_AGENTS, Message, MessageRef, MessageState, NewAgent, NewAttachment, NewBroadcast,
-    NewBrokerCall, NewEvent, NewIntent, NewMessage, Op, Phase, Replica, RequeuePolicy,
+    NewBrokerCall, NewEvent, NewIntent, NewMessage, Op, Phase, QueueDepth, Replica, RequeuePolicy,
     RequeueReport, SessionHeartbeat, StatusReport, Target, Transport, UnknownWord,
 };
 pub use postgres::PgStore;

@@ -511,6 +511,16 @@ pub struct IntentFilter {
     pub limit: u32,
 }
 
+/// Unfinished work (intents and messages, pending or in flight) of one
+/// agent, or of a broker's own calls when `agent_id` is `None`: what an
+/// operator reads as a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct QueueDepth {
+    pub broker_id: BrokerId,
+    pub agent_id: Option<AgentId>,
+    pub depth: i64,
+}
+
 /// What a requeue pass changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RequeueReport {

@@ -12,9 +12,9 @@ use chrono::Utc;
 use serde_json::json;
 use switchyard_store::{
     AgentId, Broker, BrokerId, BrokerStatus, CancelOutcome, Conflict, IntentFilter, IntentId,
-    IntentOutcome, IntentState, MessageId, MessageState, NewAgent, NewEvent, NewIntent, NewMessage,
-    Op, Phase, ReplicaId, RequeuePolicy, SessionHeartbeat, SessionId, StatusReport, Store,
-    StoreError, Transport, open,
+    IntentOutcome, IntentState, MessageId, MessageState, NewAgent, NewBrokerCall, NewEvent,
+    NewIntent, NewMessage, Op, Phase, QueueDepth, ReplicaId, RequeuePolicy, SessionHeartbeat,
+    SessionId, StatusReport, Store, StoreError, Transport, open,
 };
 use switchyard_testkit::{FromTestDb, TestDb};
 
@@ -90,6 +90,7 @@ switchyard_testkit::on_both_backends!(
     a_superseded_session_claims_nothing,
     one_singleton_at_a_time_and_a_successor_when_it_goes,
     finished_rows_are_pruned_and_stuck_work_is_counted,
+    queue_depths_count_unfinished_work_per_agent_and_broker_call,
     admin_tokens_and_handshake_nonces,
     agents_are_found_by_name_until_deleted,
 );
@@ -1808,6 +1809,79 @@ async fn finished_rows_are_pruned_and_stuck_work_is_counted(f: Fixture) {
         s.message(pending.id).await.unwrap().state,
         MessageState::Pending
     );
+}
+
+/// An operator's queue view: per agent, what is pending or in flight
+/// (finished and cancelled work is not counted); a broker's own calls are
+/// counted under the broker with no agent.
+async fn queue_depths_count_unfinished_work_per_agent_and_broker_call(f: Fixture) {
+    let s = &*f.store;
+    let b = broker(s, "b").await;
+    let other = broker(s, "other").await;
+    let a = agent(s, b.id, "w").await;
+    let x = agent(s, other.id, "x").await;
+    let idle = agent(s, b.id, "idle").await;
+    assert_eq!(s.queue_depths_by_agent().await.unwrap(), vec![]);
+
+    let done = s.insert_intent(intent(a, Op::Start)).await.unwrap().row;
+    s.insert_intent(intent(a, Op::Stop)).await.unwrap();
+    let sent = s
+        .insert_messages(vec![
+            message(a, json!(1)),
+            message(a, json!(2)),
+            message(a, json!(3)),
+        ])
+        .await
+        .unwrap();
+    let cancelled = s.insert_messages(vec![message(x, json!(3))]).await.unwrap()[0]
+        .row
+        .id;
+    s.insert_messages(vec![message(x, json!(4))]).await.unwrap();
+    s.insert_broker_call(NewBrokerCall {
+        id: IntentId::new(),
+        broker_id: other.id,
+        name: "runtime.info".into(),
+        args: json!({}),
+        deadline: Utc::now() + chrono::Duration::minutes(5),
+        idempotency_key: None,
+        request_digest: None,
+    })
+    .await
+    .unwrap();
+    s.finish_intent(done.id, IntentOutcome::Done(json!({})))
+        .await
+        .unwrap();
+    s.ack_message(b.id, sent[0].row.id).await.unwrap();
+    s.cancel_message(cancelled).await.unwrap();
+    // In flight still counts: the stop is claimed.
+    let claimed = s
+        .claim_intents(&[session_of(s, b.id).await], ReplicaId::new(), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+
+    let mut depths = s.queue_depths_by_agent().await.unwrap();
+    depths.sort_by_key(|d| (d.broker_id.0, d.agent_id.map(|a| a.0)));
+    let mut want = vec![
+        QueueDepth {
+            broker_id: b.id,
+            agent_id: Some(a),
+            depth: 3,
+        },
+        QueueDepth {
+            broker_id: other.id,
+            agent_id: Some(x),
+            depth: 1,
+        },
+        QueueDepth {
+            broker_id: other.id,
+            agent_id: None,
+            depth: 1,
+        },
+    ];
+    want.sort_by_key(|d| (d.broker_id.0, d.agent_id.map(|a| a.0)));
+    assert_eq!(depths, want);
+    assert!(depths.iter().all(|d| d.agent_id != Some(idle)));
 }
 
 async fn batch_acks_deliver_their_own_and_report_the_rest(f: Fixture) {

@@ -17,6 +17,7 @@ pub(crate) use files::MAX_UPLOADS;
 pub(crate) mod messages;
 pub(crate) mod openapi;
 pub(crate) mod ops;
+pub(crate) mod queues;
 pub(crate) mod request;
 
 pub(crate) use request::{

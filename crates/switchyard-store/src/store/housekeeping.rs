@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use crate::dialect::{BindNow, Dialect, for_each_backend, sql};
 use crate::error::StoreResult;
 use crate::ids::{IntentId, MessageId};
-use crate::model::{RequeuePolicy, RequeueReport, Requeued};
+use crate::model::{QueueDepth, RequeuePolicy, RequeueReport, Requeued};
 use crate::rules::{ABANDONED, INTENT, MESSAGE, POLL};
 
 /// One replica's claim on the cluster-singleton role.
@@ -53,6 +53,10 @@ pub trait Housekeeping: Send + Sync {
     /// Unfinished intents and messages (pending or in flight) per broker
     /// name, for brokers that have any.
     async fn queue_depths(&self) -> StoreResult<Vec<(String, i64)>>;
+
+    /// Unfinished intents and messages per agent (and per broker for its
+    /// broker-scoped calls, with no agent), for those that have any.
+    async fn queue_depths_by_agent(&self) -> StoreResult<Vec<QueueDepth>>;
 }
 
 /// How a backend keeps the singleton role.
@@ -164,6 +168,20 @@ for_each_backend! {
                        SELECT broker_id FROM messages WHERE state IN {messages}) w
                    ON w.broker_id = b.id
                  GROUP BY b.name",
+                intents = INTENT.unfinished,
+                messages = MESSAGE.unfinished,
+            ))
+            .fetch_all(&self.pool)
+            .await?)
+        }
+
+        async fn queue_depths_by_agent(&self) -> StoreResult<Vec<QueueDepth>> {
+            Ok(sqlx::query_as(sql!(
+                "SELECT broker_id, agent_id, CAST(count(*) AS BIGINT) AS depth
+                 FROM (SELECT broker_id, agent_id FROM dispatch_intents WHERE state IN {intents}
+                       UNION ALL
+                       SELECT broker_id, agent_id FROM messages WHERE state IN {messages}) w
+                 GROUP BY broker_id, agent_id",
                 intents = INTENT.unfinished,
                 messages = MESSAGE.unfinished,
             ))
