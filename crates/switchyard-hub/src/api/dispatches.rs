@@ -113,5 +113,6 @@ pub(crate) async fn cluster(State(state): State<HubState>) -> Result<Json<Value>
             })
         })
         .collect();
-    Ok(Json(json!({ "replicas": replicas })))
+    let hub_id = state.store.hub_id().await?;
+    Ok(Json(json!({ "hub_id": hub_id, "replicas": replicas })))
 }
