@@ -271,10 +271,10 @@ async fn a_sqlite_hub_copied_to_postgres_goes_on_as_a_cluster_with_nothing_lost(
 }
 
 /// A target holding another hub is refused with both ids and nothing
-/// written; so is a source a hub is running on, and a missing source file
-/// (which is not created). Every accepted URL form names the same file.
+/// written; so are a source a hub is running on, a target a cluster is
+/// running on, and a missing source file (which is not created). Every accepted URL form names the same file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_copy_refuses_another_hubs_target_a_running_source_and_a_missing_file() {
+async fn a_copy_refuses_another_hubs_target_running_hubs_and_a_missing_file() {
     let dir = tempfile::tempdir().unwrap();
     let pg = TestDb::postgres().await;
 
@@ -300,6 +300,13 @@ async fn a_copy_refuses_another_hubs_target_a_running_source_and_a_missing_file(
     // A PostgreSQL hub whose first serve stored its admin token counts as
     // empty.
     let first_serve = pg_replica(dir.path(), pg.url());
+    let busy = db_copy(dir.path(), &sqlite_url(dir.path(), "one"), pg.url(), &[]);
+    assert!(!busy.status.success());
+    assert!(
+        stderr(&busy).contains("stop the cluster first"),
+        "{}",
+        stderr(&busy)
+    );
     assert!(first_serve.terminate().success());
     let copied = db_copy(dir.path(), &sqlite_url(dir.path(), "one"), pg.url(), &[]);
     assert!(copied.status.success(), "{}", stderr(&copied));

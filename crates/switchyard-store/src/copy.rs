@@ -257,17 +257,17 @@ impl HubCopy {
     }
 
     /// Checks the target's identity, copies every table and merges the
-    /// event log horizon. Refuses, writing nothing, a target that holds
-    /// another hub or has a replica running.
+    /// event log horizon. Refuses, writing nothing, a target that has a
+    /// replica running or holds another hub.
     pub async fn run(&self) -> Result<CopyReport, CopyError> {
         self.check_tables().await?;
-        let hub = self.settle_identity().await?;
         if let Some((replica, seconds_ago)) = running_on_target(&self.target).await? {
             return Err(CopyError::TargetInUse {
                 replica,
                 seconds_ago,
             });
         }
+        let hub = self.settle_identity().await?;
         let mut tables = Vec::with_capacity(COPIED.len());
         for &table in COPIED {
             tables.push(self.copy_table(table).await?);
