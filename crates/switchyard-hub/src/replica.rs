@@ -33,7 +33,7 @@ pub(crate) async fn run_heartbeat(
             () = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        match heartbeat(&*store, &metrics, id, &address).await {
+        match heartbeat(&*store, &metrics, id, &address, &shutdown).await {
             Ok(()) => metrics.database_up.set(1),
             Err(err) => {
                 metrics.database_up.set(0);
@@ -48,10 +48,15 @@ async fn heartbeat(
     metrics: &Metrics,
     id: ReplicaId,
     address: &str,
+    shutdown: &CancellationToken,
 ) -> StoreResult<()> {
     if store.heartbeat_replica(id).await? {
         metrics.replica_heartbeats.inc();
-    } else {
+    } else if !shutdown.is_cancelled() {
+        // (When shutting down, the row is gone because a clean shutdown
+        // deregistered the replica while this heartbeat ran: registering
+        // again would leave a row that looks alive for the liveness window,
+        // and `switchyard db copy` would refuse the file meanwhile.)
         tracing::warn!(replica = %id, "registry row was reaped; registering again");
         store.register_replica(id, address).await?;
         metrics.replica_reregistrations.inc();

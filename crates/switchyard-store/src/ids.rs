@@ -45,6 +45,10 @@ macro_rules! id_type {
 }
 
 id_type!(
+    /// A hub: every replica sharing one database is the same hub.
+    HubId
+);
+id_type!(
     /// A hub replica (`instance_id`).
     ReplicaId
 );

@@ -2,6 +2,7 @@
 
 mod batch;
 mod connect;
+mod copy;
 mod dialect;
 mod error;
 mod ids;
@@ -12,9 +13,10 @@ mod sqlite;
 mod store;
 
 pub use connect::{Database, OpenError, open, open_database};
+pub use copy::{CopyError, CopyReport, HubCopy, HubOutcome, TableCount};
 pub use error::{Conflict, Entity, Invalid, StoreError, StoreResult};
 pub use ids::{
-    AgentId, AttachmentId, BroadcastId, BrokerId, IntentId, MessageId, ReplicaId, SessionId,
+    AgentId, AttachmentId, BroadcastId, BrokerId, HubId, IntentId, MessageId, ReplicaId, SessionId,
 };
 pub use model::{
     Acked, Affinity, Agent, Attachment, Broadcast, Broker, BrokerStatus, CancelOutcome,

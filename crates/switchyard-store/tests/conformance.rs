@@ -41,6 +41,7 @@ impl FromTestDb for Fixture {
 switchyard_testkit::on_both_backends!(
     worker_threads = 4;
     migrations_are_idempotent,
+    a_database_keeps_one_hub_id_and_another_database_has_another,
     a_reader_of_the_event_log_never_skips_an_event_appended_concurrently,
     pruning_the_event_log_raises_its_horizon_and_ids_are_never_reused,
     replica_registry_tracks_liveness,
@@ -182,6 +183,18 @@ async fn migrations_are_idempotent(f: Fixture) {
     db.migrate(f.db.url())
         .await
         .expect("second migrate is a no-op");
+}
+
+async fn a_database_keeps_one_hub_id_and_another_database_has_another(f: Fixture) {
+    let hub = f.store.hub_id().await.unwrap();
+    assert_eq!(f.replica().await.hub_id().await.unwrap(), hub);
+    let other = if f.db.url().starts_with("postgres") {
+        TestDb::postgres().await
+    } else {
+        TestDb::sqlite()
+    };
+    let other_hub = open(other.url()).await.unwrap().hub_id().await.unwrap();
+    assert_ne!(other_hub, hub, "each database is a hub of its own");
 }
 
 // --- replicas -----------------------------------------------------------

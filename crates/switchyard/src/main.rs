@@ -156,6 +156,26 @@ enum DbCommand {
         #[command(flatten)]
         database: DatabaseArg,
     },
+    /// Copy a single-node hub from its SQLite file into PostgreSQL (after
+    /// migrating both). Safe to run again; refuses a target that holds
+    /// another hub and a source a hub is running on.
+    Copy(CopyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CopyArgs {
+    /// The SQLite file: `sqlite:///ABSOLUTE/PATH`, `sqlite://RELATIVE/PATH`,
+    /// `file:PATH` or `file:///ABSOLUTE/PATH`. It must exist.
+    #[arg(long, value_name = "URL")]
+    from: String,
+    /// The PostgreSQL database, `postgres://...`: empty, or holding this
+    /// hub from an earlier copy.
+    #[arg(long, value_name = "URL", env = "DATABASE_URL", hide_env_values = true)]
+    to: String,
+    /// Remove the SQLite file (with its -wal and -shm files) once the
+    /// target holds every row of it.
+    #[arg(long)]
+    remove_source: bool,
 }
 
 fn main() -> ExitCode {
@@ -202,7 +222,69 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("database is at schema version {}", db.latest_version());
             Ok(())
         }
+        Command::Db {
+            command: DbCommand::Copy(args),
+        } => copy(args).await,
     }
+}
+
+/// `switchyard db copy`: one line per step and per table on stdout.
+async fn copy(args: CopyArgs) -> anyhow::Result<()> {
+    use switchyard_store::{HubCopy, HubOutcome};
+    let copy = HubCopy::open(&args.from, &args.to).await?;
+    println!(
+        "source {}: no hub running, schema current",
+        copy.source_path().display()
+    );
+    let report = copy.run().await?;
+    match &report.hub {
+        HubOutcome::Same(hub) => println!("target holds hub {hub} already: copying what it lacks"),
+        HubOutcome::Adopted {
+            hub,
+            previous,
+            admin_tokens,
+        } => {
+            println!("target was empty: it takes hub id {hub} (it had {previous})");
+            if *admin_tokens > 0 {
+                println!(
+                    "  its {admin_tokens} admin token(s), stored by a first serve, do not make it \
+                     a hub: they are kept, beside the source's"
+                );
+            }
+        }
+    }
+    for t in &report.tables {
+        println!(
+            "{}: {} source rows, {} copied now, {} already there{}",
+            t.table,
+            t.source,
+            t.copied,
+            t.already_there,
+            match t.missing() {
+                0 => String::new(),
+                n => format!(", {n} MISSING"),
+            }
+        );
+    }
+    println!(
+        "event_log_horizon: pruned through {}",
+        report.pruned_through
+    );
+    if !report.complete() {
+        anyhow::bail!(
+            "the target lacks source rows after the copy (see MISSING above); the source is kept"
+        );
+    }
+    match report.copied() {
+        0 => println!("nothing new to copy: the target holds every source row"),
+        n => println!("copied {n} rows: the target holds every source row"),
+    }
+    if args.remove_source {
+        for path in copy.remove_source().await? {
+            println!("removed {}", path.display());
+        }
+    }
+    Ok(())
 }
 
 /// The largest secret file read: a secret is one short line, and a path

@@ -33,9 +33,12 @@ pub(crate) struct ListQuery {
     limit: Option<u32>,
 }
 
-/// `GET /v1/cluster`: the live replicas.
+/// `GET /v1/cluster`: which hub this is and its live replicas.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Cluster {
+    /// The same on every replica of one database; a copy from SQLite
+    /// keeps the SQLite hub's.
+    hub_id: switchyard_store::HubId,
     replicas: Vec<ReplicaInfo>,
 }
 
@@ -181,5 +184,6 @@ pub(crate) async fn cluster(State(state): State<HubState>) -> Result<Json<Cluste
             last_seen: r.last_seen,
         })
         .collect();
-    Ok(Json(Cluster { replicas }))
+    let hub_id = state.store.hub_id().await?;
+    Ok(Json(Cluster { hub_id, replicas }))
 }

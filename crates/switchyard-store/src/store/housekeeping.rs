@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use crate::dialect::{BindNow, Dialect, for_each_backend, sql};
 use crate::error::StoreResult;
-use crate::ids::{IntentId, MessageId};
+use crate::ids::{HubId, IntentId, MessageId};
 use crate::model::{QueueDepth, RequeuePolicy, RequeueReport, Requeued};
 use crate::rules::{ABANDONED, INTENT, MESSAGE, POLL};
 
@@ -28,6 +28,10 @@ pub trait Housekeeping: Send + Sync {
 
     /// Round trip to the database (readiness).
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Which hub this database holds: made by the schema's migration, and
+    /// taken over from the source by `switchyard db copy`.
+    async fn hub_id(&self) -> StoreResult<HubId>;
 
     /// A contender for the cluster-singleton role (the sweeper). At most one
     /// contender in the cluster holds it at a time; it is lost when its
@@ -74,6 +78,12 @@ for_each_backend! {
         async fn ping(&self) -> StoreResult<()> {
             sqlx::query("SELECT 1").execute(&self.pool).await?;
             Ok(())
+        }
+
+        async fn hub_id(&self) -> StoreResult<HubId> {
+            Ok(sqlx::query_scalar("SELECT hub_id FROM hub_identity")
+                .fetch_one(&self.pool)
+                .await?)
         }
 
         fn singleton(&self) -> Box<dyn Singleton> {
