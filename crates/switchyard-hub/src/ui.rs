@@ -45,17 +45,26 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
 
 /// `/ui` (also `/ui/`) and its assets.
 pub(crate) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    let mut router = Router::new().route(
-        "/ui/",
-        get(|| serve("text/html; charset=utf-8", ASSETS[0].2)),
-    );
-    for &(path, content_type, bytes) in ASSETS {
+    let mut router = Router::new()
+        .route("/ui", get(dashboard))
+        .route("/ui/", get(dashboard));
+    for &(path, content_type, bytes) in &ASSETS[1..] {
         router = router.route(
             &format!("/ui{path}"),
             get(move || serve(content_type, bytes)),
         );
     }
     router
+}
+
+/// The page (also at `/ui/`); its assets (`/ui/app.js`, `/ui/style.css`,
+/// `/ui/icon.png`) are served the same way.
+#[utoipa::path(
+    get, path = "/ui", operation_id = "dashboard", tag = "operator", security(()),
+    responses((status = 200, description = "The operator dashboard (an HTML page that asks for the admin token; see docs/dashboard.md)", content_type = "text/html; charset=utf-8", body = String))
+)]
+pub(crate) async fn dashboard() -> impl IntoResponse {
+    serve(ASSETS[0].1, ASSETS[0].2).await
 }
 
 async fn serve(content_type: &'static str, bytes: &'static [u8]) -> impl IntoResponse {

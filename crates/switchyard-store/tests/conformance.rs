@@ -2370,22 +2370,37 @@ async fn nothing_is_queued_behind_an_unfinished_delete(f: Fixture) {
     const ANY: &[Phase] = &[Phase::Created, Phase::Running, Phase::Stopped];
     let b = broker(&*f.store, "b").await;
     let a = agent(&*f.store, b.id, "w").await;
-    let delete = f.store.insert_lifecycle(intent(a, Op::Delete), ANY).await.unwrap();
+    let delete = f
+        .store
+        .insert_lifecycle(intent(a, Op::Delete), ANY)
+        .await
+        .unwrap();
     for op in [Op::Start, Op::Stop, Op::Restart, Op::Call] {
         match f.store.insert_lifecycle(intent(a, op), ANY).await {
             Err(StoreError::Conflict(Conflict::Phase(Phase::Deleted))) => {}
             other => panic!("{op:?} behind a delete: {other:?}"),
         }
     }
-    let again = f.store.insert_lifecycle(intent(a, Op::Delete), ANY).await.unwrap();
-    assert_eq!((again.created, again.row.id), (false, delete.row.id));
-    f.store
-        .finish_intent(delete.row.id, IntentOutcome::Failed {
-            error: "refused".into(),
-            code: None,
-        })
+    let again = f
+        .store
+        .insert_lifecycle(intent(a, Op::Delete), ANY)
         .await
         .unwrap();
-    let start = f.store.insert_lifecycle(intent(a, Op::Start), ANY).await.unwrap();
+    assert_eq!((again.created, again.row.id), (false, delete.row.id));
+    f.store
+        .finish_intent(
+            delete.row.id,
+            IntentOutcome::Failed {
+                error: "refused".into(),
+                code: None,
+            },
+        )
+        .await
+        .unwrap();
+    let start = f
+        .store
+        .insert_lifecycle(intent(a, Op::Start), ANY)
+        .await
+        .unwrap();
     assert!(start.created, "a failed delete holds nothing back");
 }

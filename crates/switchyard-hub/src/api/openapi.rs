@@ -9,8 +9,8 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi};
 
-use crate::api::{agents, brokers, dispatches, events, messages, ops};
-use crate::{http_routes, session};
+use crate::api::{agents, brokers, dispatches, events, messages, ops, queues};
+use crate::{http_routes, session, ui};
 
 /// Where the document is served.
 pub(crate) const PATH: &str = "/v1/openapi.json";
@@ -51,6 +51,7 @@ pub(crate) const PATH: &str = "/v1/openapi.json";
         dispatches::show,
         dispatches::cancel,
         dispatches::cluster,
+        queues::show,
         events::stream,
         session::connect,
         session::poll::hello,
@@ -60,6 +61,7 @@ pub(crate) const PATH: &str = "/v1/openapi.json";
         http_routes::healthz,
         http_routes::readyz,
         http_routes::metrics,
+        ui::dashboard,
         document,
     ),
     tags(
