@@ -13,9 +13,16 @@
 //!   counted in `switchyard_events_dropped_total`;
 //! - the tailer reads what any replica appended, woken by this replica's
 //!   appends, by the PostgreSQL notification each append sends at commit,
-//!   and every [`BACKSTOP`] while anyone listens, and broadcasts it here.
+//!   and every [`BACKSTOP`], and broadcasts it here; while no client
+//!   listens on this replica it reads nothing.
+//!
+//! A client starts at a position in the log (its `Last-Event-ID`, or the
+//! log's end when it connects), reads the log from there until it has
+//! caught up, and then takes the live fan-out, dropping by id what it
+//! has: so the tailer may skip what went by while nobody listened.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -35,6 +42,10 @@ use crate::metrics::Metrics;
 const QUEUE: usize = 8192;
 /// Most events appended in one transaction.
 const BATCH: usize = 512;
+/// After an append, the writer gathers for this long before the next:
+/// one transaction (and one notification) per interval under load, at the
+/// price of this much latency.
+const GATHER: Duration = Duration::from_millis(20);
 /// Tries of one append before its events are dropped.
 const APPEND_ATTEMPTS: usize = 8;
 /// The tailer reads the log at least this often while anyone listens, in
@@ -56,6 +67,9 @@ pub(crate) struct EventLog {
     queue: mpsc::Sender<Item>,
     live: broadcast::Sender<Arc<LoggedEvent>>,
     tail: Arc<Notify>,
+    /// The lowest position a client subscribed from since the tailer last
+    /// skipped ahead (`i64::MAX`: none): it never skips past it.
+    floor: Arc<AtomicI64>,
     metrics: Metrics,
 }
 
@@ -74,6 +88,7 @@ impl EventLog {
             queue,
             live,
             tail: Arc::new(Notify::new()),
+            floor: Arc::new(AtomicI64::new(i64::MAX)),
             metrics,
         };
         tokio::spawn(write(
@@ -111,8 +126,11 @@ impl EventLog {
         }
     }
 
-    /// Live events from now on, in id order.
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<LoggedEvent>> {
+    /// Live events, in id order, for a client that has read (or will read
+    /// itself) the log up to id `start`: the fan-out goes on from no later
+    /// than `start`, so the client's reading and the fan-out meet.
+    pub(crate) fn subscribe_from(&self, start: i64) -> broadcast::Receiver<Arc<LoggedEvent>> {
+        self.floor.fetch_min(start, Ordering::SeqCst);
         self.live.subscribe()
     }
 
@@ -138,15 +156,34 @@ impl EventLog {
                 }
             }
         };
+        // Whether events went by unread while nobody listened here.
+        let mut stale = false;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.tail.notified() => {}
-                () = tokio::time::sleep(BACKSTOP) => {
-                    if self.live.receiver_count() == 0 {
+                () = tokio::time::sleep(BACKSTOP) => {}
+            }
+            if self.live.receiver_count() == 0 {
+                stale = true;
+                continue;
+            }
+            if stale {
+                // Skip what went by unheard, but not past where a client
+                // subscribed from: it reads the log up to there itself.
+                let floor = self.floor.swap(i64::MAX, Ordering::SeqCst);
+                match store.event_bounds().await {
+                    Ok(bounds) => cursor = cursor.max(bounds.last.min(floor)),
+                    Err(err) => {
+                        self.floor.fetch_min(floor, Ordering::SeqCst);
+                        tracing::warn!(%err, "cannot read the event log");
                         continue;
                     }
                 }
+                stale = false;
+            } else {
+                // Reading without a gap: every client's start is behind.
+                self.floor.store(i64::MAX, Ordering::SeqCst);
             }
             loop {
                 let page = match store.events_after(cursor, MAX_EVENTS_PER_READ).await {
@@ -179,7 +216,11 @@ async fn write(
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut flushes = Vec::new();
+    let mut last_append: Option<tokio::time::Instant> = None;
     while let Some(first) = rx.recv().await {
+        if let Some(at) = last_append {
+            tokio::time::sleep_until(at + GATHER).await;
+        }
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
@@ -191,6 +232,7 @@ async fn write(
             }
         }
         if !batch.is_empty() {
+            last_append = Some(tokio::time::Instant::now());
             append(&*store, &batch, &metrics).await;
             batch.clear();
             tail.notify_one();

@@ -62,9 +62,11 @@ pub(crate) async fn stream(
         Some(reference) => Some(lookup::agent(&*state.store, &reference).await?.id),
         None => None,
     };
-    // Subscribe before reading the log: whatever is appended from here on
-    // reaches this client live or through the replay, never neither.
-    let live = state.events.log().subscribe();
+    // The log's end now, then the subscription: whatever is appended from
+    // here on reaches this client live or through its replay, never
+    // neither (see `EventLog::subscribe_from`).
+    let bounds = state.store.event_bounds().await?;
+    let live = state.events.log().subscribe_from(bounds.last);
     let mut reader = Reader {
         store: state.store.clone(),
         live,
@@ -74,8 +76,15 @@ pub(crate) async fn stream(
         ready: VecDeque::new(),
         shutdown: state.shutdown.clone(),
     };
+    // Either way the client reads the log until it meets the fan-out.
+    reader.replaying = true;
+    reader.sent = bounds.last;
     if let Some(last) = resume_from {
-        reader.resume(last).await?;
+        let recovered = last >= bounds.pruned_through && last <= bounds.last;
+        if recovered {
+            reader.sent = last;
+        }
+        reader.ready.push_back(resume_event(last, recovered));
     }
     let events = futures::stream::unfold(reader, |mut reader| async move {
         let event = reader.next().await?;
@@ -122,21 +131,6 @@ struct Reader {
 }
 
 impl Reader {
-    /// Positions a reconnecting client after `last` and queues the
-    /// `resume` event that tells it whether it missed anything for good.
-    async fn resume(&mut self, last: i64) -> Result<(), StoreError> {
-        let bounds = self.store.event_bounds().await?;
-        let recovered = last >= bounds.pruned_through && last <= bounds.last;
-        if recovered {
-            self.sent = last;
-            self.replaying = true;
-        } else {
-            self.sent = bounds.last;
-        }
-        self.ready.push_back(resume_event(last, recovered));
-        Ok(())
-    }
-
     async fn next(&mut self) -> Option<Event> {
         loop {
             if let Some(event) = self.ready.pop_front() {
@@ -170,7 +164,6 @@ impl Reader {
         if self.sent < bounds.pruned_through {
             let missed_after = self.sent;
             self.sent = bounds.last;
-            self.replaying = false;
             self.ready.push_back(resume_event(missed_after, false));
             return Ok(());
         }
