@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use switchyard_proto::AgentSpec;
 use switchyard_store::{Agent, AgentId, DispatchIntent, IntentId, NewAgent, Op, Phase};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
@@ -291,6 +292,43 @@ impl LifecycleQuery {
     }
 }
 
+/// The answers of every lifecycle call (start, stop, restart, delete),
+/// described once for the document.
+pub(crate) struct LifecycleAnswers;
+
+impl utoipa::IntoResponses for LifecycleAnswers {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        let json = |description: &str, schema: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name(schema)))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        [
+            ("200", "The broker reported success: the agent with its new phase, and the finished dispatch", "AgentWithDispatch"),
+            ("202", "With `?wait=false`: the dispatch written", "Accepted"),
+            ("400", "`bad_request`: a query or `Idempotency-Key` that does not parse, `timeout_secs` out of range", "ErrorBody"),
+            ("401", "`unauthorized`", "ErrorBody"),
+            ("404", "`not_found`", "ErrorBody"),
+            ("409", "`invalid_phase`: the op makes no sense in the agent's phase, or the agent is being deleted; nothing is written. `cancelled`: the dispatch was cancelled while waited for", "ErrorBody"),
+            ("422", "`invalid`: a NUL byte; `idempotency_key_reused`", "ErrorBody"),
+            ("502", "`broker_failed`, with `dispatch_id`", "ErrorBody"),
+            ("503", "`unavailable`", "ErrorBody"),
+            ("504", "`timeout`, with `dispatch_id`: no outcome and no progress within `timeout_secs`", "ErrorBody"),
+        ]
+        .into_iter()
+        .map(|(status, description, schema)| (status.to_owned(), json(description, schema)))
+        .collect()
+    }
+}
+
 #[utoipa::path(
     post, path = "/v1/agents/{agent}/start", operation_id = "start_agent", tag = "agents",
     params(
@@ -298,18 +336,7 @@ impl LifecycleQuery {
         LifecycleQuery,
         IdempotencyKey,
     ),
-    responses(
-        (status = 200, description = "The broker reported success: the agent with its new phase, and the finished dispatch", body = AgentWithDispatch),
-        (status = 202, description = "With `?wait=false`: the dispatch written", body = Accepted),
-        (status = 400, description = "`bad_request`: a query or `Idempotency-Key` that does not parse, `timeout_secs` out of range", body = ErrorBody),
-        (status = 401, description = "`unauthorized`", body = ErrorBody),
-        (status = 404, description = "`not_found`", body = ErrorBody),
-        (status = 409, description = "`invalid_phase`: nothing is written; `cancelled`: the dispatch was cancelled while waited for", body = ErrorBody),
-        (status = 422, description = "`invalid`: a NUL byte; `idempotency_key_reused`", body = ErrorBody),
-        (status = 502, description = "`broker_failed`, with `dispatch_id`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-        (status = 504, description = "`timeout`, with `dispatch_id`: no outcome and no progress within `timeout_secs`", body = ErrorBody),
-    )
+    responses(LifecycleAnswers)
 )]
 pub(crate) async fn start(
     state: State<HubState>,
@@ -327,18 +354,7 @@ pub(crate) async fn start(
         LifecycleQuery,
         IdempotencyKey,
     ),
-    responses(
-        (status = 200, description = "The broker reported success: the agent with its new phase, and the finished dispatch", body = AgentWithDispatch),
-        (status = 202, description = "With `?wait=false`: the dispatch written", body = Accepted),
-        (status = 400, description = "`bad_request`: a query or `Idempotency-Key` that does not parse, `timeout_secs` out of range", body = ErrorBody),
-        (status = 401, description = "`unauthorized`", body = ErrorBody),
-        (status = 404, description = "`not_found`", body = ErrorBody),
-        (status = 409, description = "`invalid_phase`: nothing is written; `cancelled`: the dispatch was cancelled while waited for", body = ErrorBody),
-        (status = 422, description = "`invalid`: a NUL byte; `idempotency_key_reused`", body = ErrorBody),
-        (status = 502, description = "`broker_failed`, with `dispatch_id`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-        (status = 504, description = "`timeout`, with `dispatch_id`: no outcome and no progress within `timeout_secs`", body = ErrorBody),
-    )
+    responses(LifecycleAnswers)
 )]
 pub(crate) async fn stop(
     state: State<HubState>,
@@ -356,18 +372,7 @@ pub(crate) async fn stop(
         LifecycleQuery,
         IdempotencyKey,
     ),
-    responses(
-        (status = 200, description = "The broker reported success: the agent with its new phase, and the finished dispatch", body = AgentWithDispatch),
-        (status = 202, description = "With `?wait=false`: the dispatch written", body = Accepted),
-        (status = 400, description = "`bad_request`: a query or `Idempotency-Key` that does not parse, `timeout_secs` out of range", body = ErrorBody),
-        (status = 401, description = "`unauthorized`", body = ErrorBody),
-        (status = 404, description = "`not_found`", body = ErrorBody),
-        (status = 409, description = "`invalid_phase`: nothing is written; `cancelled`: the dispatch was cancelled while waited for", body = ErrorBody),
-        (status = 422, description = "`invalid`: a NUL byte; `idempotency_key_reused`", body = ErrorBody),
-        (status = 502, description = "`broker_failed`, with `dispatch_id`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-        (status = 504, description = "`timeout`, with `dispatch_id`: no outcome and no progress within `timeout_secs`", body = ErrorBody),
-    )
+    responses(LifecycleAnswers)
 )]
 pub(crate) async fn restart(
     state: State<HubState>,
@@ -385,18 +390,7 @@ pub(crate) async fn restart(
         LifecycleQuery,
         IdempotencyKey,
     ),
-    responses(
-        (status = 200, description = "The broker reported success: the agent with its new phase, and the finished dispatch", body = AgentWithDispatch),
-        (status = 202, description = "With `?wait=false`: the dispatch written", body = Accepted),
-        (status = 400, description = "`bad_request`: a query or `Idempotency-Key` that does not parse, `timeout_secs` out of range", body = ErrorBody),
-        (status = 401, description = "`unauthorized`", body = ErrorBody),
-        (status = 404, description = "`not_found`", body = ErrorBody),
-        (status = 409, description = "`invalid_phase`: nothing is written; `cancelled`: the dispatch was cancelled while waited for", body = ErrorBody),
-        (status = 422, description = "`invalid`: a NUL byte; `idempotency_key_reused`", body = ErrorBody),
-        (status = 502, description = "`broker_failed`, with `dispatch_id`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-        (status = 504, description = "`timeout`, with `dispatch_id`: no outcome and no progress within `timeout_secs`", body = ErrorBody),
-    )
+    responses(LifecycleAnswers)
 )]
 pub(crate) async fn remove(
     state: State<HubState>,
