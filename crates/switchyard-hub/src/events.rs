@@ -59,7 +59,14 @@ impl Events {
     /// [`crate::bus::Bus::publish`].
     pub(crate) fn publish_committed(&self, event: HubEvent) {
         self.log.record(&event);
-        self.publish_local(event);
+        // Only lifecycle outcomes are waited for here; a delivered message
+        // per ack would only wake every waiting call for nothing.
+        if matches!(
+            event,
+            HubEvent::AgentStatus(_) | HubEvent::DispatchFinished(_)
+        ) {
+            self.publish_local(event);
+        }
     }
 
     /// Subscribe before writing whatever you then wait for.

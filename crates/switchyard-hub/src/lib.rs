@@ -186,7 +186,7 @@ impl Hub {
                         "replica deregistered"
                     );
                     for broker in released {
-                        session::announce_offline(&state, broker).await;
+                        events::announce_broker(&*state.store, &*state.bus, broker, false).await;
                     }
                 }
                 Err(err) => tracing::warn!(%err, "could not deregister replica; it will be reaped"),

@@ -32,7 +32,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use switchyard_proto::{AgentStatus, ErrorCode, HubFrame, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES};
-use switchyard_store::{Broker, BrokerId, SessionId, StoreError, Transport};
+use switchyard_store::{Broker, SessionId, StoreError, Transport};
 use tokio::sync::Notify;
 
 use crate::affinity::{Affinity, AffinityError};
@@ -190,7 +190,7 @@ async fn run(state: HubState, broker: Broker, socket: WebSocket) {
     cancel.cancel();
     state.registry.remove(broker.id, &handle);
     if affinity.release().await {
-        announce_offline(&state, broker.id).await;
+        events::announce_broker(&*state.store, &*state.bus, broker.id, false).await;
     }
     let _ = writer.await;
     close::linger(&mut stream).await;
@@ -238,12 +238,6 @@ async fn start(
         }
     }
     Ok(())
-}
-
-/// Publishes that `broker`, whose session this replica released, is
-/// offline.
-pub(crate) async fn announce_offline(state: &HubState, broker: BrokerId) {
-    events::announce_broker(&*state.store, &*state.bus, broker, false).await;
 }
 
 /// A duration as the milliseconds a frame carries.
