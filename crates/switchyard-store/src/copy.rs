@@ -28,6 +28,10 @@ use uuid::Uuid;
 
 use crate::connect::{Database, OpenError, redact};
 use crate::ids::{HubId, ReplicaId};
+use crate::model::Replica;
+use crate::postgres::PgStore;
+use crate::sqlite::SqliteStore;
+use crate::store::ReplicaStore;
 
 /// A replica seen this recently is taken to be running: replicas heartbeat
 /// every 2 s and are declared dead after 10 s.
@@ -589,28 +593,26 @@ async fn running_on_source(pool: &SqlitePool) -> Result<Option<(ReplicaId, i64)>
     if !has_table {
         return Ok(None);
     }
-    let seen: Vec<(ReplicaId, DateTime<Utc>)> =
-        sqlx::query_as("SELECT instance_id, last_seen FROM replicas")
-            .fetch_all(pool)
-            .await
-            .map_err(source_err)?;
-    Ok(recent(seen))
+    let live = SqliteStore::new(pool.clone())
+        .live_replicas(RUNNING_WITHIN)
+        .await
+        .map_err(|e| CopyError::Source(e.to_string()))?;
+    Ok(newest(live))
 }
 
 async fn running_on_target(pool: &PgPool) -> Result<Option<(ReplicaId, i64)>, CopyError> {
-    let seen: Vec<(ReplicaId, DateTime<Utc>)> =
-        sqlx::query_as("SELECT instance_id, last_seen FROM replicas")
-            .fetch_all(pool)
-            .await
-            .map_err(target_err)?;
-    Ok(recent(seen))
+    let live = PgStore::new(pool.clone())
+        .live_replicas(RUNNING_WITHIN)
+        .await
+        .map_err(|e| CopyError::Target(e.to_string()))?;
+    Ok(newest(live))
 }
 
-fn recent(seen: Vec<(ReplicaId, DateTime<Utc>)>) -> Option<(ReplicaId, i64)> {
+/// The replica seen last, and how many seconds ago.
+fn newest(live: Vec<Replica>) -> Option<(ReplicaId, i64)> {
     let now = Utc::now();
-    seen.into_iter()
-        .map(|(replica, at)| (replica, (now - at).num_seconds()))
-        .filter(|(_, ago)| *ago < RUNNING_WITHIN.as_secs() as i64)
+    live.into_iter()
+        .map(|r| (r.instance_id, (now - r.last_seen).num_seconds().max(0)))
         .min_by_key(|(_, ago)| *ago)
 }
 
