@@ -135,6 +135,40 @@ async fn whole_log(hub: &TestHub) -> Vec<i64> {
         .collect()
 }
 
+/// Reads from `stream` as many events as the log holds after
+/// `last_seen`, and checks they are exactly those, in order. Returns the
+/// missed ids and the events read.
+async fn exactly_the_missed_events(
+    hub: &TestHub,
+    stream: &mut Stream,
+    last_seen: i64,
+) -> (Vec<i64>, Vec<Sse>) {
+    let missed: Vec<i64> = whole_log(hub)
+        .await
+        .into_iter()
+        .filter(|id| *id > last_seen)
+        .collect();
+    let mut got = Vec::new();
+    for _ in &missed {
+        got.push(stream.next().await);
+    }
+    assert_eq!(
+        got.iter().map(|e| e.id.unwrap()).collect::<Vec<_>>(),
+        missed,
+        "exactly the missed events, in order: {got:?}"
+    );
+    (missed, got)
+}
+
+/// The message ids of the `message_delivered` events among `events`.
+fn delivered(events: &[Sse]) -> Vec<&str> {
+    events
+        .iter()
+        .filter(|e| e.kind == "message_delivered")
+        .map(|e| e.data["message"]["id"].as_str().unwrap())
+        .collect()
+}
+
 /// Waits until the log holds `n` message_delivered events.
 async fn wait_for_deliveries(hub: &TestHub, n: usize) {
     let until = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -179,27 +213,8 @@ async fn a_client_resuming_after_a_restart_gets_exactly_what_it_missed(db: TestD
     assert_eq!(resume.id, None, "a resume event keeps the client's last id");
     assert_eq!(resume.data["recovered"], true, "{resume:?}");
     assert_eq!(resume.data["last_event_id"], last_seen);
-    let missed: Vec<i64> = whole_log(&hub)
-        .await
-        .into_iter()
-        .filter(|id| *id > last_seen)
-        .collect();
-    let mut got = Vec::new();
-    for _ in &missed {
-        let event = watch.next().await;
-        got.push(event);
-    }
-    assert_eq!(
-        got.iter().map(|e| e.id.unwrap()).collect::<Vec<_>>(),
-        missed,
-        "exactly the missed events, in order: {got:?}"
-    );
-    let delivered: Vec<&str> = got
-        .iter()
-        .filter(|e| e.kind == "message_delivered")
-        .map(|e| e.data["message"]["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(delivered, sent, "{got:?}");
+    let (missed, got) = exactly_the_missed_events(&hub, &mut watch, last_seen).await;
+    assert_eq!(delivered(&got), sent, "{got:?}");
     assert!(
         got.iter().any(|e| e.kind == "broker_offline"),
         "the stopping replica logged its broker going offline: {got:?}"
@@ -348,26 +363,8 @@ async fn a_client_resuming_on_another_replica_gets_exactly_what_it_missed() {
     wait_for_deliveries(&a, 20).await;
     let mut on_b = Stream::open(&b, "", Some(&last_seen.to_string())).await;
     assert_eq!(on_b.next().await.data["recovered"], true);
-    let missed: Vec<i64> = whole_log(&a)
-        .await
-        .into_iter()
-        .filter(|id| *id > last_seen)
-        .collect();
-    let mut got = Vec::new();
-    for _ in &missed {
-        got.push(on_b.next().await);
-    }
-    assert_eq!(
-        got.iter().map(|e| e.id.unwrap()).collect::<Vec<_>>(),
-        missed,
-        "{got:?}"
-    );
-    let delivered: Vec<&str> = got
-        .iter()
-        .filter(|e| e.kind == "message_delivered")
-        .map(|e| e.data["message"]["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(delivered, sent);
+    let (missed, got) = exactly_the_missed_events(&a, &mut on_b, last_seen).await;
+    assert_eq!(delivered(&got), sent, "{got:?}");
 
     // Live on B: a message sent and delivered through A's API.
     let live = send(&a, &agent, json!({ "body": "live" })).await;
